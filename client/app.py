@@ -1,0 +1,260 @@
+"""The device side: Flower ClientApp that trains the shared affect model on local clips.
+
+A device loads its own clips (never sent anywhere), computes their features once (cached
+on disk), standardises them with its own statistics, and answers three message types:
+
+``train``
+    start from the global weights, train ``local-epochs`` on the device's labelled clips,
+    reply with the new weights, ``num-examples`` (labelled clips used), ``train_loss`` and
+    the device's description;
+``evaluate``
+    evaluate the global weights on the device's clips and reply with ``num-examples``,
+    ``eval_loss`` and *sufficient statistics* (confusion counts, CCC sums) overall and per
+    protected group, from which the coordinator computes UAR, CCC and per-group metrics
+    without seeing any prediction or audio;
+``query.device_info``
+    describe the device (role, clip counts, groups) so the coordinator can tell training
+    devices from held-out ones.
+
+Where a device's clips come from:
+
+* simulation: node config ``partition-id`` (set by Flower's Simulation Engine or by
+  fedaffect's in-process engine) selects the device's share of the run's manifest
+  through :func:`shared_models.federation.plan_federation`;
+* deployment: node config ``data-dir`` names the device's data directory, whose
+  ``manifest.csv`` lists its clips; ``role`` (``train``/``heldout``) defaults to train.
+
+Messages carry only weights, counts and statistics: see :func:`device_statistics`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared_models.config import RunConfig
+from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
+from shared_models.features import Standardiser, extract_features
+from shared_models.manifest import read_manifest
+from shared_models.models import build_model, frontend_for
+from shared_models.training import LocalData, evaluate_local, train_local
+
+__all__ = ["app", "Device", "load_device", "device_statistics"]
+
+log = logging.getLogger("fedaffect.client")
+
+app = ClientApp()
+
+
+@dataclass
+class Device:
+    """A device's private data and description, built once per process and reused.
+
+    Attributes
+    ----------
+    name : str
+        Human-readable name, e.g. ``dev-03 (synth-f1)``.
+    role : str
+        ``"train"`` or ``"heldout"``.
+    partition_id : int
+        Index in the federation plan (-1 in deployment).
+    data : LocalData
+        Standardised features and labels of the device's usable clips.
+    emotions : list of str
+        Emotion classes in output order of the model's categorical head.
+    n_skipped : int
+        Clips that could not be used (unreadable, silent, too short).
+    """
+
+    name: str
+    role: str
+    partition_id: int
+    data: LocalData
+    emotions: list[str]
+    n_skipped: int
+
+    def info(self) -> dict[str, Any]:
+        """Description sent to the coordinator: counts only, no clip, path or feature."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "partition-id": self.partition_id,
+            "n-clips": len(self.data),
+            "n-labelled": int((self.data.emotion >= 0).sum()),
+            "n-skipped": self.n_skipped,
+            "groups": json.dumps(
+                {a: sorted(set(v.tolist())) for a, v in self.data.groups.items()}
+            ),
+        }
+
+
+_DEVICES: dict[tuple, Device] = {}
+
+
+def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Device:
+    """Load (once per process) the device described by Flower's run and node config.
+
+    Parameters
+    ----------
+    run_config : dict
+        The run's config (see :class:`shared_models.config.RunConfig`).
+    node_config : dict
+        ``partition-id`` in simulation, or ``data-dir`` (and optionally ``role``) in
+        deployment.
+
+    Returns
+    -------
+    Device
+
+    Raises
+    ------
+    ConfigError
+        For a bad run config.
+    ValueError
+        If the node config names neither a partition nor a data directory.
+    """
+    cfg = RunConfig.from_mapping(run_config)
+    key = (tuple(sorted(cfg.to_mapping().items())), tuple(sorted(node_config.items())))
+    if key in _DEVICES:
+        return _DEVICES[key]
+
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
+        manifest = read_manifest(data_dir / "manifest.csv")
+        rows = np.arange(len(manifest))
+        role = str(node_config.get("role", TRAIN))
+        partition_id = -1
+        name = str(node_config.get("name", data_dir.name))
+        cache_dir = data_dir / "cache"
+    elif "partition-id" in node_config:
+        manifest = read_manifest(cfg.manifest)
+        plans = plan_federation(
+            manifest,
+            partition=cfg.partition,
+            num_devices=cfg.num_devices,
+            folds=cfg.folds,
+            fold=cfg.fold,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            seed=cfg.seed,
+        )
+        partition_id = int(node_config["partition-id"])
+        if partition_id >= len(plans):
+            # More SuperNodes than planned devices: an idle node holds nothing.
+            rows, role, name = np.zeros(0, dtype=np.int64), HELDOUT, f"dev-{partition_id:02d} (idle)"
+        else:
+            plan = plans[partition_id]
+            rows, role, name = plan.rows, plan.role, plan.name
+        cache_dir = Path(cfg.cache_dir)
+    else:
+        raise ValueError("node config needs 'partition-id' (simulation) or 'data-dir' (deployment)")
+
+    emotions = emotion_classes(cfg, manifest)
+    table = manifest.iloc[rows]
+    frontend = frontend_for(cfg.model)
+    feats, skipped = extract_features(table["path"].tolist(), frontend, cache_dir, progress=False)
+    keep = np.array([f is not None for f in feats], dtype=bool)
+    table = table[keep]
+    usable = [f for f in feats if f is not None]
+    scaler = Standardiser.for_frontend(frontend).fit(usable) if usable else None
+    x = [scaler.transform(f) for f in usable] if scaler else []
+    index = {e: i for i, e in enumerate(emotions)}
+    data = LocalData(
+        x=x,
+        emotion=np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
+        av=table[["arousal", "valence"]].to_numpy(dtype=np.float32),
+        groups={a: table[a].astype(str).replace("", "unknown").to_numpy() for a in cfg.protected_list},
+    )
+    device = Device(name, role, partition_id, data, emotions, skipped.total)
+    _DEVICES[key] = device
+    return device
+
+
+def device_statistics(result: dict[str, Any]) -> str:
+    """Serialise :func:`shared_models.training.evaluate_local` statistics to JSON.
+
+    Only counts and sums leave the device: the confusion matrix (C, C), the six CCC sums
+    per dimension, overall and per protected group.
+    """
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        return value
+
+    keys = ("cm", "sums_arousal", "sums_valence", "groups", "num_examples")
+    return json.dumps({k: plain(result[k]) for k in keys})
+
+
+def _model(cfg: RunConfig, device: Device, msg: Message) -> torch.nn.Module:
+    model = build_model(cfg.model, max(len(device.emotions), 1))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _reply_config(device: Device, **extra: Any) -> ConfigRecord:
+    return ConfigRecord({**device.info(), **extra})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on the device's labelled clips (one federated round)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    device = load_device(context.run_config, dict(context.node_config))
+    round_cfg = msg.content["config"]
+    server_round = int(round_cfg.get("server-round", 0))
+    model = _model(cfg, device, msg)
+    result = train_local(
+        model,
+        device.data,
+        task=cfg.task,
+        epochs=int(round_cfg.get("local-epochs", cfg.local_epochs)),
+        lr=float(round_cfg.get("lr", cfg.lr)),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed * 100_003 + server_round * 1_009 + max(device.partition_id, 0),
+        proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
+    )
+    metrics = MetricRecord(
+        {"num-examples": int(result["num_examples"]), "train_loss": float(result["train_loss"])}
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the device's clips; reply with sufficient statistics."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    device = load_device(context.run_config, dict(context.node_config))
+    model = _model(cfg, device, msg)
+    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions))
+    metrics = MetricRecord(
+        {"num-examples": int(result["num_examples"]), "eval_loss": float(result["loss"])}
+    )
+    content = RecordDict(
+        {
+            "metrics": metrics,
+            "device": _reply_config(device, stats=device_statistics(result)),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("device_info")
+def device_info(msg: Message, context: Context) -> Message:
+    """Describe the device (role and counts) to the coordinator."""
+    device = load_device(context.run_config, dict(context.node_config))
+    return Message(content=RecordDict({"device": _reply_config(device)}), reply_to=msg)

@@ -1,0 +1,285 @@
+"""The ``fedaffect`` command line (Typer + Rich).
+
+::
+
+    fedaffect data prepare emodb --source ~/corpora/emodb --out emodb.csv
+    fedaffect simulate --manifest emodb.csv --model egemaps-mlp --task emotion \\
+        --partition speaker --folds 5 --rounds 30 --summary-json emodb-run.json
+    fedaffect runs
+    fedaffect report RUN
+    fedaffect demo
+
+Experiments can live in a TOML file (``--config exp.toml``); options given on the command
+line override it, and ``--set key=value`` overrides any run-config key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="Federated and cooperative learning of speech affect models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Corpora: turn a corpus into a clip manifest.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.getLogger("fedaffect").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    import flwr.common.logger as flwr_logger
+
+    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    corpus: str = typer.Argument(..., help="emodb, ravdess, crema-d, tess, csv, hedgewars or synth"),
+    source: Optional[Path] = typer.Option(None, help="Corpus folder (for csv: the CSV file; for synth: the folder to generate into)"),
+    out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write"),
+) -> None:
+    """Scan a corpus and write its manifest (path, speaker, gender, emotion, arousal, valence, duration)."""
+    _setup_logging(False)
+    from client.corpora import CORPORA, prepare
+
+    if corpus not in CORPORA:
+        _fail(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    kwargs = {} if source is None else {"source": source}
+    if source is None and corpus not in ("hedgewars",):
+        _fail(f"--source is needed for {corpus}")
+    try:
+        result = prepare(corpus, out=out_path, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(str(err))
+    out.print(
+        f"[green]wrote[/] {result.manifest}: {result.n_clips} clips, {result.n_speakers} speakers"
+        + (f", {result.skipped.total} skipped ({result.skipped.as_dict()})" if result.skipped.total else "")
+    )
+
+
+def _build_config(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]):
+    from shared_models.config import ConfigError, RunConfig, load_config_file
+
+    try:
+        values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for item in sets:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            values[key.strip()] = _parse_value(raw.strip())
+        return RunConfig.from_mapping(values)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+def _parse_value(raw: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _rounds_table(summary: dict[str, Any]) -> Table:
+    folds = summary["folds"]
+    title = "Per-round held-out metrics" + (f" (mean over {len(folds)} folds)" if len(folds) > 1 else "")
+    table = Table(title=title)
+    cols = ["round", "train_loss", "eval_loss", "uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence", "wall_s"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    n_rounds = min(len(f["rounds"]) for f in folds)
+    for i in range(n_rounds):
+        row = []
+        for c in cols:
+            vals = [f["rounds"][i].get(c) for f in folds]
+            vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            row.append(_fmt(sum(vals) / len(vals) if vals else None) if c != "round" else str(i))
+        table.add_row(*row)
+    return table
+
+
+def _final_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="Final metrics (held-out speakers)")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("std", justify="right")
+    for k, v in summary["final"].items():
+        table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
+    for attr, groups in summary["per_group"].items():
+        for g, metrics in groups.items():
+            key = "uar" if metrics.get("uar") is not None else "ccc_arousal"
+            table.add_row(f"{key} {attr}={g}", _fmt(metrics.get(key)), "")
+    return table
+
+
+@app.command()
+def simulate(
+    manifest: Optional[Path] = typer.Option(None, help="Clip manifest (from `fedaffect data prepare`)"),
+    model: Optional[str] = typer.Option(None, help="egemaps-mlp, logmel-crnn or wave-cnn-gru"),
+    task: Optional[str] = typer.Option(None, help="emotion, av (arousal/valence) or both"),
+    partition: Optional[str] = typer.Option(None, help="speaker, iid or dirichlet"),
+    num_devices: Optional[int] = typer.Option(None, help="training devices for iid/dirichlet (0 = one per speaker)"),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"),
+    folds: Optional[int] = typer.Option(None, help="leave-speakers-out folds (1 = no held-out speakers)"),
+    fold: Optional[int] = typer.Option(None, help="run only this fold"),
+    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
+    local_epochs: Optional[int] = typer.Option(None, help="local epochs per round"),
+    lr: Optional[float] = typer.Option(None, help="local learning rate (Adam)"),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox or qfedavg"),
+    seed: Optional[int] = typer.Option(None),
+    run_dir: Optional[Path] = typer.Option(None, help="folder for the run store, checkpoints and reports"),
+    store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
+    engine: str = typer.Option("inprocess", help="inprocess (fast, serial) or ray (Flower Simulation Engine)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="experiment file (TOML)"),
+    set_: list[str] = typer.Option([], "--set", help="override any run-config key: --set batch-size=16"),
+    summary_json: Optional[Path] = typer.Option(None, help="write config, per-round and final metrics here"),
+    report: bool = typer.Option(True, help="write the report (PNG + HTML) of the last fold"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Simulate a federation (one device per speaker by default) and report held-out metrics."""
+    _setup_logging(verbose)
+    cfg = _build_config(config, {
+        "manifest": str(manifest) if manifest else None, "model": model, "task": task, "partition": partition,
+        "num-devices": num_devices, "dirichlet-alpha": alpha, "folds": folds, "fold": fold,
+        "num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "strategy": strategy, "seed": seed,
+        "run-dir": str(run_dir) if run_dir else None, "store-url": store_url,
+    }, set_)
+    from server.report import write_report
+    from server.simulation import simulate as run_simulation
+    from server.store import RunStore, default_store_url
+    from shared_models.manifest import ManifestError
+
+    n_folds = cfg.folds if (fold is None and cfg.folds > 1) else 1
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    with progress:
+        bar = progress.add_task("federated rounds", total=n_folds * (cfg.num_server_rounds + 1), status="")
+
+        def on_round(f: int, r: int, m: dict[str, Any]) -> None:
+            progress.update(bar, advance=1, status=f"fold {f} round {r}: UAR {_fmt(m.get('uar'))} "
+                            f"CCC-A {_fmt(m.get('ccc_arousal'))}")
+
+        try:
+            summary = run_simulation(cfg, engine=engine, all_folds=fold is None, on_round=on_round)
+        except (ValueError, FileNotFoundError, ManifestError) as err:
+            progress.stop()
+            _fail(str(err))
+        except Exception as err:  # the run is marked failed in the store
+            progress.stop()
+            console.print_exception(show_locals=False)
+            _fail(f"simulation failed: {err}", code=1)
+    out.print(_rounds_table(summary))
+    out.print(_final_table(summary))
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
+        out.print(f"summary: [bold]{summary_json}[/]")
+    if report:
+        run_name = summary["runs"][-1]
+        store = RunStore(summary["config"]["store-url"] or default_store_url(cfg.run_dir))
+        page = write_report(store, run_name, Path(cfg.run_dir) / run_name / "report")
+        out.print(f"report: [bold]{page}[/]")
+
+
+@app.command()
+def runs(
+    run_dir: Path = typer.Option(Path("runs"), help="folder of the default run store"),
+    store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
+) -> None:
+    """List stored runs with their status and final UAR / CCC."""
+    from server.store import RunStore, default_store_url
+
+    store = RunStore(store_url or default_store_url(run_dir))
+    table = Table(title=f"Runs in {store.url}")
+    for c in ("id", "name", "status", "model", "rounds", "uar", "ccc_arousal", "ccc_valence"):
+        table.add_column(c)
+    for run in store.list_runs():
+        final = (run.summary or {}).get("final", {})
+        table.add_row(str(run.id), run.name, run.status, str(run.config.get("model")),
+                      str(len(store.rounds(run.id)) - 1), _fmt(final.get("uar")),
+                      _fmt(final.get("ccc_arousal")), _fmt(final.get("ccc_valence")))
+    out.print(table)
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="run name or id (see `fedaffect runs`)"),
+    run_dir: Path = typer.Option(Path("runs"), help="folder of the default run store"),
+    store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="report folder (default runs/RUN/report)"),
+) -> None:
+    """Draw a run's learning curves (PNG) and write its HTML report."""
+    from server.report import write_report
+    from server.store import RunStore, default_store_url
+
+    store = RunStore(store_url or default_store_url(run_dir))
+    try:
+        name = store.get_run(run).name
+        page = write_report(store, run, out_dir or run_dir / name / "report")
+    except KeyError as err:
+        _fail(str(err.args[0]))
+    out.print(f"report: [bold]{page}[/]")
+
+
+@app.command()
+def demo(
+    data_dir: Path = typer.Option(Path("data"), help="where the synth corpus is generated"),
+    run_dir: Path = typer.Option(Path("runs"), help="run store, checkpoints, reports"),
+    rounds: int = typer.Option(10, help="federated rounds"),
+    model: str = typer.Option("egemaps-mlp"),
+) -> None:
+    """Generate the synth corpus, simulate a federation of its speakers, and report."""
+    _setup_logging(False)
+    from client.corpora import prepare
+
+    manifest = data_dir / "synth.csv"
+    console.print(f"[bold]1/2[/] synth corpus (espeak-ng) -> {manifest}")
+    result = prepare("synth", source=data_dir / "synth", out=manifest)
+    console.print(f"    {result.n_clips} clips, {result.n_speakers} speakers")
+    console.print(f"[bold]2/2[/] federated simulation: one device per speaker, {rounds} rounds, "
+                  "2 speakers held out")
+    simulate(manifest=manifest, model=model, task="both", partition="speaker", num_devices=None, alpha=None,
+             folds=4, fold=0, rounds=rounds, local_epochs=None, lr=None, strategy=None, seed=None,
+             run_dir=run_dir, store_url=None, engine="inprocess", config=None, set_=[],
+             summary_json=run_dir / "demo-summary.json", report=True, verbose=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The coordinator: Flower ServerApp that runs federated rounds and keeps their record.
+
+One run, as the ServerApp sees it:
+
+1. ask every connected device to describe itself (``query.device_info``): training
+   devices train, held-out devices (speakers never trained on) only evaluate;
+2. build the initial global model (seeded), evaluate it (round 0);
+3. each round: the strategy (``strategies.build_strategy``) samples training devices and
+   aggregates their updates; the new global model is evaluated on the held-out devices;
+   UAR, WA, macro-F1 and CCC are computed from the devices' pooled sufficient statistics
+   (so they equal the metrics of the pooled predictions), overall and per protected
+   group; the round, every device's report and the per-group metrics go into the run
+   store, and the global model is checkpointed;
+4. mark the run completed (or failed, with the error) and store its summary.
+
+Devices that fail or do not answer within ``round-timeout`` are left out of the round and
+recorded; the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from shared_models.config import RunConfig
+from shared_models.metrics import ccc_from_sums, classification_metrics
+from shared_models.models import build_model
+from server.store import RunStore, default_store_url
+from strategies import build_strategy
+
+__all__ = ["app", "run_federation", "pooled_metrics", "NodeSubset"]
+
+log = logging.getLogger("fedaffect.server")
+
+app = ServerApp()
+
+#: Metrics reported for a run, in the order of tables and summaries.
+FINAL_METRICS = ("uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence")
+
+
+class NodeSubset(Grid):
+    """A view of a Grid that exposes only some node ids.
+
+    Lets an unmodified Flower strategy sample among the training devices only, while
+    held-out devices stay reserved for evaluation.
+
+    Parameters
+    ----------
+    grid : Grid
+        The real grid (messages still go through it).
+    node_ids : iterable of int
+        The nodes the strategy may use.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._ids = list(node_ids)
+
+    def set_run(self, run) -> None:  # noqa: D102 - delegated
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: D102 - delegated
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        """The node ids of this subset that are still connected."""
+        connected = set(self._grid.get_node_ids())
+        return [i for i in self._ids if i in connected]
+
+    def push_messages(self, messages):  # noqa: D102 - delegated
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # noqa: D102 - delegated
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102 - delegated
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[tuple[str, str, str, float]]]:
+    """Metrics of the pooled predictions, from devices' sufficient statistics.
+
+    Confusion matrices and CCC sums add across devices, so the metrics computed from their
+    sums equal those of all devices' predictions pooled.
+
+    Parameters
+    ----------
+    stats : list of dict
+        Each device's statistics: ``cm`` (C, C) counts, ``sums_arousal`` and
+        ``sums_valence`` (6,) CCC sums, ``groups`` ``{attribute: {group: {...same...}}}``.
+
+    Returns
+    -------
+    metrics : dict
+        ``uar``, ``wa``, ``macro_f1`` (NaN without categorical labels), ``ccc_arousal``,
+        ``ccc_valence`` (NaN without dimensional labels), ``n`` clips evaluated, and per
+        attribute ``worst_uar/<attr>`` and ``gap_uar/<attr>`` (largest minus smallest
+        group UAR, over groups that have data).
+    groups : list of (attribute, group, metric, value)
+    """
+
+    def summarise(parts: list[dict[str, Any]]) -> dict[str, float]:
+        cm = np.sum([np.asarray(p["cm"]) for p in parts], axis=0)
+        out = {k: float("nan") for k in FINAL_METRICS}
+        if cm.sum() > 0:
+            out.update({k: float(v) for k, v in classification_metrics(cm).items()})
+        for dim in ("arousal", "valence"):
+            sums = np.sum([np.asarray(p[f"sums_{dim}"], dtype=np.float64) for p in parts], axis=0)
+            out[f"ccc_{dim}"] = float(ccc_from_sums(sums))
+        out["n"] = float(cm.sum())
+        return out
+
+    if not stats:
+        return {k: float("nan") for k in FINAL_METRICS}, []
+    metrics = summarise(stats)
+    rows: list[tuple[str, str, str, float]] = []
+    attributes = sorted({a for s in stats for a in s.get("groups", {})})
+    for attr in attributes:
+        names = sorted({g for s in stats for g in s["groups"].get(attr, {})})
+        per_group = {}
+        for g in names:
+            per_group[g] = summarise([s["groups"][attr][g] for s in stats if g in s["groups"].get(attr, {})])
+            rows += [(attr, g, k, v) for k, v in per_group[g].items()]
+        uars = [m["uar"] for m in per_group.values() if m["n"] > 0 and not np.isnan(m["uar"])]
+        metrics[f"worst_uar/{attr}"] = min(uars) if uars else float("nan")
+        metrics[f"gap_uar/{attr}"] = max(uars) - min(uars) if len(uars) > 1 else float("nan")
+    return metrics, rows
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
+
+
+def _describe(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
+    """Ask every connected node for its description; returns {node_id: info}."""
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), node_id, f"{MessageType.QUERY}.device_info")
+        for node_id in grid.get_node_ids()
+    ]
+    info = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("device %s could not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info[reply.metadata.src_node_id] = dict(reply.content["device"])
+    return info
+
+
+def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round: int, timeout: float):
+    """Send the global model to ``node_ids`` for evaluation; pooled metrics and device rows."""
+    config = ConfigRecord({"server-round": server_round})
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": config}), node_id, MessageType.EVALUATE)
+        for node_id in node_ids
+    ]
+    stats, devices, failures, losses = [], [], 0, []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            failures += 1
+            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info = dict(reply.content["device"])
+        device_stats = json.loads(info.pop("stats"))
+        stats.append(device_stats)
+        m = dict(reply.content["metrics"])
+        losses.append((m["eval_loss"], m["num-examples"]))
+        local = pooled_metrics([device_stats])[0]
+        devices.append(
+            {"device": info["name"], "role": info["role"], "phase": "evaluate", "metrics": _json_safe({**m, **local})}
+        )
+    failures += len(node_ids) - len(devices) - failures  # timed out: no reply at all
+    metrics, groups = pooled_metrics(stats)
+    total = sum(n for _, n in losses)
+    metrics["eval_loss"] = float(sum(l * n for l, n in losses) / total) if total else float("nan")
+    metrics["eval_failures"] = failures
+    return metrics, devices, groups
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    store: RunStore,
+    engine: str = "",
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run a whole federated run on ``grid`` and record it in ``store``.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower grid (Simulation Engine, Deployment Engine or fedaffect's in-process grid).
+    cfg : RunConfig
+        The run's configuration; ``emotions`` must be set for the categorical head.
+    store : RunStore
+    engine : str
+        Name of the engine, stored with the run.
+    on_round : callable, optional
+        Called as ``on_round(round, metrics)`` after each stored round (progress display).
+
+    Returns
+    -------
+    dict
+        The run's summary (also stored): config, final metrics, per-group final metrics.
+
+    Raises
+    ------
+    RuntimeError
+        If no device is available for training.
+    """
+    name = cfg.run_name or f"run-{int(time.time())}"
+    run = store.create_run(name, cfg.to_mapping(), engine)
+    try:
+        info = _describe(grid, cfg.round_timeout)
+        train_ids = [n for n, d in info.items() if d["role"] == "train" and d["n-labelled"] > 0]
+        heldout_ids = [n for n, d in info.items() if d["role"] == "heldout" and d["n-clips"] > 0]
+        if not train_ids:
+            raise RuntimeError(f"no training device with labelled clips among {len(info)} devices")
+        eval_ids = heldout_ids or train_ids
+        log.info(
+            "run %s: %d training devices, %d held-out devices (%s)",
+            name, len(train_ids), len(heldout_ids), "held-out evaluation" if heldout_ids else "in-sample evaluation",
+        )
+        emotions = cfg.emotion_list
+        torch.manual_seed(cfg.seed)
+        arrays = ArrayRecord(build_model(cfg.model, max(len(emotions), 1)).state_dict())
+        strategy = build_strategy(cfg, len(train_ids))
+        train_grid = NodeSubset(grid, train_ids)
+        ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
+
+        for server_round in range(0, cfg.num_server_rounds + 1):
+            t0 = time.perf_counter()
+            devices: list[dict[str, Any]] = []
+            train_metrics: dict[str, Any] = {}
+            if server_round > 0:
+                train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": cfg.lr})
+                messages = strategy.configure_train(server_round, arrays, train_config, train_grid)
+                messages = list(messages)
+                replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+                new_arrays, agg = strategy.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                ok = [r for r in replies if not r.has_error()]
+                train_metrics = {
+                    "train_loss": float(agg["train_loss"]) if agg and "train_loss" in agg else float("nan"),
+                    "train_devices": len(ok),
+                    "train_failures": len(messages) - len(ok),
+                }
+                for r in ok:
+                    d = dict(r.content["device"])
+                    devices.append(
+                        {"device": d["name"], "role": d["role"], "phase": "train", "metrics": dict(r.content["metrics"])}
+                    )
+            eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout)
+            metrics = {**train_metrics, **eval_metrics, "wall_s": time.perf_counter() - t0}
+            store.add_round(run.id, server_round, _json_safe(metrics), devices + eval_devices, [
+                g for g in groups if not np.isnan(g[3])
+            ])
+            store.save_checkpoint(
+                run.id,
+                server_round,
+                {"round": server_round, "model": cfg.model, "emotions": emotions,
+                 "state_dict": arrays.to_torch_state_dict(), "config": cfg.to_mapping()},
+                ckpt_dir,
+            )
+            if on_round:
+                on_round(server_round, metrics)
+            log.info(
+                "round %d/%d  train_loss %s  UAR %.3f  CCC-A %.3f  CCC-V %.3f  (%.1fs)",
+                server_round, cfg.num_server_rounds, f"{metrics.get('train_loss', float('nan')):.3f}",
+                metrics["uar"], metrics["ccc_arousal"], metrics["ccc_valence"], metrics["wall_s"],
+            )
+        summary = run_summary(store, run.id)
+        store.finish_run(run.id, "completed", summary)
+        return summary
+    except BaseException as err:
+        store.finish_run(run.id, "failed", error="".join(traceback.format_exception(err)))
+        raise
+
+
+def run_summary(store: RunStore, run_id: int) -> dict[str, Any]:
+    """Summary of a stored run: config, per-round metrics, final metrics, per-group finals."""
+    run = store.get_run(run_id)
+    rounds = store.rounds(run_id)
+    last = rounds[-1] if rounds else {}
+    final_round = last.get("round", 0)
+    per_group: dict[str, dict[str, dict[str, float]]] = {}
+    for row in store.group_metrics(run_id):
+        if row["round"] == final_round:
+            per_group.setdefault(row["attribute"], {}).setdefault(row["group"], {})[row["metric"]] = row["value"]
+    final = {k: last.get(k) for k in FINAL_METRICS}
+    final.update({k: v for k, v in last.items() if k.startswith(("worst_", "gap_"))})
+    return {"run": run.name, "config": run.config, "rounds": rounds, "final": final, "per_group": per_group}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """ServerApp entry point: run the federation described by the run config."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    store = RunStore(cfg.store_url or default_store_url(cfg.run_dir))
+    run_federation(grid, cfg, store, engine="flower")

@@ -1,0 +1,275 @@
+"""Simulating a federation on one machine: the same ServerApp and ClientApp, two engines.
+
+``inprocess`` (default)
+    :class:`InProcessGrid` delivers each message straight to ``client.app.app`` in this
+    process, one device after the other, each with its own Flower ``Context``: the serial
+    in-process trainer of FLUTE and FedLab, with no per-device process cost. The code
+    that runs is exactly the ServerApp's ``run_federation`` and the ClientApp's handlers.
+``ray``
+    Flower's Simulation Engine (Ray): a local SuperLink started with ``--simulation`` and
+    the app submitted with ``flwr run`` (see :mod:`server.ray_engine`).
+
+:func:`simulate` adds what a study needs around one run: leave-speakers-out K-fold
+cross-validation (one run per fold), features extracted once up front with a progress
+bar, and a summary with mean and standard deviation over folds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from shared_models.config import RunConfig
+from shared_models.features import extract_features
+from shared_models.federation import emotion_classes, plan_federation
+from shared_models.manifest import read_manifest
+from shared_models.models import frontend_for
+from server.app import FINAL_METRICS, run_federation
+from server.store import RunStore, default_store_url
+
+__all__ = ["InProcessGrid", "simulate", "prepare_run", "ENGINES"]
+
+log = logging.getLogger("fedaffect.simulation")
+
+ENGINES = ("inprocess", "ray")
+
+
+class InProcessGrid(Grid):
+    """A Flower Grid whose nodes are ClientApp calls in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app every node runs.
+    node_configs : list of dict
+        One node config per virtual SuperNode (``partition-id``, ``num-partitions``).
+    run_config : dict
+        The run config every node sees.
+    run_id : int
+        Flower run id to stamp on messages.
+    on_reply : callable, optional
+        Called with each reply (e.g. to advance a progress bar).
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: list[dict[str, Any]],
+        run_config: dict[str, Any],
+        run_id: int = 1,
+        on_reply: Callable[[Message], None] | None = None,
+    ) -> None:
+        self._app = client_app
+        self._run_id = run_id
+        rng = np.random.default_rng(run_id)
+        ids = rng.choice(2**31, size=len(node_configs), replace=False) + 1
+        self._contexts = {
+            int(nid): Context(run_id, int(nid), dict(nc), RecordDict(), dict(run_config))
+            for nid, nc in zip(ids, node_configs)
+        }
+        self._pending: dict[str, Message] = {}
+        self._on_reply = on_reply
+        self._run = None
+
+    def set_run(self, run) -> None:  # noqa: D102
+        self._run = run
+
+    @property
+    def run(self):  # noqa: D102
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """Ids of the virtual nodes."""
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Queue messages; they run when their replies are pulled."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def _deliver(self, msg: Message) -> Message:
+        context = self._contexts.get(msg.metadata.dst_node_id)
+        if context is None:
+            return Message(Error(404, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
+        try:
+            reply = self._app(msg, context)
+        except Exception as err:  # a failing device must not stop the round
+            log.warning("device %s failed: %s", context.node_config.get("partition-id"), err)
+            reply = Message(Error(500, "".join(traceback.format_exception(err))), reply_to=msg)
+        if self._on_reply:
+            self._on_reply(reply)
+        return reply
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Run the queued messages and return their replies."""
+        return [self._deliver(self._pending.pop(i)) for i in list(message_ids) if i in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Deliver every message and collect the replies (timeouts cannot happen here)."""
+        return self.pull_messages(self.push_messages(messages))
+
+
+def prepare_run(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, int]:
+    """Resolve a simulation config and pre-extract every clip's features.
+
+    Fills ``emotions`` from the manifest when unset, and ``store-url`` with the default
+    SQLite store of ``run-dir``; extracts (and caches) the features of every clip once,
+    so devices only read the cache.
+
+    Returns
+    -------
+    cfg : RunConfig
+        The resolved config.
+    num_devices : int
+        Devices (virtual SuperNodes) of the federation.
+
+    Raises
+    ------
+    FileNotFoundError, ManifestError
+        For a missing or invalid manifest.
+    ValueError
+        For a task that needs labels the manifest lacks, or an impossible partition.
+    """
+    if not cfg.manifest:
+        raise ValueError("config key 'manifest' is empty: pass --manifest MANIFEST.csv")
+    manifest = read_manifest(cfg.manifest)
+    emotions = emotion_classes(cfg, manifest)
+    if cfg.task in ("emotion", "both") and len(emotions) < 2:
+        raise ValueError(f"task {cfg.task!r} needs at least 2 emotion classes; the manifest has {emotions}")
+    if cfg.task in ("av", "both") and manifest["arousal"].isna().all():
+        raise ValueError(f"task {cfg.task!r} needs arousal/valence labels; the manifest has none")
+    unknown = [a for a in cfg.protected_list if a not in manifest.columns]
+    if unknown:
+        raise ValueError(f"protected attribute(s) {unknown} not in the manifest; columns: {list(manifest.columns)}")
+    cfg = cfg.replace(
+        emotions=",".join(emotions),
+        store_url=cfg.store_url or default_store_url(cfg.run_dir),
+    )
+    plans = plan_federation(
+        manifest, partition=cfg.partition, num_devices=cfg.num_devices, folds=cfg.folds,
+        fold=cfg.fold, dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed,
+    )
+    _, skipped = extract_features(
+        manifest["path"].tolist(), frontend_for(cfg.model), cfg.cache_dir,
+        progress=progress, description=f"{cfg.model} features",
+    )
+    return cfg, len(plans)
+
+
+def _run_inprocess(cfg: RunConfig, num_devices: int, on_round=None) -> dict[str, Any]:
+    node_configs = [{"partition-id": i, "num-partitions": num_devices} for i in range(num_devices)]
+    run_id = int(uuid.uuid4().int % 2**31) + 1
+    grid = InProcessGrid(_client_app(), node_configs, cfg.to_mapping(), run_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+    return run_federation(grid, cfg, RunStore(cfg.store_url), engine="inprocess", on_round=on_round)
+
+
+def _client_app() -> ClientApp:
+    from client.app import app  # the device side, imported only to simulate devices
+
+    return app
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    engine: str = "inprocess",
+    all_folds: bool = True,
+    progress: bool = True,
+    on_round: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Simulate a federation, one run per leave-speakers-out fold.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run configuration (``folds`` > 1 gives cross-validation over ``folds`` runs when
+        ``all_folds``; otherwise only fold ``cfg.fold`` runs).
+    engine : {"inprocess", "ray"}
+    all_folds : bool
+        Run every fold (True) or only ``cfg.fold``.
+    progress : bool
+        Show progress bars.
+    on_round : callable, optional
+        Called as ``on_round(fold, round, metrics)`` after each round (in-process engine).
+
+    Returns
+    -------
+    dict
+        ``config``, ``folds`` (each fold's run summary), ``final`` (per metric
+        ``{"mean", "std", "folds"}``) and ``per_group`` (per attribute/group/metric mean).
+
+    Raises
+    ------
+    ValueError
+        For an unknown engine or an invalid setup.
+    RuntimeError
+        If a run fails (the run is marked failed in the store).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    cfg, _ = prepare_run(cfg, progress=progress)
+    base = cfg.run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    folds = range(cfg.folds) if (all_folds and cfg.folds > 1) else [cfg.fold]
+    summaries = []
+    for fold in folds:
+        fold_cfg = cfg.replace(fold=fold, run_name=f"{base}-fold{fold}" if len(folds) > 1 else base)
+        fold_cfg, num_devices = prepare_run(fold_cfg, progress=False)
+        log.info("fold %d: %d devices, engine %s", fold, num_devices, engine)
+        if engine == "inprocess":
+            hook = (lambda r, m, f=fold: on_round(f, r, m)) if on_round else None
+            summaries.append(_run_inprocess(fold_cfg, num_devices, hook))
+        else:
+            from server.ray_engine import run_ray
+
+            summaries.append(run_ray(fold_cfg, num_devices))
+    return combine_folds(cfg, summaries)
+
+
+def combine_folds(cfg: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation of final metrics over fold summaries."""
+
+    def stat(values: list[float | None]) -> dict[str, Any]:
+        vals = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ok = vals[~np.isnan(vals)]
+        return {
+            "mean": float(ok.mean()) if ok.size else None,
+            "std": float(ok.std()) if ok.size else None,
+            "folds": [None if np.isnan(v) else float(v) for v in vals],
+        }
+
+    keys = sorted({k for s in summaries for k in s["final"]}, key=lambda k: (k not in FINAL_METRICS, k))
+    final = {k: stat([s["final"].get(k) for s in summaries]) for k in keys}
+    per_group: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in summaries:
+        for attr, groups in s["per_group"].items():
+            for g, metrics in groups.items():
+                for m, v in metrics.items():
+                    per_group.setdefault(attr, {}).setdefault(g, {}).setdefault(m, []).append(v)
+    per_group = {
+        a: {g: {m: stat(v)["mean"] for m, v in ms.items()} for g, ms in gs.items()} for a, gs in per_group.items()
+    }
+    return {
+        "config": cfg.to_mapping(),
+        "runs": [s["run"] for s in summaries],
+        "folds": summaries,
+        "final": final,
+        "per_group": per_group,
+    }

@@ -1,0 +1,276 @@
+"""The run store: runs, rounds, per-device and per-group metrics, and checkpoints.
+
+SQLAlchemy 2 ORM over any SQLAlchemy URL; by default a SQLite file
+``<run-dir>/fedaffect.db``. The coordinator writes one row per round as soon as the round
+ends, so a crash loses at most the round in flight. Checkpoints are files next to the
+store; the store keeps their SHA-256 so a corrupt file is detected and the previous one
+used (:meth:`RunStore.latest_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+__all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint"]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One federated run (one fold of a cross-validation is one run)."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running, completed, failed
+    engine: Mapped[str] = mapped_column(String(40), default="")
+    config: Mapped[dict] = mapped_column(JSON)
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Round(Base):
+    """Aggregated metrics of one round (round 0 = the initial model)."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "round"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class DeviceMetric(Base):
+    """What one device reported in one round (train or evaluate)."""
+
+    __tablename__ = "device_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    phase: Mapped[str] = mapped_column(String(20))  # train, evaluate
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class GroupMetric(Base):
+    """A metric of one protected group (e.g. gender=female) in one round."""
+
+    __tablename__ = "group_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    attribute: Mapped[str] = mapped_column(String(100))
+    group: Mapped[str] = mapped_column(String(200))
+    metric: Mapped[str] = mapped_column(String(50))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Checkpoint(Base):
+    """A saved global model and the SHA-256 of its file."""
+
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+def default_store_url(run_dir: str | Path) -> str:
+    """SQLite URL of the default store in ``run_dir`` (created if missing)."""
+    path = Path(run_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'fedaffect.db'}"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class RunStore:
+    """Read and write runs in a SQLAlchemy database.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL, e.g. ``sqlite:///runs/fedaffect.db`` or
+        ``postgresql+psycopg://user@host/db``. Tables are created when missing.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine = create_engine(url, connect_args=connect_args)
+        Base.metadata.create_all(self.engine)
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- runs -------------------------------------------------------------------------
+    def create_run(self, name: str, config: dict[str, Any], engine: str = "") -> Run:
+        """Create a run named ``name``.
+
+        Raises
+        ------
+        ValueError
+            If a run of that name exists already.
+        """
+        with self._session() as s:
+            if s.scalar(select(Run).where(Run.name == name)) is not None:
+                raise ValueError(f"a run named {name!r} exists already in {self.url}")
+            run = Run(name=name, config=dict(config), engine=engine, summary={})
+            s.add(run)
+            s.commit()
+            return run
+
+    def get_run(self, ref: str | int) -> Run:
+        """A run by name or numeric id.
+
+        Raises
+        ------
+        KeyError
+            If there is no such run.
+        """
+        with self._session() as s:
+            run = s.scalar(select(Run).where(Run.name == str(ref)))
+            if run is None and str(ref).isdigit():
+                run = s.get(Run, int(ref))
+            if run is None:
+                raise KeyError(f"no run {ref!r} in {self.url}")
+            return run
+
+    def list_runs(self) -> list[Run]:
+        """All runs, oldest first."""
+        with self._session() as s:
+            return list(s.scalars(select(Run).order_by(Run.id)))
+
+    def finish_run(self, run_id: int, status: str, summary: dict | None = None, error: str = "") -> None:
+        """Mark a run ``completed`` or ``failed`` and store its summary or error."""
+        with self._session() as s:
+            run = s.get(Run, run_id)
+            run.status, run.error, run.finished_at = status, error, _now()
+            if summary is not None:
+                run.summary = summary
+            s.commit()
+
+    # -- rounds -----------------------------------------------------------------------
+    def add_round(
+        self,
+        run_id: int,
+        server_round: int,
+        metrics: dict[str, Any],
+        devices: Iterable[dict[str, Any]] = (),
+        groups: Iterable[tuple[str, str, str, float]] = (),
+    ) -> None:
+        """Store one round in one transaction.
+
+        Parameters
+        ----------
+        run_id, server_round : int
+        metrics : dict
+            Aggregated metrics of the round (JSON-serialisable).
+        devices : iterable of dict
+            Each with ``device``, ``role``, ``phase`` and ``metrics``.
+        groups : iterable of (attribute, group, metric, value)
+        """
+        with self._session() as s:
+            s.add(Round(run_id=run_id, round=server_round, metrics=metrics))
+            s.add_all(DeviceMetric(run_id=run_id, round=server_round, **d) for d in devices)
+            s.add_all(
+                GroupMetric(run_id=run_id, round=server_round, attribute=a, group=g, metric=m, value=v)
+                for a, g, m, v in groups
+            )
+            s.commit()
+
+    def rounds(self, run_id: int) -> list[dict[str, Any]]:
+        """Aggregated metrics of every stored round, ``[{"round": r, **metrics}]``."""
+        with self._session() as s:
+            rows = s.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.round))
+            return [{"round": r.round, **r.metrics} for r in rows]
+
+    def device_metrics(self, run_id: int) -> list[dict[str, Any]]:
+        """Per-device rows, ``[{"round", "device", "role", "phase", **metrics}]``."""
+        with self._session() as s:
+            rows = s.scalars(
+                select(DeviceMetric).where(DeviceMetric.run_id == run_id).order_by(DeviceMetric.id)
+            )
+            return [
+                {"round": r.round, "device": r.device, "role": r.role, "phase": r.phase, **r.metrics}
+                for r in rows
+            ]
+
+    def group_metrics(self, run_id: int) -> list[dict[str, Any]]:
+        """Per-group rows, ``[{"round", "attribute", "group", "metric", "value"}]``."""
+        with self._session() as s:
+            rows = s.scalars(select(GroupMetric).where(GroupMetric.run_id == run_id).order_by(GroupMetric.id))
+            return [
+                {"round": r.round, "attribute": r.attribute, "group": r.group, "metric": r.metric, "value": r.value}
+                for r in rows
+            ]
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, run_id: int, server_round: int, payload: dict[str, Any], folder: Path, keep: int = 3) -> Path:
+        """Save a checkpoint file atomically, record its hash, keep the newest ``keep``.
+
+        Parameters
+        ----------
+        payload : dict
+            What to save with :func:`torch.save` (model state dict, round, config...).
+        folder : Path
+            Directory of the run's checkpoints.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"round-{server_round:04d}.pt"
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+        digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+        with self._session() as s:
+            s.add(Checkpoint(run_id=run_id, round=server_round, path=str(path), sha256=digest))
+            old = list(
+                s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.round.desc()))
+            )[keep:]
+            for row in old:
+                Path(row.path).unlink(missing_ok=True)
+                s.delete(row)
+            s.commit()
+        return path
+
+    def latest_checkpoint(self, run_id: int) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint whose file exists and matches its hash.
+
+        Returns
+        -------
+        (round, payload) or None
+            None when no valid checkpoint exists. Corrupt files are skipped.
+        """
+        with self._session() as s:
+            rows = list(
+                s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.round.desc()))
+            )
+        for row in rows:
+            path = Path(row.path)
+            if path.exists() and _sha256(path) == row.sha256:
+                return row.round, torch.load(path, weights_only=False)
+        return None

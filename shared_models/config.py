@@ -1,0 +1,226 @@
+"""Run configuration: every key a fedaffect run understands, its default and its check.
+
+One place defines what a run can be told. The same keys travel as Flower's
+``run_config`` (hyphenated, as in ``pyproject.toml``'s ``[tool.flwr.app.config]``), are
+read from experiment files (TOML) and are overridden from the command line
+(``fedaffect simulate --rounds 30`` sets ``num-server-rounds``).
+
+A bad value or an unknown key raises :class:`ConfigError` naming the key, so a typo in an
+experiment file is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "RunConfig", "load_config_file", "STRATEGIES", "PARTITIONS", "TASKS"]
+
+STRATEGIES = ("fedavg", "fedprox", "qfedavg")
+PARTITIONS = ("speaker", "iid", "dirichlet")
+TASKS = ("emotion", "av", "both")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message names the key."""
+
+
+def _choice(options: tuple[str, ...]):
+    def check(value: Any) -> str | None:
+        return None if value in options else f"must be one of {', '.join(options)}"
+
+    return check
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _opt(check, **kw):
+    return field(metadata={"check": check}, **kw)
+
+
+@dataclass
+class RunConfig:
+    """Configuration of one federated run (simulated or deployed).
+
+    Attribute names are the run-config keys with ``-`` replaced by ``_``.
+
+    Attributes
+    ----------
+    manifest : str
+        Path of the clip manifest (CSV, see :mod:`shared_models.manifest`).
+    model : str
+        Registered affect model (``egemaps-mlp``, ``logmel-crnn``, ``wave-cnn-gru``).
+    task : str
+        ``emotion`` (categories, cross-entropy), ``av`` (arousal/valence, 1 - CCC) or
+        ``both``.
+    num_server_rounds : int
+        Federated rounds.
+    local_epochs, lr, batch_size : int, float, int
+        Local training on each device per round (Adam).
+    strategy : str
+        Aggregation strategy: ``fedavg``, ``fedprox`` or ``qfedavg``.
+    proximal_mu, qffl_q : float
+        FedProx proximal weight; q-FFL fairness exponent.
+    partition : str
+        How clips become devices: ``speaker`` (one device per speaker), ``iid`` or
+        ``dirichlet`` (label skew with concentration ``dirichlet_alpha``).
+    num_devices : int
+        Training devices for ``iid``/``dirichlet``; 0 means one per training speaker.
+    folds, fold : int
+        Leave-speakers-out cross-validation: speakers split into ``folds`` groups, group
+        ``fold`` is held out (its devices only evaluate). ``folds = 1`` holds out nobody.
+    seed : int
+        Seed for folds, partitions, initial weights and local shuffling.
+    fraction_train, min_train_devices : float, int
+        Share of training devices sampled per round, and the least accepted.
+    round_timeout : float
+        Seconds the server waits for replies in a round; devices that do not answer in time
+        are left out of that round.
+    store_url, run_dir, cache_dir, run_name : str
+        Run store (SQLAlchemy URL; empty = SQLite file in ``run_dir``), folder for
+        checkpoints and reports, feature cache folder, and a unique name for the run.
+    emotions : str
+        Comma-separated emotion classes of the categorical head, in output order; empty
+        means every emotion found in the manifest, sorted.
+    protected : str
+        Comma-separated manifest columns whose values define the groups that per-group
+        metrics are computed for (default ``gender``).
+    """
+
+    manifest: str = ""
+    model: str = "egemaps-mlp"
+    task: str = _opt(_choice(TASKS), default="emotion")
+    num_server_rounds: int = _opt(_positive, default=10)
+    local_epochs: int = _opt(_positive, default=2)
+    lr: float = _opt(_positive, default=3e-3)
+    batch_size: int = _opt(_positive, default=32)
+    strategy: str = _opt(_choice(STRATEGIES), default="fedavg")
+    proximal_mu: float = _opt(_non_negative, default=0.01)
+    qffl_q: float = _opt(_non_negative, default=0.1)
+    partition: str = _opt(_choice(PARTITIONS), default="speaker")
+    num_devices: int = _opt(_non_negative, default=0)
+    dirichlet_alpha: float = _opt(_positive, default=0.5)
+    folds: int = _opt(_positive, default=5)
+    fold: int = _opt(_non_negative, default=0)
+    seed: int = 0
+    fraction_train: float = _opt(_fraction, default=1.0)
+    min_train_devices: int = _opt(_positive, default=1)
+    round_timeout: float = _opt(_positive, default=600.0)
+    store_url: str = ""
+    run_dir: str = "runs"
+    cache_dir: str = ".cache/fedaffect"
+    run_name: str = ""
+    emotions: str = ""
+    protected: str = "gender"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise ConfigError(f"config key '{key}': expected {want.__name__}, got {value!r}")
+            check = f.metadata.get("check")
+            problem = check(value) if check else None
+            if problem:
+                raise ConfigError(f"config key '{key}' = {value!r}: {problem}")
+        if self.fold >= self.folds:
+            raise ConfigError(f"config key 'fold' = {self.fold}: must be < folds ({self.folds})")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Run-config keys (hyphenated), in definition order."""
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a run-config mapping (hyphenated or underscored keys).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key (with the closest known key suggested) or a bad value.
+        """
+        known = set(cls.keys())
+        kwargs = {}
+        for key, value in values.items():
+            hyphen = key.replace("_", "-")
+            if hyphen not in known:
+                close = difflib.get_close_matches(hyphen, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
+            kwargs[hyphen.replace("-", "_")] = value
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Hyphenated run-config mapping (what Flower's ``run_config`` carries)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def emotion_list(self) -> list[str]:
+        """``emotions`` as a list (empty when unset)."""
+        return [e.strip() for e in self.emotions.split(",") if e.strip()]
+
+    @property
+    def protected_list(self) -> list[str]:
+        """``protected`` as a list of manifest column names."""
+        return [a.strip() for a in self.protected.split(",") if a.strip()]
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some keys changed (underscored or hyphenated names)."""
+        merged = self.to_mapping()
+        merged.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return RunConfig.from_mapping(merged)
+
+    # Lightning-style persistence, so a stored run can be resumed with its own config.
+    def state_dict(self) -> dict[str, Any]:
+        return self.to_mapping()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        other = RunConfig.from_mapping(state)
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read an experiment file (TOML) into a run-config mapping.
+
+    The file holds run-config keys at top level, or under a ``[run]`` table::
+
+        model = "logmel-crnn"
+        num-server-rounds = 30
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    ConfigError
+        If the TOML does not parse or names an unknown key.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experiment file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    data = data.get("run", data)
+    RunConfig.from_mapping(data)  # validate keys and values now, naming the bad key
+    return dict(data)

@@ -1,0 +1,243 @@
+"""Affect models and their registry.
+
+Every model maps a batch of features to two heads:
+
+- ``"emotion"``: categorical emotion logits, shape (B, n_classes) (cross-entropy);
+- ``"av"``: arousal and valence in [-1, 1] (tanh), shape (B, 2) (loss ``1 - CCC``).
+
+Models on sequences pool their frame outputs with a length-masked mean, and padding is masked
+after every convolution block and packed away from the recurrent layers, so padded frames never
+change a clip's output (in eval mode).
+
+Registry (``MODELS``), each with the front-end it eats:
+
+- ``egemaps-mlp``: eGeMAPSv02 functionals (Eyben et al. 2016) -> MLP 256-128 (~56k parameters,
+  the small federated SER model of REFERENCES.md);
+- ``logmel-crnn``: 64 log-Mel bands -> Conv1d 32, 64 + BiGRU(64), after FedAudio (~76k);
+- ``wave-cnn-gru``: raw 16 kHz waveform -> the end-to-end convolutional front-end of Tzirakis,
+  Zhang and Schuller, "End-to-end speech emotion recognition using deep neural networks",
+  ICASSP 2018 (conv 64/128/256, kernels 8/6/6, max-pool 10/8/8, batch norm) -> GRU(64).
+
+The federated state of a model is its full ``state_dict`` (parameters and batch-norm buffers) in
+order, as a list of numpy arrays (:func:`get_weights` / :func:`set_weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .features import FrontEnd, get_frontend
+
+__all__ = [
+    "AffectModel",
+    "EgemapsMLP",
+    "LogMelCRNN",
+    "WaveCNNGRU",
+    "ModelSpec",
+    "MODELS",
+    "build_model",
+    "frontend_for",
+    "count_parameters",
+    "get_weights",
+    "set_weights",
+    "masked_mean",
+]
+
+
+def _mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """Boolean (B, steps): True on valid time steps."""
+    return torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_mean(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean over time of (B, T, H) restricted to the first ``lengths[b]`` steps -> (B, H)."""
+    if lengths is None:
+        return h.mean(dim=1)
+    m = _mask(lengths, h.shape[1]).unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+
+class AffectModel(nn.Module):
+    """Base class: an encoder to a (B, hidden) embedding plus the two affect heads.
+
+    Parameters
+    ----------
+    hidden : int
+        Size of the embedding the heads read.
+    n_classes : int
+        Number of emotion categories.
+    dropout : float
+        Dropout on the embedding before the heads.
+    """
+
+    def __init__(self, hidden: int, n_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.n_classes = int(n_classes)
+        self.drop = nn.Dropout(dropout)
+        self.emotion = nn.Linear(hidden, n_classes)
+        self.av = nn.Linear(hidden, 2)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``{"emotion": (B, n_classes) logits, "av": (B, 2) in [-1, 1]}``."""
+        z = self.drop(self.encode(x, lengths))
+        return {"emotion": self.emotion(z), "av": torch.tanh(self.av(z))}
+
+
+class EgemapsMLP(AffectModel):
+    """MLP on the 88 eGeMAPSv02 functionals: 88 -> 256 -> 128 (ReLU, dropout 0.2) -> heads.
+
+    Input (B, 88); ``lengths`` is ignored.
+    """
+
+    def __init__(self, n_classes: int, in_dim: int = 88, dropout: float = 0.2) -> None:
+        super().__init__(128, n_classes, dropout)
+        self.body = nn.Sequential(
+            nn.Linear(in_dim, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 128), nn.ReLU())
+
+    def encode(self, x, lengths=None):
+        return self.body(x)
+
+
+class _ConvGRU(AffectModel):
+    """Shared body of the sequence models: masked Conv1d blocks (conv, batch norm, ReLU,
+    max-pool), then a (Bi)GRU over the valid frames and a length-masked mean.
+
+    ``blocks`` is a list of ``(in_channels, out_channels, kernel, pool)``; the input is
+    (B, T, C_in) or, for ``C_in == 1``, a waveform (B, T). ``lengths`` are in input frames or
+    samples and are divided through every pool.
+    """
+
+    def __init__(self, n_classes, blocks, gru_hidden, bidirectional, dropout=0.2):
+        super().__init__(gru_hidden * (2 if bidirectional else 1), n_classes, dropout)
+        self.pools = [pool for *_, pool in blocks]
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.ConstantPad1d(((k - 1) // 2, k // 2), 0.0), nn.Conv1d(cin, cout, k),
+                          nn.BatchNorm1d(cout), nn.ReLU())  # "same" length
+            for cin, cout, k, _ in blocks)
+        self.gru = nn.GRU(blocks[-1][1], gru_hidden, batch_first=True, bidirectional=bidirectional)
+        self.min_steps = int(np.prod(self.pools))
+
+    def encode(self, x, lengths=None):
+        x = x.unsqueeze(1) if x.dim() == 2 else x.transpose(1, 2)  # (B, C, T)
+        if lengths is None:
+            lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.int64)
+        lengths = lengths.to(torch.int64).cpu()
+        if x.shape[-1] < self.min_steps:  # too short for the pools: zero-pad
+            x = nn.functional.pad(x, (0, self.min_steps - x.shape[-1]))
+        x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+        for conv, pool in zip(self.convs, self.pools):
+            x = nn.functional.max_pool1d(conv(x), pool)
+            lengths = (lengths // pool).clamp(min=1)
+            x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+        packed = pack_padded_sequence(x.transpose(1, 2), lengths, batch_first=True, enforce_sorted=False)
+        h, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)
+        return masked_mean(h, lengths.to(h.device))
+
+
+class LogMelCRNN(_ConvGRU):
+    """CRNN on log-Mel (B, T, 64): Conv1d(64->32, k5)+BN+ReLU+max-pool 2, Conv1d(32->64, k5)+
+    BN+ReLU+max-pool 2, BiGRU(64), masked mean -> heads (after FedAudio's CRNN)."""
+
+    def __init__(self, n_classes: int, n_mels: int = 64, dropout: float = 0.2) -> None:
+        super().__init__(n_classes, [(n_mels, 32, 5, 2), (32, 64, 5, 2)], 64, True, dropout)
+
+
+class WaveCNNGRU(_ConvGRU):
+    """End-to-end model on the raw waveform (B, T) at 16 kHz (Tzirakis et al., ICASSP 2018):
+    Conv1d(1->64, k8)+BN+ReLU+max-pool 10, Conv1d(64->128, k6)+BN+ReLU+max-pool 8,
+    Conv1d(128->256, k6)+BN+ReLU+max-pool 8 (one frame per 40 ms), GRU(``gru_hidden``),
+    masked mean -> heads."""
+
+    def __init__(self, n_classes: int, gru_hidden: int = 64, dropout: float = 0.2) -> None:
+        super().__init__(n_classes, [(1, 64, 8, 10), (64, 128, 6, 8), (128, 256, 6, 8)],
+                         gru_hidden, False, dropout)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its ``name``, the ``frontend`` name it eats, ``build(n_classes)``
+    returning a fresh module, and a one-line ``description``."""
+
+    name: str
+    frontend: str
+    build: Callable[[int], nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("egemaps-mlp", "egemaps", EgemapsMLP,
+                  "eGeMAPSv02 functionals (88) -> MLP 256-128 (Eyben et al. 2016)"),
+        ModelSpec("logmel-crnn", "logmel", LogMelCRNN,
+                  "64 log-Mel bands -> Conv1d 32/64 + BiGRU(64) (FedAudio-style CRNN)"),
+        ModelSpec("wave-cnn-gru", "wave", WaveCNNGRU,
+                  "raw 16 kHz waveform -> CNN 64/128/256 (Tzirakis et al. 2018) + GRU(64)"),
+    )
+}
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def build_model(name: str, n_classes: int) -> nn.Module:
+    """A freshly initialised model ``name`` with ``n_classes`` emotion classes.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the known names.
+    """
+    return _spec(name).build(n_classes)
+
+
+def frontend_for(name: str) -> FrontEnd:
+    """The feature front-end (default settings) that model ``name`` eats. ValueError if unknown."""
+    return get_frontend(_spec(name).frontend)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def get_weights(model: nn.Module) -> list[np.ndarray]:
+    """The model's ``state_dict`` values in order (parameters and batch-norm buffers) as numpy
+    copies: what is federated."""
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
+    """Load arrays in :func:`get_weights` order, cast to each entry's dtype (averaged integer
+    buffers such as ``num_batches_tracked`` are rounded).
+
+    Raises
+    ------
+    ValueError
+        When the number of arrays or a shape does not match the model.
+    """
+    state = model.state_dict()
+    if len(weights) != len(state):
+        raise ValueError(f"expected {len(state)} arrays, got {len(weights)}")
+    new = {}
+    for (key, ref), w in zip(state.items(), weights):
+        w = np.asarray(w)
+        if tuple(w.shape) != tuple(ref.shape):
+            raise ValueError(f"{key}: expected shape {tuple(ref.shape)}, got {tuple(w.shape)}")
+        if not ref.is_floating_point():
+            w = np.rint(w)
+        new[key] = torch.as_tensor(w).to(ref.dtype)
+    model.load_state_dict(new, strict=True)

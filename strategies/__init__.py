@@ -1,0 +1,58 @@
+"""Aggregation strategies of fedaffect, built on ``flwr.serverapp.strategy``.
+
+A strategy decides which devices train in a round and how their updates are combined.
+:func:`build_strategy` turns a run config into one of:
+
+``fedavg``
+    Federated Averaging, weights by ``num-examples`` (McMahan et al., AISTATS 2017).
+``fedprox``
+    FedAvg with a proximal term ``mu/2 ||w - w_global||^2`` in local training (Li et al.,
+    MLSys 2020); the devices read ``proximal-mu`` from the round config.
+``qfedavg``
+    q-FFL, fair resource allocation (Li et al., ICLR 2020): re-weights by ``train_loss``.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg, FedProx, QFedAvg, Strategy
+
+from shared_models.config import STRATEGIES, RunConfig
+
+__all__ = ["build_strategy", "STRATEGIES"]
+
+
+def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
+    """Build the aggregation strategy named by ``cfg.strategy``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        Run config (``strategy``, ``fraction-train``, ``min-train-devices``,
+        ``proximal-mu``, ``qffl-q``, ``lr``).
+    num_train_devices : int
+        Training devices in the federation (caps ``min-train-devices``).
+
+    Returns
+    -------
+    flwr.serverapp.strategy.Strategy
+
+    Raises
+    ------
+    ValueError
+        For an unknown strategy name (the list of known names is in the message).
+    """
+    min_train = max(1, min(cfg.min_train_devices, num_train_devices))
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_train,
+        min_evaluate_nodes=1,
+        min_available_nodes=min_train,
+    )
+    if cfg.strategy == "fedavg":
+        return FedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "qfedavg":
+        return QFedAvg(client_learning_rate=cfg.lr, q=cfg.qffl_q, **common)
+    raise ValueError(f"unknown strategy {cfg.strategy!r}; known: {', '.join(STRATEGIES)}")

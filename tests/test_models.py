@@ -1,0 +1,92 @@
+"""Model registry: output shapes, padding invariance, heads' ranges, parameter counts, weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from shared_models.features import collate
+from shared_models.models import (
+    MODELS,
+    build_model,
+    count_parameters,
+    frontend_for,
+    get_weights,
+    set_weights,
+)
+
+# Per model: lengths of three clips (frames or samples) and the feature shape after length.
+INPUTS = {
+    "egemaps-mlp": ([88, 88, 88], ()),
+    "logmel-crnn": ([37, 101, 64], (64,)),
+    "wave-cnn-gru": ([5000, 16000, 9001], ()),
+}
+PARAMS = {"egemaps-mlp": (40_000, 70_000), "logmel-crnn": (50_000, 120_000),
+          "wave-cnn-gru": (200_000, 500_000)}
+
+
+def clips(name, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths, rest = INPUTS[name]
+    return [rng.standard_normal((n, *rest)).astype(np.float32) for n in lengths]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shapes_ranges_and_padding(name):
+    torch.manual_seed(0)
+    model = build_model(name, n_classes=5).eval()
+    feats = clips(name)
+    with torch.no_grad():
+        out = model(*collate(feats))
+        assert out["emotion"].shape == (3, 5) and out["av"].shape == (3, 2)
+        assert out["av"].abs().max() <= 1 and torch.isfinite(out["emotion"]).all()
+        for i, f in enumerate(feats):  # each clip alone (no padding) gives the same output
+            alone = model(*collate([f]))
+            torch.testing.assert_close(alone["emotion"][0], out["emotion"][i], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(alone["av"][0], out["av"][i], atol=1e-5, rtol=1e-4)
+        if MODELS[name].frontend != "egemaps":  # garbage in the padding changes nothing
+            x, lengths = collate(feats)
+            noisy = x + 100 * (torch.arange(x.shape[1])[None, :] >= lengths[:, None]).reshape(
+                *x.shape[:2], *([1] * (x.dim() - 2))).float()
+            torch.testing.assert_close(model(noisy, lengths)["av"], out["av"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_counts(name):
+    n = count_parameters(build_model(name, 4))
+    print(f"{name}: {n} parameters")
+    lo, hi = PARAMS[name]
+    assert lo <= n <= hi
+
+
+def test_frontends_match_models():
+    assert {n: frontend_for(n).name for n in MODELS} == {
+        "egemaps-mlp": "egemaps", "logmel-crnn": "logmel", "wave-cnn-gru": "wave"}
+
+
+def test_short_input_and_backward():
+    model = build_model("wave-cnn-gru", 3)
+    x, lengths = collate([np.random.randn(300).astype(np.float32), np.random.randn(700).astype(np.float32)])
+    out = model(x, lengths)
+    (out["emotion"].sum() + out["av"].sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_unknown_model_lists_names():
+    with pytest.raises(ValueError, match="egemaps-mlp, logmel-crnn, wave-cnn-gru"):
+        build_model("resnet", 4)
+
+
+def test_weights_round_trip_includes_buffers():
+    a, b = build_model("logmel-crnn", 4), build_model("logmel-crnn", 4)
+    a.train()
+    a(*collate(clips("logmel-crnn")))  # moves batch-norm running statistics
+    w = get_weights(a)
+    assert len(w) == len(a.state_dict()) > len(list(a.parameters()))
+    w = [x.astype(np.float64) for x in w]  # e.g. averaged by a strategy
+    set_weights(b, w)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert va.dtype == vb.dtype and torch.equal(va, vb), k
+    with pytest.raises(ValueError):
+        set_weights(b, w[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        set_weights(b, [np.zeros((1,))] + w[1:])

@@ -1,0 +1,106 @@
+"""Local training and evaluation loops on toy data."""
+
+import numpy as np
+import pytest
+import torch
+
+from shared_models.metrics import ccc_from_sums
+from shared_models.models import build_model, get_weights
+from shared_models.training import LocalData, evaluate_local, predict, train_local
+
+
+def blobs(n=120, seed=0, unknown=0):
+    """Two Gaussian blobs in 88-d; arousal/valence a noisy function of the class."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.standard_normal((n, 88)).astype(np.float32) + 1.5 * (2 * y[:, None] - 1) * (np.arange(88) < 8)
+    av = np.stack([0.8 * (2 * y - 1), 0.5 - y], axis=1) + 0.1 * rng.standard_normal((n, 2))
+    y = y.astype(np.int64)
+    y[:unknown] = -1
+    av[:unknown] = np.nan
+    gender = np.where(rng.random(n) < 0.5, "female", "male")
+    return LocalData(list(x), y, av.astype(np.float32), {"gender": gender})
+
+
+def train(data, task="emotion", seed=0, **kw):
+    torch.manual_seed(123)
+    model = build_model("egemaps-mlp", 2)
+    stats = train_local(model, data, task=task, epochs=kw.pop("epochs", 3), lr=3e-3,
+                        batch_size=16, seed=seed, **kw)
+    return model, stats
+
+
+def test_learns_separable_blobs():
+    data = blobs()
+    model, stats = train(data)
+    assert stats["num_examples"] == 120 and stats["steps"] == 3 * 8
+    assert np.isfinite(stats["train_loss"])
+    probs, av = predict(model, data)
+    assert probs.shape == (120, 2) and av.shape == (120, 2)
+    assert (probs.argmax(1) == data.emotion).mean() > 0.9
+
+
+def test_unlabelled_rows_are_ignored():
+    data = blobs(unknown=40)
+    _, stats = train(data)
+    assert stats["num_examples"] == 80
+    _, stats = train(data.subset(np.arange(40)))
+    assert stats == {"train_loss": stats["train_loss"], "num_examples": 0, "steps": 0}
+
+
+def test_av_task_lowers_ccc_loss():
+    data = blobs()
+    torch.manual_seed(123)
+    model = build_model("egemaps-mlp", 2)
+    before = evaluate_local(model, data, task="av", n_classes=2)["loss"]
+    train_local(model, data, task="av", epochs=3, lr=3e-3, batch_size=16, seed=0)
+    after = evaluate_local(model, data, task="av", n_classes=2)
+    assert after["loss"] < before - 0.2
+    assert after["loss"] == pytest.approx(
+        1 - (ccc_from_sums(after["sums_arousal"]) + ccc_from_sums(after["sums_valence"])) / 2)
+
+
+def test_fedprox_and_both_tasks_run():
+    model, stats = train(blobs(unknown=10), task="both", proximal_mu=0.1, epochs=1)
+    assert stats["num_examples"] == 110 and np.isfinite(stats["train_loss"])
+
+
+def test_evaluate_groups_add_up():
+    data = blobs(unknown=20)
+    model, _ = train(data, epochs=1)
+    res = evaluate_local(model, data, task="emotion", n_classes=2)
+    assert res["num_examples"] == 100 and res["cm"].sum() == 100 and res["cm"].dtype == np.int64
+    groups = res["groups"]["gender"]
+    assert set(groups) == {"female", "male"}
+    assert sum(g["n"] for g in groups.values()) == 120
+    np.testing.assert_array_equal(sum(g["cm"] for g in groups.values()), res["cm"])
+    for key in ("sums_arousal", "sums_valence"):
+        np.testing.assert_allclose(sum(g[key] for g in groups.values()), res[key])
+        assert res[key][0] == 100
+    assert np.isfinite(res["loss"])
+
+
+def test_deterministic_for_a_seed():
+    data = blobs()
+    (a, sa), (b, sb), (c, _) = train(data, seed=1), train(data, seed=1), train(data, seed=2)
+    assert sa == sb
+    assert all(np.array_equal(x, y) for x, y in zip(get_weights(a), get_weights(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(get_weights(a), get_weights(c)))
+
+
+@pytest.mark.parametrize("name,shape", [("logmel-crnn", (64,)), ("wave-cnn-gru", ())])
+def test_sequence_models_train_and_evaluate(name, shape):
+    rng = np.random.default_rng(0)
+    lengths = [40, 80, 60, 30] if shape else [3200, 8000, 6400, 4800]
+    data = LocalData([rng.standard_normal((n, *shape)).astype(np.float32) for n in lengths],
+                     np.array([0, 1, 2, -1]), np.full((4, 2), 0.1, np.float32), {})
+    model = build_model(name, 3)
+    stats = train_local(model, data, task="emotion", epochs=1, lr=1e-3, batch_size=2, seed=0)
+    assert stats["num_examples"] == 3 and stats["steps"] == 2
+    res = evaluate_local(model, data, task="both", n_classes=3)
+    assert res["cm"].shape == (3, 3) and res["groups"] == {} and res["num_examples"] == 4
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="emotion, av, both"):
+        train(blobs(), task="valence")
