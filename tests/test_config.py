@@ -1,0 +1,53 @@
+"""Run configuration: bad keys and values are named, files and overrides compose."""
+
+import pytest
+
+from shared_models.config import ConfigError, RunConfig, load_config_file
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'num-server-round'.*did you mean 'num-server-rounds'"):
+        RunConfig.from_mapping({"num-server-round": 3})
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [("task", "mood", "'task'"), ("num-server-rounds", 0, "'num-server-rounds'"),
+     ("fraction-train", 1.5, "'fraction-train'"), ("lr", "fast", "'lr'"), ("partition", "random", "'partition'")],
+)
+def test_bad_value_names_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping({key: value})
+
+
+def test_fold_must_be_below_folds():
+    with pytest.raises(ConfigError, match="'fold'"):
+        RunConfig(folds=3, fold=3)
+
+
+def test_int_is_accepted_for_float_and_round_trips():
+    cfg = RunConfig.from_mapping({"lr": 1, "num_server_rounds": 4})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    again = RunConfig()
+    again.load_state_dict(cfg.state_dict())
+    assert again == cfg
+
+
+def test_experiment_file_and_bad_key_in_file(tmp_path):
+    good = tmp_path / "exp.toml"
+    good.write_text('model = "logmel-crnn"\nnum-server-rounds = 7\n')
+    cfg = RunConfig.from_mapping(load_config_file(good))
+    assert (cfg.model, cfg.num_server_rounds) == ("logmel-crnn", 7)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nlocal-epoch = 2\n")
+    with pytest.raises(ConfigError, match="local-epoch"):
+        load_config_file(bad)
+
+
+def test_keys_match_the_flower_app_config():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert set(pyproject["tool"]["flwr"]["app"]["config"]) == set(RunConfig.keys())
+    RunConfig.from_mapping(pyproject["tool"]["flwr"]["app"]["config"])

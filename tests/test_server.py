@@ -1,0 +1,84 @@
+"""Coordinator pieces: pooled metrics from sufficient statistics, the run store, checkpoints."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from server.app import pooled_metrics
+from server.store import RunStore
+from shared_models.metrics import ccc, ccc_sums, confusion
+
+
+def device_stats(y, p, a_true, a_pred, gender):
+    stats = {"cm": confusion(y, p, 3), "sums_arousal": ccc_sums(a_pred, a_true),
+             "sums_valence": ccc_sums(a_pred, a_true), "groups": {"gender": {}}}
+    for g in np.unique(gender):
+        m = gender == g
+        stats["groups"]["gender"][g] = {"cm": confusion(y[m], p[m], 3), "sums_arousal": ccc_sums(a_pred[m], a_true[m]),
+                                        "sums_valence": ccc_sums(a_pred[m], a_true[m])}
+    return stats
+
+
+def test_pooled_metrics_equal_metrics_of_pooled_predictions():
+    rng = np.random.default_rng(0)
+    parts, ys, ps, at, ap, gs = [], [], [], [], [], []
+    for n, gender in ((30, "female"), (50, "male"), (20, "female")):
+        y = rng.integers(0, 3, n)
+        p = np.where(rng.random(n) < 0.6, y, rng.integers(0, 3, n))
+        a_true = rng.uniform(-1, 1, n)
+        a_pred = 0.5 * a_true + 0.3 * rng.standard_normal(n)
+        g = np.array([gender] * n)
+        parts.append(device_stats(y, p, a_true, a_pred, g))
+        ys.append(y), ps.append(p), at.append(a_true), ap.append(a_pred), gs.append(g)
+    y, p, a_true, a_pred, g = map(np.concatenate, (ys, ps, at, ap, gs))
+    metrics, groups = pooled_metrics(parts)
+    assert metrics["uar"] == pytest.approx(balanced_accuracy_score(y, p))
+    assert metrics["wa"] == pytest.approx(accuracy_score(y, p))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert metrics["ccc_arousal"] == pytest.approx(ccc(a_pred, a_true))
+    per = {(a, grp, m): v for a, grp, m, v in groups}
+    for grp in ("female", "male"):
+        m = g == grp
+        assert per[("gender", grp, "uar")] == pytest.approx(balanced_accuracy_score(y[m], p[m]))
+        assert per[("gender", grp, "ccc_arousal")] == pytest.approx(ccc(a_pred[m], a_true[m]))
+    uars = [per[("gender", grp, "uar")] for grp in ("female", "male")]
+    assert metrics["gap_uar/gender"] == pytest.approx(max(uars) - min(uars))
+    assert metrics["worst_uar/gender"] == pytest.approx(min(uars))
+
+
+def test_pooled_metrics_without_categorical_labels_are_nan_not_an_error():
+    stats = {"cm": np.zeros((3, 3), int), "sums_arousal": ccc_sums(np.r_[0.1, 0.5, 0.9], np.r_[0.0, 0.5, 1.0]),
+             "sums_valence": np.zeros(6), "groups": {}}
+    metrics, _ = pooled_metrics([stats])
+    assert np.isnan(metrics["uar"]) and np.isnan(metrics["ccc_valence"])
+    assert metrics["ccc_arousal"] > 0.9
+
+
+def test_store_round_trip_and_duplicate_run(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run("r1", {"model": "egemaps-mlp"}, engine="inprocess")
+    store.add_round(run.id, 0, {"uar": 0.2}, [{"device": "dev-00", "role": "train", "phase": "evaluate",
+                                               "metrics": {"num-examples": 4}}], [("gender", "male", "uar", 0.25)])
+    store.add_round(run.id, 1, {"uar": 0.4})
+    store.finish_run(run.id, "completed", {"final": {"uar": 0.4}})
+    again = RunStore(store.url)  # a new connection sees everything
+    assert [r["uar"] for r in again.rounds(run.id)] == [0.2, 0.4]
+    assert again.device_metrics(run.id)[0]["num-examples"] == 4
+    assert again.group_metrics(run.id)[0]["value"] == 0.25
+    assert again.get_run("r1").status == "completed"
+    with pytest.raises(ValueError, match="exists"):
+        again.create_run("r1", {})
+    with pytest.raises(KeyError):
+        again.get_run("nope")
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run("r", {})
+    for r in range(4):
+        store.save_checkpoint(run.id, r, {"round": r}, tmp_path / "ckpt", keep=3)
+    assert not (tmp_path / "ckpt" / "round-0000.pt").exists()  # only the newest 3 kept
+    assert store.latest_checkpoint(run.id)[0] == 3
+    (tmp_path / "ckpt" / "round-0003.pt").write_bytes(b"garbage")
+    rnd, payload = store.latest_checkpoint(run.id)
+    assert rnd == 2 and payload["round"] == 2

@@ -1,0 +1,87 @@
+"""End-to-end federations with the in-process engine: the real ServerApp and ClientApp."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from fedaffect.cli import app as cli
+from server.app import run_federation
+from server.simulation import InProcessGrid, prepare_run, simulate
+from server.store import RunStore
+from shared_models.config import RunConfig
+
+
+def test_three_device_federation_improves_over_round_zero(synth_manifest, tmp_path):
+    # 4 speakers, 4 folds: 3 training devices, 1 held-out speaker never trained on.
+    cfg = RunConfig(manifest=str(synth_manifest), folds=4, fold=0, num_server_rounds=2, local_epochs=3,
+                    task="both", run_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    summary = simulate(cfg, all_folds=False, progress=False)
+    rounds = summary["folds"][0]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["train_devices"] == 3
+    assert rounds[-1]["uar"] > rounds[0]["uar"] + 0.1
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+    assert rounds[-1]["ccc_arousal"] > rounds[0]["ccc_arousal"]
+    store = RunStore(summary["config"]["store-url"])
+    run = store.get_run(summary["runs"][0])
+    assert run.status == "completed"
+    evaluated = {d["device"] for d in store.device_metrics(run.id) if d["phase"] == "evaluate"}
+    trained = {d["device"] for d in store.device_metrics(run.id) if d["phase"] == "train"}
+    assert len(evaluated) == 1 and not evaluated & trained  # held-out speaker only evaluates
+
+
+def test_a_failing_device_does_not_stop_the_round(tone_manifest, tmp_path):
+    from client.app import app as client_app
+
+    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=1, num_server_rounds=2, run_name="flaky",
+                                   run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")), progress=False)
+
+    def flaky(msg, context):
+        if context.node_config["partition-id"] == 1 and msg.metadata.message_type == "train":
+            raise RuntimeError("battery died")
+        return client_app(msg, context)
+
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    summary = run_federation(InProcessGrid(flaky, nodes, cfg.to_mapping(), 7), cfg, RunStore(cfg.store_url))
+    last = summary["rounds"][-1]
+    assert (last["train_devices"], last["train_failures"]) == (n - 1, 1)
+    assert math.isfinite(last["uar"])
+
+
+def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
+    out = tmp_path / "summary.json"
+    res = CliRunner().invoke(cli, [
+        "simulate", "--manifest", str(tone_manifest), "--folds", "2", "--rounds", "2", "--task", "both",
+        "--run-dir", str(tmp_path / "runs"), "--summary-json", str(out), "--set", f"cache-dir='{tmp_path / 'c'}'",
+    ])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(out.read_text())
+    assert summary["config"]["num-server-rounds"] == 2
+    assert len(summary["folds"]) == 2 and len(summary["final"]["uar"]["folds"]) == 2
+    for key in ("uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence"):
+        assert summary["final"][key]["mean"] is not None
+    assert set(summary["per_group"]["gender"]) == {"female", "male"}
+    report = tmp_path / "runs" / summary["runs"][-1] / "report"
+    for png in ("loss.png", "metrics.png", "groups.png"):
+        data = (report / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    html = (report / "index.html").read_text()
+    assert "metrics.png" in html and summary["runs"][-1] in html
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--manifest", "/nonexistent/m.csv"], "m.csv"),
+    (["--set", "num-server-round=3"], "num-server-round"),
+    (["--model", "resnet-9000"], "resnet-9000"),
+])
+def test_cli_simulate_fails_clearly(tone_manifest, tmp_path, args, message):
+    base = ["simulate", "--manifest", str(tone_manifest), "--folds", "2", "--rounds", "1",
+            "--run-dir", str(tmp_path / "runs")]
+    res = CliRunner().invoke(cli, base + args)
+    assert res.exit_code != 0
+    assert message in res.output
