@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -261,7 +261,7 @@ class FeatureCache:
                 pass  # damaged cache file: recompute
         features = frontend(load_audio(clip_path))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, features)
         os.replace(tmp, target)
@@ -300,7 +300,7 @@ def extract_features(
                   disable=not (progress and console.is_terminal)) as bar:
         for path in bar.track(paths, description=description):
             try:
-                out.append(cache.load_or_compute(path, frontend) if cache
+                out.append(cache.load_or_compute(path, frontend) if cache is not None
                            else frontend(load_audio(path)))
             except ClipError as err:
                 skipped.add(path, err.reason)
@@ -357,9 +357,11 @@ class Standardiser:
         return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
 
     def state_dict(self) -> dict:
+        """``{"scalar": bool, "mean": array or None, "std": array or None}``."""
         return {"scalar": self.scalar, "mean": self.mean, "std": self.std}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.scalar = bool(state["scalar"])
         self.mean = None if state["mean"] is None else np.asarray(state["mean"], dtype=np.float32)
         self.std = None if state["std"] is None else np.asarray(state["std"], dtype=np.float32)

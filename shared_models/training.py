@@ -64,7 +64,8 @@ class LocalData:
 
     def subset(self, idx) -> "LocalData":
         """Rows ``idx`` (integer indices or a boolean mask) as a new LocalData."""
-        idx = np.arange(len(self))[np.asarray(idx)] if len(self) else np.zeros(0, dtype=np.int64)
+        idx = np.asarray(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
         return LocalData([self.x[i] for i in idx], self.emotion[idx], self.av[idx],
                          {k: v[idx] for k, v in self.groups.items()})
 

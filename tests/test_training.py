@@ -44,6 +44,7 @@ def test_unlabelled_rows_are_ignored():
     data = blobs(unknown=40)
     _, stats = train(data)
     assert stats["num_examples"] == 80
+    assert len(data.subset([])) == 0 and len(data.subset(data.emotion >= 0)) == 80
     _, stats = train(data.subset(np.arange(40)))
     assert stats == {"train_loss": stats["train_loss"], "num_examples": 0, "steps": 0}
 
