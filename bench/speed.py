@@ -1,0 +1,99 @@
+"""Speed and memory of simulated federations.
+
+Speed: wall time per round of a simulated federation, and the ratio of its wall time to
+the *same* local training done centrally in one process without Flower (every training
+device's local epochs run one after the other, weights averaged by hand, the same
+held-out evaluation). Target ratio <= 1.5 (stretch 1.3).
+
+Memory: peak resident memory (RSS) of a simulation with 200 devices (iid partition of the
+synth corpus). Target <= 4 GB.
+
+    python bench/speed.py --model egemaps-mlp --rounds 5 [--engine ray]
+    python bench/speed.py --memory --devices 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+from common import corpus_manifest, save
+
+from client.app import load_device
+from server.simulation import prepare_run, simulate
+from shared_models.config import RunConfig
+from shared_models.models import build_model
+from shared_models.training import evaluate_local, train_local
+
+
+def reference_seconds(cfg: RunConfig) -> float:
+    """Wall time of the same rounds of local training + evaluation, without Flower."""
+    cfg, n = prepare_run(cfg, progress=False)
+    devices = [load_device(cfg.to_mapping(), {"partition-id": i}) for i in range(n)]
+    train = [d for d in devices if d.role == "train" and (d.data.emotion >= 0).any()]
+    held = [d for d in devices if d.role == "heldout"] or train
+    n_classes = len(cfg.emotion_list)
+    torch.manual_seed(cfg.seed)
+    state = build_model(cfg.model, n_classes).state_dict()
+    t0 = time.perf_counter()
+    model = build_model(cfg.model, n_classes)
+    for _ in range(cfg.num_server_rounds + 1):
+        model.load_state_dict(state)
+        for d in held:
+            evaluate_local(model, d.data, task=cfg.task, n_classes=n_classes)
+        updates, weights = [], []
+        for d in train:
+            model.load_state_dict(state)
+            res = train_local(model, d.data, task=cfg.task, epochs=cfg.local_epochs, lr=cfg.lr,
+                              batch_size=cfg.batch_size, seed=0)
+            updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            weights.append(res["num_examples"])
+        w = np.asarray(weights, float) / sum(weights)
+        state = {k: sum(wi * u[k].double() for wi, u in zip(w, updates)).to(updates[0][k].dtype) for k in state}
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="synth")
+    p.add_argument("--model", default="egemaps-mlp")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--engine", default="inprocess")
+    p.add_argument("--memory", action="store_true", help="measure peak RSS with --devices devices")
+    p.add_argument("--devices", type=int, default=200)
+    args = p.parse_args()
+    manifest = corpus_manifest(args.corpus)
+    base = RunConfig(manifest=str(manifest), model=args.model, task="both", folds=4, fold=0,
+                     num_server_rounds=args.rounds, run_dir="runs/bench", local_epochs=2)
+    if args.memory:
+        cfg = base.replace(partition="iid", num_devices=args.devices, run_name=f"mem-{int(time.time())}")
+        t0 = time.perf_counter()
+        simulate(cfg, engine=args.engine, all_folds=False, progress=False)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        print(f"{args.devices} devices, {args.engine}: peak RSS {peak:.2f} GiB (largest child {peak_children:.2f} GiB), "
+              f"{wall:.0f} s for {args.rounds} rounds")
+        save(f"memory-{args.engine}-{args.devices}", {"args": vars(args), "peak_rss_gib": peak,
+                                                       "peak_child_rss_gib": peak_children, "wall_seconds": wall})
+        return
+    prepare_run(base, progress=True)  # features cached before anything is timed
+    cfg = base.replace(run_name=f"speed-{args.model}-{args.engine}-{int(time.time())}")
+    load_device(cfg.replace(run_name="warm").to_mapping(), {"partition-id": 0})  # imports, openSMILE, torch warm
+    t0 = time.perf_counter()
+    summary = simulate(cfg, engine=args.engine, all_folds=False, progress=False)
+    sim = time.perf_counter() - t0
+    ref = reference_seconds(base.replace(run_name="reference"))
+    per_round = [r["wall_s"] for r in summary["folds"][0]["rounds"][1:]]
+    row = {"sim_seconds": sim, "reference_seconds": ref, "ratio": sim / ref,
+           "round_seconds_mean": float(np.mean(per_round)), "round_seconds_max": float(np.max(per_round))}
+    print(f"{args.model} {args.engine}: {sim:.1f} s simulated vs {ref:.1f} s plain local training "
+          f"-> ratio {sim / ref:.2f}; {row['round_seconds_mean']:.2f} s per round")
+    save(f"speed-{args.model}-{args.engine}", {"args": vars(args), **row})
+
+
+if __name__ == "__main__":
+    main()
