@@ -45,10 +45,12 @@ out = Console()
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     logging.getLogger("fedaffect").setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     import flwr.common.logger as flwr_logger
 
-    flwr_logger.FLOWER_LOGGER.setLevel(logging.WARNING if not verbose else logging.INFO)
+    # Flower logs through its own handler; keep it to warnings unless asked, and don't
+    # let it reach the root handler a second time.
+    flwr_logger.FLOWER_LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr_logger.FLOWER_LOGGER.propagate = False
 
 
 def _fail(message: str, code: int = 2) -> None:

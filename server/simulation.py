@@ -126,12 +126,20 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def prepare_run(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, int]:
+def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) -> tuple[RunConfig, int]:
     """Resolve a simulation config and pre-extract every clip's features.
 
     Fills ``emotions`` from the manifest when unset, and ``store-url`` with the default
     SQLite store of ``run-dir``; extracts (and caches) the features of every clip once,
     so devices only read the cache.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    progress : bool
+        Show a progress bar while extracting features.
+    extract : bool
+        Extract (or check the cache of) every clip's features.
 
     Returns
     -------
@@ -166,10 +174,9 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, in
         manifest, partition=cfg.partition, num_devices=cfg.num_devices, folds=cfg.folds,
         fold=cfg.fold, dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed,
     )
-    _, skipped = extract_features(
-        manifest["path"].tolist(), frontend_for(cfg.model), cfg.cache_dir,
-        progress=progress, description=f"{cfg.model} features",
-    )
+    if extract:
+        extract_features(manifest["path"].tolist(), frontend_for(cfg.model), cfg.cache_dir,
+                         progress=progress, description=f"{cfg.model} features")
     return cfg, len(plans)
 
 
@@ -231,7 +238,7 @@ def simulate(
     summaries = []
     for fold in folds:
         fold_cfg = cfg.replace(fold=fold, run_name=f"{base}-fold{fold}" if len(folds) > 1 else base)
-        fold_cfg, num_devices = prepare_run(fold_cfg, progress=False)
+        fold_cfg, num_devices = prepare_run(fold_cfg, extract=False)
         log.info("fold %d: %d devices, engine %s", fold, num_devices, engine)
         if engine == "inprocess":
             hook = (lambda r, m, f=fold: on_round(f, r, m)) if on_round else None
@@ -255,7 +262,8 @@ def combine_folds(cfg: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, 
             "folds": [None if np.isnan(v) else float(v) for v in vals],
         }
 
-    keys = sorted({k for s in summaries for k in s["final"]}, key=lambda k: (k not in FINAL_METRICS, k))
+    keys = sorted({k for s in summaries for k in s["final"]},
+                  key=lambda k: (FINAL_METRICS.index(k) if k in FINAL_METRICS else len(FINAL_METRICS), k))
     final = {k: stat([s["final"].get(k) for s in summaries]) for k in keys}
     per_group: dict[str, dict[str, dict[str, Any]]] = {}
     for s in summaries:
