@@ -105,7 +105,7 @@ def validate_manifest(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFr
     for col in ("path", "speaker"):
         flag(col, out[col] == "", "a non-empty value", out[col])
     flag("gender", ~out["gender"].isin(GENDERS), "female, male or empty", out["gender"])
-    flag("emotion", ~out["emotion"].isin(EMOTIONS), f"one of {', '.join(EMOTIONS)} or empty", out["emotion"])
+    flag("emotion", ~out["emotion"].isin(EMOTIONS + ("",)), f"one of {', '.join(EMOTIONS)} or empty", out["emotion"])
 
     for col in _FLOAT_COLUMNS:
         raw = df[col].reset_index(drop=True)

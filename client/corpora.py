@@ -1,0 +1,815 @@
+"""Corpus readers: turn a corpus folder into a fedaffect manifest (one ``<corpus>_prepare`` each).
+
+Each reader follows the SpeechBrain recipe style: ``<name>_prepare(source, out, **kw)`` scans
+``source``, parses speaker, gender and labels from the corpus's published naming convention,
+probes every clip's duration and checks it with :func:`shared_models.audio.load_audio`, and
+writes the manifest (:mod:`shared_models.manifest`) to ``out``. Unreadable, empty, silent and
+too-short clips, and files that do not follow the naming convention (``bad-name``), are skipped,
+counted in :class:`~shared_models.audio.SkipCounter` and reported in one warning; the run goes on.
+
+==========  ====================================================================================
+name        source and convention
+==========  ====================================================================================
+emodb       Berlin EmoDB (Burkhardt et al. 2005), ``wav/03a01Fa.wav``: speaker 03, text a01,
+            emotion letter (W anger, L boredom, E disgust, A fear, F happiness, T sadness,
+            N neutral), version a. Speakers 03 10 11 12 15 male, 08 09 13 14 16 female.
+ravdess     RAVDESS (Livingstone & Russo 2018), ``Actor_01/03-01-05-01-02-01-01.wav``:
+            modality-channel-emotion-intensity-statement-repetition-actor; channel 01 speech,
+            02 song (speech only unless ``include_song``); odd actors male, even female.
+crema-d     CREMA-D (Cao et al. 2014), ``AudioWAV/1001_DFA_ANG_XX.wav``: actor, sentence,
+            emotion (ANG DIS FEA HAP NEU SAD), level; gender from ``VideoDemographics.csv``.
+tess        Toronto Emotional Speech Set (Dupuis & Pichora-Fuller 2010),
+            ``OAF_angry/OAF_back_angry.wav``: speaker OAF (older) or YAF (younger), both female;
+            emotion angry, disgust, fear, happy, neutral, sad, pleasant_surprise(d) or ps.
+csv         a user's own manifest (``source`` is the CSV file), validated and re-checked.
+hedgewars   Debian ``hedgewars-data`` voice packs, ``<Pack>/<Phrase>.ogg``; see
+            :func:`hedgewars_prepare`, :data:`PHRASE_EMOTIONS`, :data:`PACK_GENDER`.
+synth       an expressive corpus generated with espeak-ng; see :func:`synth_prepare`.
+==========  ====================================================================================
+
+Arousal and valence are left empty for corpora that do not annotate them (all but hedgewars,
+synth and user CSVs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from shared_models.audio import SAMPLE_RATE, ClipError, SkipCounter, load_audio, probe_duration
+from shared_models.manifest import EMOTIONS, MANIFEST_COLUMNS, read_manifest, write_manifest
+
+__all__ = [
+    "PrepareResult",
+    "Record",
+    "CORPORA",
+    "prepare",
+    "emodb_prepare",
+    "ravdess_prepare",
+    "cremad_prepare",
+    "tess_prepare",
+    "csv_prepare",
+    "hedgewars_prepare",
+    "synth_prepare",
+    "HEDGEWARS_VOICES",
+    "PHRASE_EMOTIONS",
+    "EXCLUDED_PHRASES",
+    "EFFORT_PREFIXES",
+    "NON_ENGLISH_PACKS",
+    "PACK_GENDER",
+    "PACK_F0_SPLIT_HZ",
+    "PACK_MEDIAN_F0",
+    "median_f0",
+    "SYNTH_VOICES",
+    "SYNTH_PROSODY",
+    "SYNTH_JITTER",
+    "SYNTH_SENTENCES",
+]
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+@dataclass
+class PrepareResult:
+    """What a reader produced.
+
+    Attributes
+    ----------
+    manifest : Path
+        The manifest CSV written.
+    n_clips : int
+        Clips in the manifest.
+    skipped : SkipCounter
+        Clips left out, by reason.
+    n_speakers : int
+        Distinct speakers in the manifest.
+    """
+
+    manifest: Path
+    n_clips: int
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    n_speakers: int = 0
+
+
+class Record(NamedTuple):
+    """One clip found by a reader, before its audio is checked."""
+
+    path: str
+    speaker: str
+    gender: str = ""
+    emotion: str = ""
+    arousal: float | None = None
+    valence: float | None = None
+    extra: Mapping[str, str] | None = None
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _source_dir(source: str | PathLike, what: str) -> Path:
+    source = Path(source).expanduser().resolve()  # manifests store absolute paths
+    if not source.is_dir():
+        raise FileNotFoundError(f"{what}: source folder not found: {source}")
+    return source
+
+
+def _audio_files(folder: Path, suffixes: Sequence[str] = AUDIO_SUFFIXES, recursive: bool = True) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in suffixes and p.is_file())
+
+
+def _progress(items: Iterable, description: str, total: int | None = None) -> Iterable:
+    from rich.console import Console
+    from rich.progress import track
+
+    console = Console(stderr=True)
+    return track(items, description, total=total, console=console, transient=True, disable=not console.is_terminal)
+
+
+def _write_records(
+    records: Sequence[Record], out: str | PathLike, what: str, skipped: SkipCounter | None = None
+) -> PrepareResult:
+    """Probe and check every record's clip, skip bad ones, write the manifest.
+
+    ``skipped`` may already hold files skipped while scanning (e.g. ``bad-name``); they count
+    in the one warning emitted here. Raises ValueError if no clip is usable.
+    """
+    skipped = skipped if skipped is not None else SkipCounter()
+    n_seen = len(records) + skipped.total
+    rows = []
+    for rec in _progress(records, f"checking {what} clips"):
+        try:
+            duration = probe_duration(rec.path)
+            load_audio(rec.path, sample_rate=None)  # checks only: no resampling
+        except ClipError as err:
+            skipped.add(err.path, err.reason)
+            continue
+        row = dict(rec._asdict(), duration=duration)
+        row.update(row.pop("extra") or {})
+        rows.append(row)
+    skipped.warn(f"{what} clips", of=n_seen)
+    if not rows:
+        raise ValueError(f"{what}: no usable clips found ({n_seen} files looked at, skipped {skipped.as_dict()})")
+    df = pd.DataFrame(rows)
+    df = df[list(MANIFEST_COLUMNS) + [c for c in df.columns if c not in MANIFEST_COLUMNS]]
+    path = write_manifest(df, out)
+    return PrepareResult(path, len(df), skipped, int(df["speaker"].nunique()))
+
+
+def _prepare_named(
+    source: str | PathLike,
+    out: str | PathLike,
+    what: str,
+    example: str,
+    parse: Callable[[Path], Record | str | None],
+    suffixes: Sequence[str] = (".wav",),
+) -> PrepareResult:
+    """Scan ``source`` for files named by a corpus convention.
+
+    ``parse(path)`` returns a :class:`Record`, ``None`` to leave the file out on purpose, or a
+    skip reason (``"bad-name"``) to count it.
+    """
+    files = _audio_files(_source_dir(source, what), suffixes)
+    if not files:
+        raise ValueError(f"{what}: no audio files ({', '.join(suffixes)}) like {example} under {source}")
+    skipped, records = SkipCounter(), []
+    for path in files:
+        parsed = parse(path)
+        if isinstance(parsed, str):
+            skipped.add(path, parsed)
+        elif parsed is not None:
+            records.append(parsed)
+    return _write_records(records, out, what, skipped)
+
+
+# --------------------------------------------------------------------------- EmoDB
+
+_EMODB_NAME = re.compile(r"(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])")
+_EMODB_EMOTIONS = dict(W="anger", L="boredom", E="disgust", A="fear", F="happiness", T="sadness", N="neutral")
+_EMODB_GENDER = {**dict.fromkeys(("03", "10", "11", "12", "15"), "male"),
+                 **dict.fromkeys(("08", "09", "13", "14", "16"), "female")}
+
+
+def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
+    """Berlin Database of Emotional Speech (Burkhardt et al., Interspeech 2005).
+
+    Parameters
+    ----------
+    source : path
+        The corpus folder; ``*.wav`` files are searched recursively (normally ``wav/``).
+    out : path
+        Manifest CSV to write.
+
+    Returns
+    -------
+    PrepareResult
+        Speakers ``emodb-03`` ... ``emodb-16`` (10), seven emotions, no arousal/valence.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``source`` is not a folder.
+    ValueError
+        No EmoDB-named clip is usable.
+    """
+
+    def parse(path: Path) -> Record | str:
+        m = _EMODB_NAME.fullmatch(path.stem)
+        if not m:
+            return "bad-name"
+        speaker, _text, letter, _version = m.groups()
+        return Record(str(path), f"emodb-{speaker}", _EMODB_GENDER.get(speaker, ""), _EMODB_EMOTIONS[letter])
+
+    return _prepare_named(source, out, "emodb", "wav/03a01Fa.wav", parse)
+
+
+# --------------------------------------------------------------------------- RAVDESS
+
+_RAVDESS_NAME = re.compile(r"(\d\d)-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
+_RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happiness", "04": "sadness",
+                     "05": "anger", "06": "fear", "07": "disgust", "08": "surprise"}
+
+
+def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song: bool = False) -> PrepareResult:
+    """Ryerson Audio-Visual Database of Emotional Speech and Song (Livingstone & Russo 2018).
+
+    Parameters
+    ----------
+    source : path
+        The corpus folder (``Actor_01/`` ... ``Actor_24/``); ``*.wav`` searched recursively. Any
+        modality code is accepted as long as the file is audio.
+    out : path
+        Manifest CSV to write.
+    include_song : bool, default False
+        Also take sung clips (vocal channel 02); by default speech (01) only.
+
+    Returns
+    -------
+    PrepareResult
+        Speakers ``ravdess-01`` ... (odd actors male, even female), eight emotions.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`emodb_prepare`.
+    """
+
+    def parse(path: Path) -> Record | str | None:
+        m = _RAVDESS_NAME.fullmatch(path.stem)
+        if not m:
+            return "bad-name"
+        _modality, channel, emotion, _intensity, _statement, _rep, actor = m.groups()
+        if channel == "02" and not include_song:
+            return None
+        gender = "male" if int(actor) % 2 else "female"
+        return Record(str(path), f"ravdess-{actor}", gender, _RAVDESS_EMOTIONS[emotion])
+
+    return _prepare_named(source, out, "ravdess", "Actor_01/03-01-05-01-02-01-01.wav", parse)
+
+
+# --------------------------------------------------------------------------- CREMA-D
+
+_CREMAD_NAME = re.compile(r"(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{2})", re.IGNORECASE)
+_CREMAD_EMOTIONS = dict(ANG="anger", DIS="disgust", FEA="fear", HAP="happiness", NEU="neutral", SAD="sadness")
+
+
+def _cremad_genders(source: Path) -> dict[str, str]:
+    tables = sorted(source.rglob("VideoDemographics.csv"))
+    if not tables:
+        return {}
+    demo = pd.read_csv(tables[0], dtype=str, keep_default_na=False)
+    if not {"ActorID", "Sex"} <= set(demo.columns):
+        raise ValueError(f"{tables[0]}: expected columns ActorID and Sex, found {', '.join(demo.columns)}")
+    sexes = demo["Sex"].str.strip().str.lower()
+    return {a.strip(): s for a, s in zip(demo["ActorID"], sexes) if s in ("female", "male")}
+
+
+def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
+    """Crowd-sourced Emotional Multimodal Actors Dataset (Cao et al., IEEE TAC 2014).
+
+    Parameters
+    ----------
+    source : path
+        The corpus folder; ``*.wav`` searched recursively (normally ``AudioWAV/``). Gender is
+        read from the first ``VideoDemographics.csv`` found under it (columns ``ActorID``,
+        ``Sex`` = Male/Female); without it gender is left empty.
+    out : path
+        Manifest CSV to write.
+
+    Returns
+    -------
+    PrepareResult
+        Speakers ``crema-d-1001`` ..., six emotions.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`emodb_prepare`; ValueError also if the demographics CSV lacks its columns.
+    """
+    source = _source_dir(source, "crema-d")
+    genders = _cremad_genders(source)
+
+    def parse(path: Path) -> Record | str:
+        m = _CREMAD_NAME.fullmatch(path.stem)
+        if not m:
+            return "bad-name"
+        actor, _sentence, emotion, _level = m.groups()
+        return Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()])
+
+    return _prepare_named(source, out, "crema-d", "AudioWAV/1001_DFA_ANG_XX.wav", parse)
+
+
+# --------------------------------------------------------------------------- TESS
+
+_TESS_NAME = re.compile(r"(OAF|YAF|OA|YA)_([A-Za-z]+)_([A-Za-z_]+)", re.IGNORECASE)
+_TESS_EMOTIONS = {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness",
+                  "neutral": "neutral", "sad": "sadness", "ps": "surprise",
+                  "pleasant_surprise": "surprise", "pleasant_surprised": "surprise"}
+
+
+def tess_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
+    """Toronto Emotional Speech Set (Dupuis & Pichora-Fuller 2010).
+
+    Parameters
+    ----------
+    source : path
+        The corpus folder (``OAF_angry/OAF_back_angry.wav``, ...); ``*.wav`` searched recursively.
+        Emotion suffixes ``pleasant_surprise``, ``pleasant_surprised`` and ``ps`` all mean surprise;
+        the ``OA_``/``YA_`` prefixes seen in some copies are read as OAF/YAF.
+    out : path
+        Manifest CSV to write.
+
+    Returns
+    -------
+    PrepareResult
+        Speakers ``tess-oaf`` and ``tess-yaf`` (both female), seven emotions, and an extra
+        column ``age_group`` (``older``/``younger``).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`emodb_prepare`.
+    """
+
+    def parse(path: Path) -> Record | str:
+        m = _TESS_NAME.fullmatch(path.stem)
+        emotion = _TESS_EMOTIONS.get(m.group(3).lower()) if m else None
+        if emotion is None:
+            return "bad-name"
+        speaker = m.group(1).upper()[:2] + "F"
+        age = "older" if speaker == "OAF" else "younger"
+        return Record(str(path), f"tess-{speaker.lower()}", "female", emotion, extra={"age_group": age})
+
+    return _prepare_named(source, out, "tess", "OAF_angry/OAF_back_angry.wav", parse)
+
+
+# --------------------------------------------------------------------------- user CSV
+
+
+def csv_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
+    """A user's own manifest: validate it, check its clips, write a clean copy.
+
+    Parameters
+    ----------
+    source : path
+        A manifest CSV (:mod:`shared_models.manifest`); relative clip paths are relative to it.
+    out : path
+        Manifest CSV to write (absolute paths, probed durations, extra columns kept).
+
+    Returns
+    -------
+    PrepareResult
+
+    Raises
+    ------
+    FileNotFoundError
+        ``source`` does not exist.
+    shared_models.manifest.ManifestError
+        A row is invalid; the message names the line and column.
+    ValueError
+        No clip is usable.
+    """
+    return _write_records(_manifest_records(read_manifest(source)), out, "csv")
+
+
+def _manifest_records(df: pd.DataFrame) -> list[Record]:
+    extra_cols = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    nan_to_none = lambda v: None if pd.isna(v) else float(v)  # noqa: E731
+    return [
+        Record(r["path"], r["speaker"], r["gender"], r["emotion"], nan_to_none(r["arousal"]),
+               nan_to_none(r["valence"]), {c: r[c] for c in extra_cols})
+        for r in df.to_dict("records")
+    ]
+
+
+# --------------------------------------------------------------------------- Hedgewars
+
+HEDGEWARS_VOICES = Path("/usr/share/games/hedgewars/Data/Sounds/voices")
+"""Where Debian's ``hedgewars-data`` installs the voice packs (one folder per pack = speaker)."""
+
+PHRASE_EMOTIONS: dict[str, tuple[str, float, float]] = {
+    # phrase: (emotion, arousal, valence). Our reading of what the words express in the game;
+    # arousal/valence on [-1, 1] placed after Russell's circumplex (1980) for the category,
+    # nudged by how strongly the phrase is worded.
+    # happiness: triumph, praise, laughter
+    "Amazing": ("happiness", 0.6, 0.7), "Brilliant": ("happiness", 0.6, 0.7),
+    "Excellent": ("happiness", 0.5, 0.7), "Flawless": ("happiness", 0.6, 0.8),
+    "Victory": ("happiness", 0.7, 0.8), "Laugh": ("happiness", 0.6, 0.7),
+    "Enemydown": ("happiness", 0.5, 0.5), "Firstblood": ("happiness", 0.6, 0.5),
+    # anger: threats, insults, protests, frustrated curses
+    "Illgetyou": ("anger", 0.7, -0.6), "Revenge": ("anger", 0.7, -0.6),
+    "Gonnagetyou": ("anger", 0.7, -0.6), "Justyouwait": ("anger", 0.6, -0.6),
+    "Youllregretthat": ("anger", 0.7, -0.6), "Stupid": ("anger", 0.6, -0.5),
+    "Traitor": ("anger", 0.7, -0.7), "Coward": ("anger", 0.6, -0.6),
+    "Nutter": ("anger", 0.5, -0.4), "Comeonthen": ("anger", 0.6, -0.3),
+    "Cutitout": ("anger", 0.6, -0.5), "Leavemealone": ("anger", 0.6, -0.6),
+    "Sameteam": ("anger", 0.5, -0.4), "Bugger": ("anger", 0.4, -0.5), "Drat": ("anger", 0.3, -0.4),
+    # fear: alarms and warnings
+    "Incoming": ("fear", 0.8, -0.6), "Takecover": ("fear", 0.8, -0.6), "Runaway": ("fear", 0.8, -0.7),
+    "Hurry": ("fear", 0.7, -0.4), "Watchit": ("fear", 0.6, -0.4), "Uh-oh": ("fear", 0.4, -0.5),
+    # sadness: despair and disappointment
+    "Nooo": ("sadness", 0.2, -0.8), "Ohdear": ("sadness", -0.3, -0.5), "Missed": ("sadness", -0.2, -0.4),
+    # surprise
+    "Whatthe": ("surprise", 0.6, -0.2), "Oops": ("surprise", 0.3, -0.3),
+    # boredom
+    "Boring": ("boredom", -0.7, -0.3),
+    # neutral: greetings, acknowledgements, musing
+    "Hello": ("neutral", 0.1, 0.2), "Byebye": ("neutral", 0.0, 0.0), "Solong": ("neutral", 0.0, 0.0),
+    "Yessir": ("neutral", 0.1, 0.1), "Hmm": ("neutral", -0.2, 0.0),
+}
+"""Phrase -> (emotion, arousal, valence) for the Hedgewars speech phrases (ours, a documented choice)."""
+
+EXCLUDED_PHRASES = ("Fire", "Grenade", "Kamikaze", "Melon", "Flyaway", "Reinforcements", "Watchthis", "Thisoneismine")
+"""Speech phrases left out: weapon and crate call-outs and boasts with no clear emotion category."""
+
+EFFORT_PREFIXES = ("Ow", "Ouch", "Ooff", "Jump", "Firepunch", "Poison")
+"""Non-speech effort sounds (pain, jumps, punches, coughs), always left out."""
+
+NON_ENGLISH_PACKS = ("Default_es", "Default_pl", "Default_ru", "Default_uk", "Russian_pl")
+"""Packs in Spanish, Polish, Russian, Ukrainian and Polish (per Hedgewars' changelog);
+``Russian`` is English with a Russian accent. Kept unless ``exclude_non_english=True``."""
+
+PACK_F0_SPLIT_HZ = 320.0
+PACK_MEDIAN_F0 = {  # Hz, median_f0() over each pack's speech clips (Debian hedgewars-data 1.0.2)
+    "British": 333.3, "Classic": 296.3, "Default": 307.7, "Default_es": 347.8, "Default_pl": 363.6,
+    "Default_ru": 355.6, "Default_uk": 313.7, "HillBilly": 280.7, "Mobster": 275.9, "Pirate": 307.7,
+    "Robot": 231.9, "Russian": 372.1, "Russian_pl": 222.2, "Singer": 390.2, "Surfer": 307.7,
+}
+PACK_GENDER = {pack: "female" if f0 > PACK_F0_SPLIT_HZ else "male" for pack, f0 in PACK_MEDIAN_F0.items()}
+"""A GUESS, not a judgment by listening: gender group per pack from the median F0 (Hz) of its
+speech clips (:func:`median_f0`, YIN, values in ``PACK_MEDIAN_F0``). The voices are pitched-up
+cartoon voices, so the usual adult split (~165 Hz) puts every pack in one group; we split at
+``PACK_F0_SPLIT_HZ`` = 320 Hz, the widest gap near the middle (314 -> 333 Hz), giving 8 "male"
+and 5 "female" among the 13 default packs. YIN on such voices is fragile (a few packs move by
+10-20% with the clip selection), so read the groups as lower/higher voices. Packs not listed
+(a newer hedgewars-data) get the same rule applied at preparation time."""
+
+
+def _yin(wav: np.ndarray, sr: int, fmin: float, fmax: float, threshold: float) -> np.ndarray:
+    n, hop, tmin, tmax = int(0.04 * sr), int(0.01 * sr), int(sr / fmax), int(sr / fmin)
+    if len(wav) < n + tmax + 1:
+        return np.empty(0)
+    frames = np.lib.stride_tricks.sliding_window_view(wav.astype(np.float64), n + tmax)[::hop]
+    rms = np.sqrt(np.mean(frames[:, :n] ** 2, axis=1))
+    frames = frames[rms > rms.max() * 10 ** (-30 / 20)]  # energy gate: within 30 dB of the loudest frame
+    diff = np.stack([np.sum((frames[:, :n] - frames[:, t:t + n]) ** 2, axis=1) for t in range(1, tmax + 1)], 1)
+    cmnd = diff * np.arange(1, tmax + 1) / np.maximum(np.cumsum(diff, axis=1), 1e-12)
+    f0 = []
+    for row in cmnd:
+        below = np.flatnonzero(row[tmin - 1:] < threshold)
+        if below.size:
+            t = below[0] + tmin - 1
+            while t + 1 < len(row) and row[t + 1] < row[t]:
+                t += 1
+            f0.append(sr / (t + 1))
+    return np.asarray(f0)
+
+
+def median_f0(files: Iterable[str | PathLike], *, fmin: float = 60.0, fmax: float = 500.0, threshold: float = 0.15) -> float:
+    """Median fundamental frequency over the voiced frames of several clips.
+
+    YIN (de Cheveigné & Kawahara, JASA 2002): cumulative-mean-normalised difference function,
+    absolute threshold, 40 ms frames every 10 ms at 16 kHz; frames more than 30 dB below the
+    loudest frame of their clip are ignored. Unusable clips are ignored.
+
+    Parameters
+    ----------
+    files : iterable of paths
+        Audio clips (any format :func:`~shared_models.audio.load_audio` reads).
+    fmin, fmax : float
+        Search range in Hz.
+    threshold : float
+        YIN's absolute threshold on the normalised difference.
+
+    Returns
+    -------
+    float
+        Median F0 in Hz; NaN if no frame is voiced.
+    """
+    f0 = []
+    for path in files:
+        try:
+            f0.append(_yin(load_audio(path), SAMPLE_RATE, fmin, fmax, threshold))
+        except ClipError:
+            continue
+    f0 = np.concatenate(f0) if f0 else np.empty(0)
+    return float(np.median(f0)) if f0.size else float("nan")
+
+
+def hedgewars_prepare(
+    source: str | PathLike | None = None,
+    out: str | PathLike = "hedgewars.csv",
+    *,
+    exclude_packs: Sequence[str] = ("Robot", "Singer"),
+    exclude_non_english: bool = False,
+) -> PrepareResult:
+    """Hedgewars voice packs as an acted-emotion corpus (one pack = one speaker).
+
+    Each ``<Pack>/<Phrase>.ogg`` is labelled from :data:`PHRASE_EMOTIONS` (emotion, arousal,
+    valence); effort sounds (:data:`EFFORT_PREFIXES`) and :data:`EXCLUDED_PHRASES` are left
+    out, phrases in neither table are skipped as ``unmapped-phrase``. Gender is
+    :data:`PACK_GENDER`, a documented guess. The manifest gets an extra column ``phrase``.
+
+    Parameters
+    ----------
+    source : path or None
+        The ``voices`` folder (or a hedgewars root containing ``Data/Sounds/voices``); ``None``
+        means :data:`HEDGEWARS_VOICES`.
+    out : path
+        Manifest CSV to write.
+    exclude_packs : sequence of str, default ("Robot", "Singer")
+        Packs to leave out: Robot is heavily processed, Singer is sung.
+    exclude_non_english : bool, default False
+        Also leave out :data:`NON_ENGLISH_PACKS`.
+
+    Returns
+    -------
+    PrepareResult
+        With Debian hedgewars-data 1.0.2 and the defaults: 13 speakers ``hw-<Pack>``, 7 emotions.
+
+    Raises
+    ------
+    FileNotFoundError
+        The voices folder is missing (install ``hedgewars-data``).
+    ValueError
+        No usable clip.
+    """
+    root = Path(source).expanduser().resolve() if source is not None else HEDGEWARS_VOICES
+    if (root / "Data" / "Sounds" / "voices").is_dir():
+        root = root / "Data" / "Sounds" / "voices"
+    if not root.is_dir():
+        raise FileNotFoundError(f"hedgewars: voices folder not found: {root} (apt-get install hedgewars-data)")
+    left_out = set(exclude_packs) | (set(NON_ENGLISH_PACKS) if exclude_non_english else set())
+    phrases = {p.lower(): (p, label) for p, label in PHRASE_EMOTIONS.items()}
+    excluded = {p.lower() for p in EXCLUDED_PHRASES}
+    effort = tuple(p.lower() for p in EFFORT_PREFIXES)
+    skipped, records = SkipCounter(), []
+    for pack_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in left_out):
+        files = _audio_files(pack_dir, recursive=False)
+        speech = [f for f in files if not f.stem.lower().startswith(effort) and f.stem.lower() not in excluded]
+        if not speech:
+            continue
+        gender = PACK_GENDER.get(pack_dir.name)
+        if gender is None:
+            f0 = median_f0(speech)
+            gender = "" if np.isnan(f0) else "female" if f0 > PACK_F0_SPLIT_HZ else "male"
+        for path in speech:
+            if path.stem.lower() not in phrases:
+                skipped.add(path, "unmapped-phrase")
+                continue
+            phrase, (emotion, arousal, valence) = phrases[path.stem.lower()]
+            records.append(Record(str(path), f"hw-{pack_dir.name}", gender, emotion, arousal, valence, {"phrase": phrase}))
+    return _write_records(records, out, "hedgewars", skipped)
+
+
+# --------------------------------------------------------------------------- synthetic corpus (espeak-ng)
+
+
+class _Prosody(NamedTuple):
+    pitch: float  # espeak-ng -p, 0..99 (default 50)
+    rate: float  # -s, words per minute (default 175)
+    amplitude: float  # -a, 0..200 (default 100)
+    range: float  # SSML <prosody range="N%">, 100 = voice default
+    gap: int  # -g, extra pause between words in units of 10 ms
+    arousal: float
+    valence: float
+
+
+SYNTH_PROSODY: dict[str, _Prosody] = {
+    # Base prosody per emotion after the acoustic profiles reviewed by Scherer (2003) and
+    # Juslin & Laukka (2003): high arousal = higher, wider pitch, faster, louder; sadness and
+    # boredom low, slow, flat. Arousal/valence are the category's circumplex position.
+    "anger": _Prosody(48, 200, 170, 160, 0, 0.8, -0.6),
+    "happiness": _Prosody(68, 190, 130, 175, 0, 0.6, 0.7),
+    "fear": _Prosody(76, 215, 110, 125, 0, 0.7, -0.7),
+    "sadness": _Prosody(32, 125, 70, 45, 4, -0.6, -0.6),
+    "boredom": _Prosody(38, 140, 85, 25, 2, -0.7, -0.3),
+    "neutral": _Prosody(50, 170, 100, 100, 0, 0.0, 0.0),
+    "calm": _Prosody(44, 150, 85, 70, 1, -0.4, 0.4),
+    "disgust": _Prosody(40, 140, 115, 120, 2, 0.2, -0.6),
+    "surprise": _Prosody(80, 185, 135, 200, 0, 0.7, 0.2),
+}
+"""Emotion -> base espeak-ng prosody and (arousal, valence) for :func:`synth_prepare`."""
+
+SYNTH_JITTER = _Prosody(8, 18, 25, 30, 0, 0.0, 0.0)
+"""Standard deviation of the per-utterance Gaussian jitter added to each prosody parameter."""
+
+SYNTH_VOICES = ("m1", "f1", "m2", "f2", "m3", "f3", "m4", "f4", "m5", "f5", "m6", "m7")
+"""espeak-ng English voice variants (``en+m1`` ...), genders alternating: m male, f female."""
+
+SYNTH_SENTENCES = (
+    "The cloth is lying on the table.", "We will go there at seven o'clock.",
+    "The bag is standing next to the door.", "Tomorrow the shop opens at nine.",
+    "She put the paper in the drawer.", "The train leaves from platform four.",
+    "He will bring the keys back in the evening.", "The window faces the garden.",
+    "They painted the fence last week.", "The meeting is in the second room.",
+    "I have read the letter twice.", "The car is parked behind the house.",
+    "Our neighbours bought a new lamp.", "The box contains twelve cups.",
+    "It is going to rain this afternoon.", "The report is on the desk upstairs.",
+    "You can take the bus at the corner.", "The children went out at noon.",
+    "He wrote the numbers on the board.", "The coffee is in the blue jar.",
+)
+"""Short sentences of neutral content, so that only prosody carries the emotion."""
+
+_SYNTH_VERSION = 1
+
+
+def _noise(rng: np.random.Generator, n: int, colour: str) -> np.ndarray:
+    white = rng.standard_normal(n)
+    if colour == "white":
+        return white
+    spectrum = np.fft.rfft(white)
+    return np.fft.irfft(spectrum / np.sqrt(np.maximum(np.arange(spectrum.size), 1)), n)  # 1/f power
+
+
+def _synth_clip(task: tuple, *, espeak: str, tmp: Path, source: Path, seed: int, snr_db: tuple[float, float]) -> Record:
+    import torch
+    import torchaudio.functional as AF
+
+    speaker_i, voice, emotion, k = task
+    rng = np.random.default_rng([seed, speaker_i, EMOTIONS.index(emotion), k])
+    z = rng.standard_normal(4)
+    base, sd = SYNTH_PROSODY[emotion], SYNTH_JITTER
+    pitch = int(np.clip(round(base.pitch + sd.pitch * z[0]), 0, 99))
+    rate = int(np.clip(round(base.rate + sd.rate * z[1]), 80, 400))
+    amplitude = int(np.clip(round(base.amplitude + sd.amplitude * z[2]), 10, 200))
+    prange = int(np.clip(round(base.range + sd.range * z[3]), 5, 300))
+    text = SYNTH_SENTENCES[rng.integers(len(SYNTH_SENTENCES))]
+    # label jitter follows the prosody jitter: livelier delivery -> higher arousal
+    arousal = float(np.clip(base.arousal + 0.06 * z[:3].sum() / np.sqrt(3) + 0.04 * rng.standard_normal(), -1, 1))
+    valence = float(np.clip(base.valence + 0.04 * z[3] + 0.04 * rng.standard_normal(), -1, 1))
+    raw = tmp / f"{speaker_i}-{emotion}-{k}.wav"
+    cmd = [espeak, "-m", "-v", f"en+{voice}", "-p", str(pitch), "-s", str(rate), "-a", str(amplitude),
+           "-g", str(base.gap), "-w", str(raw), f'<speak><prosody range="{prange}%">{text}</prosody></speak>']
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"espeak-ng failed ({' '.join(cmd)}): {done.stderr.strip()}")
+    wav, sr = sf.read(raw, dtype="float32")
+    wav = AF.resample(torch.from_numpy(wav), sr, SAMPLE_RATE).numpy().astype(np.float64)
+    noise = _noise(rng, wav.size, rng.choice(["white", "pink"]))
+    snr = rng.uniform(*snr_db)
+    wav = wav + noise * np.sqrt(np.mean(wav**2) / (np.mean(noise**2) * 10 ** (snr / 10)))
+    wav *= 10 ** (rng.uniform(-6, 6) / 20)  # random recording level
+    wav *= min(1.0, 0.99 / np.abs(wav).max())
+    rel = Path(f"synth-{voice}") / f"{emotion}-{k:03d}.wav"
+    (source / rel).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(source / rel, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    gender = "male" if voice.startswith("m") else "female"
+    return Record(rel.as_posix(), f"synth-{voice}", gender, emotion, round(arousal, 3), round(valence, 3))
+
+
+def synth_prepare(
+    source: str | PathLike,
+    out: str | PathLike,
+    *,
+    n_speakers: int = 8,
+    clips_per_emotion: int = 12,
+    emotions: Sequence[str] = ("anger", "happiness", "sadness", "neutral", "fear", "boredom"),
+    seed: int = 0,
+    noise_snr_db: tuple[float, float] = (10, 30),
+) -> PrepareResult:
+    """Generate an expressive synthetic corpus with espeak-ng and write its manifest.
+
+    Each speaker is an espeak-ng English voice variant (:data:`SYNTH_VOICES`, genders
+    alternating, so 8 speakers = 4 male + 4 female). Each clip speaks one of
+    :data:`SYNTH_SENTENCES` with its emotion's base prosody (:data:`SYNTH_PROSODY`: pitch,
+    rate, amplitude, SSML pitch range, word gap) plus seeded Gaussian jitter
+    (:data:`SYNTH_JITTER`) large enough for the classes to overlap; white or pink noise is
+    added at a random SNR and the level is changed by a random gain in [-6, +6] dB. Clips are
+    16 kHz mono 16-bit WAV under ``source/synth-<voice>/<emotion>-NNN.wav``; ``source`` also
+    holds ``labels.csv`` and ``synth.json`` (the settings). A later call with the same settings
+    reuses the finished corpus; other settings regenerate it. Deterministic for a seed.
+
+    Parameters
+    ----------
+    source : path
+        Folder to generate the corpus into (created).
+    out : path
+        Manifest CSV to write (absolute paths).
+    n_speakers : int, default 8
+        1 to 12.
+    clips_per_emotion : int, default 12
+        Clips per speaker and emotion.
+    emotions : sequence of str
+        Subset of :data:`SYNTH_PROSODY`'s keys.
+    seed : int, default 0
+    noise_snr_db : (float, float), default (10, 30)
+        Range of the uniform random SNR in dB.
+
+    Returns
+    -------
+    PrepareResult
+        ``n_speakers * len(emotions) * clips_per_emotion`` clips (576 by default), with
+        emotion, arousal and valence on every clip.
+
+    Raises
+    ------
+    RuntimeError
+        espeak-ng is not installed, or fails.
+    ValueError
+        A setting is out of range.
+    """
+    if not 1 <= n_speakers <= len(SYNTH_VOICES):
+        raise ValueError(f"synth: n_speakers must be in 1..{len(SYNTH_VOICES)}, got {n_speakers}")
+    if clips_per_emotion < 1:
+        raise ValueError(f"synth: clips_per_emotion must be >= 1, got {clips_per_emotion}")
+    unknown = [e for e in emotions if e not in SYNTH_PROSODY]
+    if unknown or not emotions:
+        raise ValueError(f"synth: emotions must be among {', '.join(SYNTH_PROSODY)}, got {list(emotions)}")
+    lo, hi = map(float, noise_snr_db)
+    if lo > hi:
+        raise ValueError(f"synth: noise_snr_db must be (low, high), got {noise_snr_db}")
+    source = Path(source).expanduser().resolve()
+    settings = dict(version=_SYNTH_VERSION, n_speakers=n_speakers, clips_per_emotion=clips_per_emotion,
+                    emotions=list(emotions), seed=seed, noise_snr_db=[lo, hi])
+    settings_file, labels_file = source / "synth.json", source / "labels.csv"
+    if settings_file.is_file() and labels_file.is_file():
+        old = json.loads(settings_file.read_text())
+        previous = read_manifest(labels_file)
+        if old == settings and all(os.path.isfile(p) for p in previous["path"]):
+            return _write_records(_manifest_records(previous), out, "synth")
+        settings_file.unlink()
+        for p in previous["path"]:
+            Path(p).unlink(missing_ok=True)
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError("synth: espeak-ng not found on PATH; install it with `apt-get install espeak-ng`")
+    tasks = [(i, SYNTH_VOICES[i], e, k) for i in range(n_speakers) for e in emotions for k in range(clips_per_emotion)]
+    source.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedaffect-synth-") as tmp, ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        def one(task: tuple) -> Record:
+            return _synth_clip(task, espeak=espeak, tmp=Path(tmp), source=source, seed=seed, snr_db=(lo, hi))
+
+        records = list(_progress(pool.map(one, tasks), "generating synth clips", total=len(tasks)))
+    labels = pd.DataFrame([r._asdict() for r in records]).drop(columns="extra").assign(duration=np.nan)
+    write_manifest(labels, labels_file)  # relative paths: the corpus folder can be moved
+    settings_file.write_text(json.dumps(settings, indent=2))
+    return _write_records(_manifest_records(read_manifest(labels_file)), out, "synth")
+
+
+# --------------------------------------------------------------------------- registry
+
+CORPORA: dict[str, Callable[..., PrepareResult]] = {
+    "emodb": emodb_prepare,
+    "ravdess": ravdess_prepare,
+    "crema-d": cremad_prepare,
+    "tess": tess_prepare,
+    "csv": csv_prepare,
+    "hedgewars": hedgewars_prepare,
+    "synth": synth_prepare,
+}
+"""Corpus name -> reader, as used by ``fedaffect data prepare NAME``."""
+
+
+def prepare(name: str, source: str | PathLike | None = None, out: str | PathLike | None = None, **kw) -> PrepareResult:
+    """Run the reader registered as ``name`` (see :data:`CORPORA`): ``CORPORA[name](source, out, **kw)``.
+
+    ``source`` may be omitted for ``hedgewars`` (Debian's install location is used).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a known corpus (the message lists them), ``out`` is missing, or ``source``
+        is missing for a corpus that needs it.
+    """
+    reader = CORPORA.get(str(name).lower())
+    if reader is None:
+        raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
+    if out is None:
+        raise ValueError(f"{name}: the output manifest path (out) is required")
+    if source is None and reader is not hedgewars_prepare:
+        raise ValueError(f"{name}: a source is required")
+    return reader(source, out, **kw)

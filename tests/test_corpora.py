@@ -1,0 +1,192 @@
+"""Corpus readers on tiny corpora written with each corpus's naming convention, plus hedgewars and synth."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from client.corpora import (
+    CORPORA,
+    EFFORT_PREFIXES,
+    EXCLUDED_PHRASES,
+    HEDGEWARS_VOICES,
+    PHRASE_EMOTIONS,
+    csv_prepare,
+    hedgewars_prepare,
+    prepare,
+    ravdess_prepare,
+    synth_prepare,
+)
+from shared_models.audio import SkippedClipsWarning
+from shared_models.manifest import MANIFEST_COLUMNS, ManifestError, read_manifest
+
+
+def write_clip(path: Path, kind: str = "tone", sr: int = 16_000, seconds: float = 0.5, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if kind == "corrupt":
+        path.write_bytes(rng.bytes(3000))
+        return
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(t.size)
+    sf.write(path, (x * (kind != "silent")).astype(np.float32), sr)
+
+
+# file -> (speaker, gender, emotion); "corrupt"/"silent" files are named validly and must be skipped
+CASES = {
+    "emodb": {
+        "wav/03a01Fa.wav": ("emodb-03", "male", "happiness"),
+        "wav/08b02Wb.wav": ("emodb-08", "female", "anger"),
+        "wav/16a05Tc.wav": ("emodb-16", "female", "sadness"),
+        "wav/10a07Ld.wav": ("emodb-10", "male", "boredom"),
+        "wav/11a01Ea.wav": "corrupt",
+        "wav/13b09Na.wav": "silent",
+    },
+    "ravdess": {
+        "Actor_01/03-01-05-01-02-01-01.wav": ("ravdess-01", "male", "anger"),
+        "Actor_02/03-01-02-02-01-02-02.wav": ("ravdess-02", "female", "calm"),
+        "Actor_02/01-01-08-01-01-01-02.wav": ("ravdess-02", "female", "surprise"),
+        "Actor_03/03-01-03-01-01-01-03.wav": ("ravdess-03", "male", "happiness"),
+        "Actor_03/03-01-06-01-01-01-03.wav": "corrupt",
+        "Actor_04/03-01-07-01-01-01-04.wav": "silent",
+    },
+    "crema-d": {
+        "AudioWAV/1001_DFA_ANG_XX.wav": ("crema-d-1001", "male", "anger"),
+        "AudioWAV/1002_TIE_SAD_LO.wav": ("crema-d-1002", "female", "sadness"),
+        "AudioWAV/1091_IEO_HAP_HI.wav": ("crema-d-1091", "female", "happiness"),
+        "AudioWAV/1001_IOM_DIS_XX.wav": ("crema-d-1001", "male", "disgust"),
+        "AudioWAV/1002_DFA_FEA_XX.wav": "corrupt",
+        "AudioWAV/1091_DFA_NEU_XX.wav": "silent",
+    },
+    "tess": {
+        "OAF_angry/OAF_back_angry.wav": ("tess-oaf", "female", "anger"),
+        "YAF_pleasant_surprise/YAF_bar_pleasant_surprised.wav": ("tess-yaf", "female", "surprise"),
+        "OAF_Pleasant_surprise/OAF_back_ps.wav": ("tess-oaf", "female", "surprise"),
+        "YAF_sad/YAF_germ_sad.wav": ("tess-yaf", "female", "sadness"),
+        "OAF_Fear/OAF_bite_fear.wav": "corrupt",
+        "YAF_happy/YAF_bite_happy.wav": "silent",
+    },
+}
+
+
+def build(root: Path, files: dict) -> None:
+    for i, (rel, spec) in enumerate(files.items()):
+        kind = spec if isinstance(spec, str) else "tone"
+        write_clip(root / rel, kind, sr=44_100 if i % 2 else 16_000, seed=i)
+    write_clip(root / "extra" / "README_take2.wav", seed=99)  # does not follow the convention
+
+
+@pytest.mark.parametrize("corpus", list(CASES))
+def test_reader_parses_names_and_skips_bad_clips(tmp_path, corpus):
+    files = CASES[corpus]
+    build(tmp_path / "src", files)
+    if corpus == "crema-d":
+        (tmp_path / "src" / "VideoDemographics.csv").write_text(
+            "ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,Caucasian,Not Hispanic\n"
+            "1002,21,Female,Caucasian,Not Hispanic\n1091,29,Female,Asian,Not Hispanic\n"
+        )
+    with pytest.warns(SkippedClipsWarning, match=f"skipped 3 of 7 {corpus} clips") as rec:
+        result = prepare(corpus, tmp_path / "src", tmp_path / "m.csv")
+    assert len(rec) == 1 and all(f"1 {r}" in str(rec[0].message) for r in ("unreadable", "silent", "bad-name"))
+    assert result.skipped.as_dict() == {"unreadable": 1, "silent": 1, "bad-name": 1}
+    expected = {Path(rel).name: spec for rel, spec in files.items() if not isinstance(spec, str)}
+    df = read_manifest(result.manifest)
+    assert list(df.columns[:7]) == list(MANIFEST_COLUMNS)
+    got = {Path(p).name: (s, g, e) for p, s, g, e in df[["path", "speaker", "gender", "emotion"]].itertuples(index=False)}
+    assert got == expected
+    assert result.n_clips == 4 and result.n_speakers == len({v[0] for v in expected.values()})
+    assert df["arousal"].isna().all() and (df["duration"] > 0.49).all()
+
+
+def test_cremad_without_demographics_has_empty_gender(tmp_path):
+    build(tmp_path / "src", CASES["crema-d"])
+    with pytest.warns(SkippedClipsWarning):
+        df = read_manifest(prepare("crema-d", tmp_path / "src", tmp_path / "m.csv").manifest)
+    assert set(df["gender"]) == {""} and len(df) == 4
+
+
+def test_ravdess_song_only_on_request_and_paths_absolute(tmp_path, monkeypatch):
+    write_clip(tmp_path / "Actor_05" / "03-01-04-01-01-01-05.wav")
+    write_clip(tmp_path / "Actor_05" / "03-02-04-01-01-01-05.wav")
+    monkeypatch.chdir(tmp_path)
+    speech = ravdess_prepare(".", "out/speech.csv")
+    both = ravdess_prepare(".", "out/both.csv", include_song=True)
+    assert (speech.n_clips, both.n_clips, speech.skipped.total) == (1, 2, 0)
+    written = pd.read_csv(speech.manifest)["path"].tolist()
+    assert written == [str(tmp_path / "Actor_05" / "03-01-04-01-01-01-05.wav")]
+
+
+def test_csv_corpus_keeps_extra_columns_and_names_bad_rows(tmp_path):
+    write_clip(tmp_path / "clips" / "a.wav")
+    write_clip(tmp_path / "clips" / "b.wav", "silent")
+    src = tmp_path / "mine.csv"
+    src.write_text(",".join(MANIFEST_COLUMNS) + ",age\nclips/a.wav,p1,female,anger,0.5,-0.5,,30\n"
+                   "clips/b.wav,p2,male,,,,,40\n")
+    with pytest.warns(SkippedClipsWarning, match="1 silent"):
+        result = csv_prepare(src, tmp_path / "out" / "m.csv")
+    df = read_manifest(result.manifest)
+    assert df["path"].tolist() == [str(tmp_path / "clips" / "a.wav")]
+    assert df.loc[0, "age"] == "30" and df.loc[0, "duration"] == pytest.approx(0.5)
+    src.write_text(",".join(MANIFEST_COLUMNS) + "\nclips/a.wav,p1,female,anger,,,\nclips/a.wav,p1,,angryy,,,\n")
+    with pytest.raises(ManifestError, match="line 3, column emotion"):
+        csv_prepare(src, tmp_path / "m2.csv")
+
+
+def test_unknown_corpus_and_missing_source(tmp_path):
+    with pytest.raises(ValueError, match="known corpora: emodb, ravdess, crema-d, tess, csv, hedgewars, synth"):
+        prepare("iemocapp", tmp_path, tmp_path / "m.csv")
+    assert set(CORPORA) == {"emodb", "ravdess", "crema-d", "tess", "csv", "hedgewars", "synth"}
+    with pytest.raises(FileNotFoundError, match="source folder not found"):
+        prepare("emodb", tmp_path / "nope", tmp_path / "m.csv")
+
+
+@pytest.mark.skipif(not HEDGEWARS_VOICES.is_dir(), reason="hedgewars-data is not installed")
+def test_hedgewars(tmp_path):
+    with pytest.warns(SkippedClipsWarning):  # a few short or unmapped clips
+        result = hedgewars_prepare(None, tmp_path / "hw.csv")
+    df = read_manifest(result.manifest)
+    assert result.n_speakers == 13 and df["speaker"].nunique() == 13
+    assert not df["speaker"].isin(["hw-Robot", "hw-Singer"]).any()
+    assert not df["phrase"].str.startswith(EFFORT_PREFIXES).any()
+    assert not df["phrase"].isin(EXCLUDED_PHRASES).any() and df["phrase"].isin(list(PHRASE_EMOTIONS)).all()
+    assert (df["emotion"] != "").all() and df["arousal"].notna().all() and df["valence"].notna().all()
+    assert set(df["gender"]) == {"female", "male"}
+    assert len(df) > 400
+
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@needs_espeak
+def test_synth_corpus(tmp_path):
+    kw = dict(n_speakers=2, clips_per_emotion=2, seed=3)
+    first = synth_prepare(tmp_path / "a", tmp_path / "a.csv", **kw)
+    df = read_manifest(first.manifest)
+    assert first.n_clips == len(df) == 2 * 6 * 2 and first.n_speakers == 2
+    assert df.groupby("speaker")["gender"].first().to_dict() == {"synth-m1": "male", "synth-f1": "female"}
+    assert (df["emotion"] != "").all() and df["arousal"].between(-1, 1).all() and df["valence"].notna().all()
+    assert df.groupby("emotion")["arousal"].mean().idxmax() in ("anger", "fear")
+    info = sf.info(df.loc[0, "path"])
+    assert (info.samplerate, info.channels) == (16_000, 1)
+
+    # deterministic for a seed: same labels and the same audio in another folder
+    second = read_manifest(synth_prepare(tmp_path / "b", tmp_path / "b.csv", **kw).manifest)
+    labels = ["speaker", "gender", "emotion", "arousal", "valence"]
+    pd.testing.assert_frame_equal(df[labels], second[labels])
+    assert np.array_equal(sf.read(df.loc[5, "path"])[0], sf.read(second.loc[5, "path"])[0])
+
+    # reused on a second call with the same settings, regenerated with other settings
+    stamp = Path(df.loc[0, "path"]).stat().st_mtime_ns
+    again = synth_prepare(tmp_path / "a", tmp_path / "a2.csv", **kw)
+    assert again.n_clips == first.n_clips and Path(df.loc[0, "path"]).stat().st_mtime_ns == stamp
+    other = read_manifest(synth_prepare(tmp_path / "a", tmp_path / "a3.csv", **{**kw, "seed": 4}).manifest)
+    assert not np.allclose(other["arousal"], df["arousal"])
+
+
+def test_synth_without_espeak_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+        synth_prepare(tmp_path / "s", tmp_path / "s.csv", n_speakers=1, clips_per_emotion=1)
