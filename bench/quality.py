@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--task", default="both")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     manifest = corpus_manifest(args.corpus)
     rows = []
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{args.corpus} {model}: federated UAR {row['fed_uar']:.3f}±{row['fed_uar_std']:.3f} "
               f"centralised {row['cen_uar']:.3f}±{row['cen_uar_std']:.3f} gap {row['uar_gap_points']:+.1f} pts; "
               f"CCC-A fed {row['fed_ccc_arousal']:.3f} cen {row['cen_ccc_arousal']:.3f}", flush=True)
-    print("results:", save(f"quality-{args.corpus}", {"args": vars(args), "rows": rows}))
+    print("results:", save(f"quality-{args.corpus}" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":

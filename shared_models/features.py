@@ -275,12 +275,16 @@ def extract_features(
     *,
     progress: bool = True,
     description: str = "features",
+    workers: int | None = None,
 ) -> tuple[list[np.ndarray | None], SkipCounter]:
     """Features of many clips, through the cache (no cache when ``cache_dir`` is None).
 
-    Bad clips (unreadable, empty, silent, too short) are skipped and counted, and one warning
-    summarising them is emitted at the end. A transient Rich progress bar is shown on stderr when
-    ``progress`` is true and stderr is a terminal.
+    Bad clips (unreadable, missing, empty, silent, too short) are skipped and counted, and one
+    warning summarising them is emitted at the end. A transient Rich progress bar is shown on
+    stderr when ``progress`` is true and stderr is a terminal.
+
+    With a cache and more than ``PARALLEL_MIN_CLIPS`` clips not cached yet, the missing ones
+    are computed by ``workers`` processes (default: all cores) that fill the cache first.
 
     Returns
     -------
@@ -298,6 +302,8 @@ def extract_features(
     console = Console(stderr=True)
     with Progress(console=console, transient=True,
                   disable=not (progress and console.is_terminal)) as bar:
+        if cache is not None:
+            _fill_cache_in_parallel(cache, paths, frontend, workers, bar, description)
         for path in bar.track(paths, description=description):
             try:
                 out.append(cache.load_or_compute(path, frontend) if cache is not None
@@ -305,8 +311,44 @@ def extract_features(
             except ClipError as err:
                 skipped.add(path, err.reason)
                 out.append(None)
+            except OSError:  # the file vanished or cannot be opened
+                skipped.add(path, "unreadable")
+                out.append(None)
     skipped.warn(f"clips ({description})", of=len(paths))
     return out, skipped
+
+
+#: Fewest uncached clips for which extraction is spread over processes.
+PARALLEL_MIN_CLIPS = 64
+
+
+def _cache_one(root: str, path: str, frontend: FrontEnd) -> None:
+    try:
+        FeatureCache(root).load_or_compute(path, frontend)
+    except (ClipError, OSError):
+        pass  # counted by the caller when it reads the cache
+
+
+def _fill_cache_in_parallel(cache: "FeatureCache", paths, frontend: FrontEnd, workers: int | None,
+                            bar, description: str) -> None:
+    """Compute uncached clips in worker processes ('spawn': safe with torch's threads)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import repeat
+
+    def cached(p) -> bool:
+        try:
+            return cache.path_for(p, frontend).exists()
+        except OSError:
+            return True  # missing file: nothing to compute, reported later
+    missing = [str(p) for p in paths if not cached(p)]
+    n = min(workers or os.cpu_count() or 1, len(missing))
+    if n < 2 or len(missing) < PARALLEL_MIN_CLIPS:
+        return
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = pool.map(_cache_one, repeat(str(cache.root)), missing, repeat(frontend), chunksize=8)
+        for _ in bar.track(jobs, total=len(missing), description=f"{description} ({n} processes)"):
+            pass
 
 
 class Standardiser:

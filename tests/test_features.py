@@ -117,3 +117,21 @@ def test_collate_pads_and_counts():
     assert x.shape == (2, 7) and lengths.tolist() == [7, 4] and x[1, 4:].sum() == 0
     x, lengths = collate([np.zeros(88), np.zeros(88)])
     assert x.shape == (2, 88) and x.dtype == torch.float32
+
+
+def test_parallel_extraction_equals_serial_and_counts_missing_files(tmp_path, monkeypatch):
+    import shared_models.features as features
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"v{i}.wav"
+        sf.write(p, vowel(0.6, f0=120 + 20 * i, seed=i), 16000)
+        paths.append(str(p))
+    paths.append(str(tmp_path / "gone.wav"))  # listed in a manifest, deleted since
+    monkeypatch.setattr(features, "PARALLEL_MIN_CLIPS", 2)
+    frontend = LogMelFrontEnd()
+    parallel, skipped = extract_features(paths, frontend, tmp_path / "cache_p", progress=False, workers=2)
+    serial, _ = extract_features(paths, frontend, tmp_path / "cache_s", progress=False, workers=1)
+    assert skipped.as_dict() == {"unreadable": 1} and parallel[-1] is None
+    for a, b in zip(parallel[:-1], serial[:-1]):
+        np.testing.assert_array_equal(a, b)
