@@ -309,6 +309,12 @@ def run_summary(store: RunStore, run_id: int) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """ServerApp entry point: run the federation described by the run config."""
+    if not log.handlers and not logging.getLogger().handlers:
+        # In a SuperLink's ServerApp process nobody configured logging: show round progress.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     cfg = RunConfig.from_mapping(context.run_config)
     store = RunStore(cfg.store_url or default_store_url(cfg.run_dir))
     run_federation(grid, cfg, store, engine="flower")
