@@ -1,0 +1,1045 @@
+"""Cooperative learning on a device: self-labelling, dynamic active learning, and their counts.
+
+Labels are what devices lack. After local training in every round, a device runs the
+*cooperative step* on its unlabelled pool, after Zhang, Coutinho, Deng and Schuller,
+"Cooperative Learning and its Application to Emotion Recognition from Speech", IEEE/ACM
+TASLP 23(1), 2015: clips the model labels with high confidence become machine labels
+(pseudo-labels), clips it is least certain about are asked of a human.
+
+Self-labelling (modes ``self-labelling`` and ``cooperative``)
+    Every pool clip is predicted under ``pseudo-views`` views: view 0 is the clean input,
+    the others add Gaussian noise of std ``view-noise`` to the standardised features (and,
+    with ``uncertainty = mc-dropout``, every view also samples dropout masks: Monte-Carlo
+    dropout, Yue Zhang et al., IEEE Trans. Cybernetics 2020). A clip becomes a pseudo-label
+    when (Semi-FedSER, Feng and Narayanan, Interspeech 2022):
+
+    - the mean probability of its predicted class is at least the round's threshold, which
+      rises over the rounds: cosine (FedSTAR, Tsouvalas et al., ACM TECS 2022,
+      ``c = 0.9 - 0.2 (1 + cos(pi r / R))``, i.e. 0.5 -> 0.9) or linear
+      (:func:`threshold_schedule`);
+    - every view predicts the same class and the std of that class's probability across
+      views is at most ``pseudo-max-std`` (view agreement);
+    - it is among the ``pseudo-per-class`` most confident new clips of its class this round
+      (0 = no cap);
+
+    for arousal/valence the uncertainty is the std of the views' predictions (both
+    dimensions at most ``av-max-std``), and the per-class cap applies to the four
+    arousal/valence quadrants. Every accepted pseudo-label is re-checked each round and
+    dropped when the current model no longer supports it (its class is no longer the
+    prediction, its mean probability fell below ``pseudo-keep``, or its arousal/valence
+    prediction moved by more than 0.5 or became uncertain): enhanced semi-supervised
+    learning (Zhang et al., ICASSP 2016). Optionally the labelled set is upsampled to an even class distribution
+    before training (cross-task self-labelling).
+
+Dynamic active learning (modes ``active`` and ``cooperative``)
+    Each round, after the re-check and before new pseudo-labels are chosen, the least
+    certain pool clips (normalised entropy of the mean class probabilities; for
+    arousal/valence only, the views' std) go to the device's label queue, ``query-per-round``
+    per round and ``query-total`` in all. In deployment the person answers them with
+    ``fedaffect device label``; in simulation an :class:`Oracle` answers from the hidden
+    labels through simulated raters of configurable reliability, asked one at a time, most
+    reliable first, until ``a`` of them agree, where ``a`` rises with the model's
+    uncertainty from ``agreement-min`` to ``agreement-max``, at most ``max-raters`` raters
+    (Yue Zhang, Coutinho, Zixing Zhang, Quan and Schuller, "Dynamic active learning based on
+    agreement and applied to emotion recognition in spoken interactions", ICMI 2015). Human
+    effort is counted in rater answers. Answered clips join the labelled set at the next round.
+
+Everything a device keeps lives in :class:`client.device_store.DeviceStore` under its data
+directory. The pure pieces (schedule, label split, selection, re-check, rater stopping rule,
+round aggregation) are plain functions of arrays, tested on hand-made inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared_models.config import MODES
+from shared_models.features import collate
+from shared_models.training import LocalData
+
+from .device_store import DeviceStore
+
+__all__ = [
+    "MODES",
+    "threshold_schedule",
+    "round_settings",
+    "label_split",
+    "view_predictions",
+    "select_pseudo_labels",
+    "recheck_pseudo_labels",
+    "select_av_pseudo_labels",
+    "recheck_av_pseudo_labels",
+    "av_quadrant",
+    "emotion_uncertainty",
+    "av_uncertainty",
+    "least_certain",
+    "required_agreement",
+    "RaterResult",
+    "ask_raters",
+    "Oracle",
+    "CoopState",
+    "attach",
+    "CoopTracker",
+    "freeze_frontend",
+    "device_slug",
+]
+
+log = logging.getLogger("fedaffect.client.cooperative")
+
+SELF_LABELLING = ("self-labelling", "cooperative")
+ACTIVE = ("active", "cooperative")
+HEADS = ("emotion.", "av.")
+AV_TOLERANCE = 0.5  # how far an arousal/valence prediction may move before its pseudo-label is dropped
+
+
+# ---------------------------------------------------------------------------------------
+# Server side: what each round asks of the devices
+# ---------------------------------------------------------------------------------------
+def threshold_schedule(server_round: int, total_rounds: int, schedule: str = "cosine",
+                       start: float = 0.5, end: float = 0.9) -> float:
+    """Pseudo-label confidence threshold of a round.
+
+    ``cosine``: ``end - (end - start) / 2 * (1 + cos(pi * r / R))``; with the defaults this
+    is FedSTAR's ``0.9 - 0.2 * (1 + cos(pi * r / R))`` (0.5 at round 0, 0.7 half-way, 0.9 at
+    the last round). ``linear``: ``start + (end - start) * r / R``. Rounds past ``R`` keep
+    the final value.
+
+    Raises
+    ------
+    ValueError
+        For an unknown schedule or ``total_rounds < 1``.
+    """
+    if total_rounds < 1:
+        raise ValueError(f"total_rounds must be >= 1, got {total_rounds}")
+    t = min(max(server_round, 0), total_rounds) / total_rounds
+    if schedule == "cosine":
+        return float(end - (end - start) / 2 * (1 + math.cos(math.pi * t)))
+    if schedule == "linear":
+        return float(start + (end - start) * t)
+    raise ValueError(f"unknown threshold schedule {schedule!r}; known: cosine, linear")
+
+
+def round_settings(cfg, server_round: int) -> dict[str, Any]:
+    """The cooperative part of a train message's round config (a Flower ConfigRecord).
+
+    Parameters
+    ----------
+    cfg : shared_models.config.RunConfig
+    server_round : int
+
+    Returns
+    -------
+    dict
+        ``coop-mode``, ``pseudo-threshold`` (this round's, :func:`threshold_schedule`),
+        ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
+        ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
+        ``query-per-round``, ``query-total``, ``rater-reliability``, ``agreement-min``,
+        ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
+        freeze-rounds``: devices train only the heads).
+    """
+    return {
+        "coop-mode": cfg.mode,
+        "pseudo-threshold": threshold_schedule(server_round, cfg.num_server_rounds, cfg.pseudo_schedule,
+                                               cfg.pseudo_start, cfg.pseudo_end),
+        "pseudo-max-std": float(cfg.pseudo_max_std),
+        "pseudo-per-class": int(cfg.pseudo_per_class),
+        "pseudo-keep": float(cfg.pseudo_keep),
+        "pseudo-recheck": int(cfg.pseudo_recheck),
+        "pseudo-views": int(cfg.pseudo_views),
+        "view-noise": float(cfg.view_noise),
+        "uncertainty": cfg.uncertainty,
+        "av-max-std": float(cfg.av_max_std),
+        "upsample": int(cfg.upsample),
+        "query-per-round": int(cfg.query_per_round),
+        "query-total": int(cfg.query_total),
+        "rater-reliability": cfg.rater_reliability,
+        "agreement-min": int(cfg.agreement_min),
+        "agreement-max": int(cfg.agreement_max),
+        "max-raters": int(cfg.max_raters),
+        "freeze": int(server_round <= cfg.freeze_rounds),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Labelled and unlabelled clips
+# ---------------------------------------------------------------------------------------
+def label_split(strata: Sequence[Any], fraction: float, seed: int | Sequence[int]) -> np.ndarray:
+    """Which clips keep their labels: a seeded stratified fraction.
+
+    ``round(fraction * n)`` clips (at least one) keep their labels, spread over the strata
+    (e.g. emotion classes) in proportion to their sizes by largest remainder, with every
+    stratum getting at least one clip while the budget allows; within a stratum the clips
+    are drawn with ``seed``. A pure function: the same inputs give the same split.
+
+    Parameters
+    ----------
+    strata : sequence, shape (N,)
+        Stratum of each clip (e.g. its emotion; ``None``/``""`` for clips without a label,
+        which are never kept).
+    fraction : float
+        In (0, 1].
+    seed : int or sequence of int
+        Seed of :func:`numpy.random.default_rng` (e.g. ``(run seed, partition id)``).
+
+    Returns
+    -------
+    np.ndarray of bool, shape (N,)
+        True where the label is kept.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    strata = np.array(["" if s is None else str(s) for s in strata], dtype=object)
+    keep = np.zeros(len(strata), dtype=bool)
+    labelled = np.flatnonzero(strata != "")
+    if labelled.size == 0:
+        return keep
+    if fraction >= 1:
+        keep[labelled] = True
+        return keep
+    rng = np.random.default_rng(seed)
+    names = sorted(set(strata[labelled]))
+    sizes = np.array([(strata == s).sum() for s in names])
+    budget = max(1, int(round(fraction * labelled.size)))
+    quota = np.zeros(len(names), dtype=int)
+    if budget >= len(names):
+        quota[:] = 1
+        rest = budget - len(names)
+        ideal = (sizes - 1) / max((sizes - 1).sum(), 1) * rest
+    else:
+        rest, ideal = budget, sizes / sizes.sum() * budget
+    base = np.minimum(np.floor(ideal).astype(int), sizes - quota)
+    quota += base
+    left = budget - quota.sum()
+    order = sorted(range(len(names)), key=lambda i: (-(ideal[i] - np.floor(ideal[i])), rng.random()))
+    while left > 0:
+        progressed = False
+        for i in order:
+            if left > 0 and quota[i] < sizes[i]:
+                quota[i] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    for name, q in zip(names, quota):
+        idx = np.flatnonzero(strata == name)
+        keep[rng.permutation(idx)[:q]] = True
+    return keep
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions under views, and the selection rules (pure functions of arrays)
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc_dropout: bool = False,
+                     seed: int = 0, batch_size: int = 64, max_numbers: int = 2**22) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every clip under ``views`` views.
+
+    View 0 is the clean input; views 1.. add ``N(0, noise^2)`` to the (standardised)
+    features. The model is in eval mode, except its dropout layers with ``mc_dropout``
+    (Monte-Carlo dropout, every view samples new masks; batch-norm stays in eval mode). The
+    model's mode and the global torch random state are restored afterwards. All views of a batch
+    go through the model in one forward pass; a batch holds as many clips as keep the
+    stacked views under ``max_numbers`` input numbers (every clip when features are small).
+
+    Returns
+    -------
+    probs : np.ndarray, shape (views, N, C)
+        Softmax class probabilities.
+    av : np.ndarray, shape (views, N, 2)
+        Arousal and valence.
+    """
+    was_training = model.training
+    model.eval()
+    if mc_dropout:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.train()
+    n_classes = getattr(model, "n_classes", 0)
+    probs = np.zeros((views, len(xs), n_classes), np.float32)
+    avs = np.zeros((views, len(xs), 2), np.float32)
+    gen = torch.Generator().manual_seed(int(seed))
+    if not xs:
+        return probs, avs
+    size = max(int(np.prod(np.shape(x))) for x in xs[:batch_size])  # numbers per clip
+    step = max(1, min(len(xs), max_numbers // max(1, size * views)))  # clips per forward pass
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            for start in range(0, len(xs), step):  # all views of a batch in one forward pass
+                x, lengths = collate(xs[start : start + step])
+                b = x.shape[0]
+                xv = x.repeat(views, *([1] * (x.dim() - 1)))
+                if views > 1 and noise > 0:
+                    xv[b:] += noise * torch.randn(xv[b:].shape, generator=gen, dtype=x.dtype)
+                out = model(xv, None if lengths is None else lengths.repeat(views))
+                probs[:, start : start + b] = torch.softmax(out["emotion"], dim=1).numpy().reshape(views, b, -1)
+                avs[:, start : start + b] = out["av"].numpy().reshape(views, b, 2)
+    finally:
+        model.train(was_training)
+    return probs, avs
+
+
+def _cap_per_class(ok: np.ndarray, classes: np.ndarray, score: np.ndarray, per_class: int) -> np.ndarray:
+    """Positions where ``ok``, at most ``per_class`` per class (highest ``score`` first; 0 = no cap)."""
+    chosen = []
+    for c in np.unique(classes[ok]):
+        idx = np.flatnonzero(ok & (classes == c))
+        idx = idx[np.argsort(-score[idx], kind="stable")]
+        chosen.append(idx if per_class <= 0 else idx[:per_class])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def select_pseudo_labels(probs: np.ndarray, threshold: float, max_std: float, per_class: int,
+                         candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clips that become categorical pseudo-labels this round.
+
+    A clip is accepted when the mean (over views) probability of its predicted class is at
+    least ``threshold``, every view predicts that class, and that class's probability varies
+    across views by a std of at most ``max_std``; then at most ``per_class`` per class are
+    kept, the most confident first (``per_class = 0``: no cap).
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (V, N, C)
+        Class probabilities under V views (:func:`view_predictions`).
+    threshold, max_std : float
+    per_class : int
+    candidates : np.ndarray of bool, shape (N,), optional
+        Clips that may be selected (default all).
+
+    Returns
+    -------
+    idx : np.ndarray of int, shape (K,)
+        Positions of the accepted clips, ascending.
+    labels : np.ndarray of int, shape (K,)
+    confidence : np.ndarray of float, shape (K,)
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    n = probs.shape[1]
+    mean = probs.mean(axis=0)
+    label = mean.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    conf = mean[np.arange(n), label]
+    agree = (probs.argmax(axis=2) == label[None, :]).all(axis=0)
+    std = probs[:, np.arange(n), label].std(axis=0)
+    ok = (conf >= threshold) & agree & (std <= max_std)
+    if candidates is not None:
+        ok &= np.asarray(candidates, dtype=bool)
+    idx = _cap_per_class(ok, label, conf, per_class)
+    return idx, label[idx], conf[idx]
+
+
+def recheck_pseudo_labels(probs: np.ndarray, labels: np.ndarray, keep: float) -> np.ndarray:
+    """Which accepted pseudo-labels the current model still supports (ICASSP 2016 re-check).
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (V, K, C)
+        Current class probabilities of the K pseudo-labelled clips under V views.
+    labels : np.ndarray of int, shape (K,)
+        Their pseudo-labels.
+    keep : float
+        Least mean probability of the pseudo-label to keep it.
+
+    Returns
+    -------
+    np.ndarray of bool, shape (K,)
+        True where the model still predicts the label (argmax of the view mean) with mean
+        probability >= ``keep``; False where it changed its mind.
+    """
+    mean = np.asarray(probs, dtype=np.float64).mean(axis=0)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        return np.zeros(0, dtype=bool)
+    return (mean.argmax(axis=1) == labels) & (mean[np.arange(labels.size), labels] >= keep)
+
+
+def recheck_av_pseudo_labels(av: np.ndarray, values: np.ndarray, max_std: float,
+                             tolerance: float = AV_TOLERANCE) -> np.ndarray:
+    """Which arousal/valence pseudo-labels the current model still supports.
+
+    Parameters
+    ----------
+    av : np.ndarray, shape (V, K, 2)
+        Current predictions of the K pseudo-labelled clips under V views.
+    values : np.ndarray, shape (K, 2)
+        Their pseudo-labels.
+    max_std : float
+        Largest std across views (both dimensions).
+    tolerance : float
+        Largest distance, per dimension, between the current mean prediction and the
+        pseudo-label (0.5: a quarter of the [-1, 1] scale).
+
+    Returns
+    -------
+    np.ndarray of bool, shape (K,)
+    """
+    av = np.asarray(av, dtype=np.float64)
+    if av.shape[1] == 0:
+        return np.zeros(0, dtype=bool)
+    moved = np.abs(av.mean(axis=0) - np.asarray(values, dtype=np.float64).reshape(-1, 2)).max(axis=1)
+    return (moved <= tolerance) & (av.std(axis=0) <= max_std).all(axis=1)
+
+
+def av_quadrant(av: np.ndarray) -> np.ndarray:
+    """Arousal/valence quadrant of each row of (N, 2): ``2 * (arousal >= 0) + (valence >= 0)``."""
+    av = np.asarray(av, dtype=np.float64).reshape(-1, 2)
+    return 2 * (av[:, 0] >= 0).astype(np.int64) + (av[:, 1] >= 0).astype(np.int64)
+
+
+def select_av_pseudo_labels(av: np.ndarray, max_std: float, per_class: int = 0,
+                            candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Clips whose arousal/valence prediction is certain enough to become a pseudo-label.
+
+    Accepted when the std across views (or Monte-Carlo dropout samples) is at most
+    ``max_std`` in both dimensions; at most ``per_class`` per quadrant, least uncertain first.
+
+    Parameters
+    ----------
+    av : np.ndarray, shape (V, N, 2)
+
+    Returns
+    -------
+    idx : np.ndarray of int, shape (K,)
+    values : np.ndarray, shape (K, 2)
+        Mean over views.
+    """
+    av = np.asarray(av, dtype=np.float64)
+    mean, std = av.mean(axis=0), av.std(axis=0)
+    ok = (std <= max_std).all(axis=1)
+    if candidates is not None:
+        ok &= np.asarray(candidates, dtype=bool)
+    idx = _cap_per_class(ok, av_quadrant(mean), -std.max(axis=1), per_class)
+    return idx, mean[idx]
+
+
+def emotion_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """Normalised entropy in [0, 1] of the views' mean class probabilities, (V, N, C) -> (N,)."""
+    mean = np.clip(np.asarray(probs, dtype=np.float64).mean(axis=0), 1e-12, 1.0)
+    c = mean.shape[1]
+    if c < 2:
+        return np.zeros(mean.shape[0])
+    return np.clip(-(mean * np.log(mean)).sum(axis=1) / math.log(c), 0.0, 1.0)
+
+
+def av_uncertainty(av: np.ndarray) -> np.ndarray:
+    """Arousal/valence uncertainty in [0, 1]: twice the mean std across views, capped, (V, N, 2) -> (N,)."""
+    return np.clip(2 * np.asarray(av, dtype=np.float64).std(axis=0).mean(axis=1), 0.0, 1.0)
+
+
+def least_certain(uncertainty: np.ndarray, budget: int, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``budget`` most uncertain candidates, most uncertain first (ties: lower position)."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    idx = np.arange(u.size) if candidates is None else np.flatnonzero(candidates)
+    if budget <= 0 or idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return idx[np.argsort(-u[idx], kind="stable")][:budget]
+
+
+# ---------------------------------------------------------------------------------------
+# Dynamic active learning: raters asked until enough agree
+# ---------------------------------------------------------------------------------------
+def required_agreement(uncertainty: float, a_min: int, a_max: int) -> int:
+    """Agreeing raters required for a clip: ``a_min + round((a_max - a_min) * u)``, u in [0, 1].
+
+    The less certain the model (Yue Zhang et al., ICMI 2015), the more raters must agree.
+    """
+    u = min(max(float(uncertainty), 0.0), 1.0)
+    return int(a_min + round((a_max - a_min) * u))
+
+
+@dataclass
+class RaterResult:
+    """The outcome of asking raters about one clip.
+
+    Attributes
+    ----------
+    label : int
+        The agreed label, or the majority label when agreement was never reached.
+    answers : list of int
+        Every rater answer, in the order asked (``len(answers)`` is the human effort).
+    agreed : bool
+        Whether ``required`` raters agreed before the cap.
+    required : int
+    """
+
+    label: int
+    answers: list
+    agreed: bool
+    required: int
+
+    @property
+    def effort(self) -> int:
+        """Rater answers spent."""
+        return len(self.answers)
+
+
+def ask_raters(answers: Iterable[int], required: int, max_raters: int,
+               reliabilities: Sequence[float] | None = None) -> RaterResult:
+    """Ask raters one at a time until ``required`` of them agree (dynamic active learning).
+
+    Parameters
+    ----------
+    answers : iterable of int
+        The raters' answers in the order they are asked (most reliable first); consumed
+        lazily, so a rater after the stop is never asked.
+    required : int
+        Raters that must give the same label.
+    max_raters : int
+        Stop after this many answers.
+    reliabilities : sequence of float, optional
+        The raters' reliabilities in the same order; break majority ties.
+
+    Returns
+    -------
+    RaterResult
+        Stops as soon as some label has ``required`` votes (``agreed``). If the cap (or the
+        end of ``answers``) comes first, the label is the majority of the answers; a tie goes
+        to the label whose raters have the larger summed reliability, then to the label
+        given first.
+    """
+    votes: Counter = Counter()
+    given: list[int] = []
+    for answer in answers:
+        if len(given) >= max_raters:
+            break
+        given.append(int(answer))
+        votes[int(answer)] += 1
+        if votes[int(answer)] >= required:
+            return RaterResult(int(answer), given, True, required)
+    if not given:
+        raise ValueError("no rater answered")
+    rel = list(reliabilities or [])
+    trust = Counter()
+    for i, a in enumerate(given):
+        trust[a] += rel[i] if i < len(rel) else 0.0
+    first = {a: given.index(a) for a in votes}
+    label = max(votes, key=lambda a: (votes[a], trust[a], -first[a]))
+    return RaterResult(label, given, False, required)
+
+
+class Oracle:
+    """Simulated raters answering from the hidden labels (simulation only).
+
+    Rater ``r`` gives the true label with probability ``reliability[r]``, else a label drawn
+    uniformly from the other classes; for arousal/valence it gives the true value plus
+    ``N(0, (1 - reliability)^2)``, clipped to [-1, 1]. Raters are asked most reliable first
+    (:func:`ask_raters`) until :func:`required_agreement` of them agree, at most
+    ``min(max_raters, number of raters)``; a required agreement above that cap can never be
+    reached, and the majority is taken. The arousal/valence answer is the mean of the asked
+    raters' ratings; for a clip without a categorical label (task ``av``), the required number
+    of raters is asked and their ratings averaged.
+
+    Parameters
+    ----------
+    reliabilities : sequence of float
+        Probability of each rater giving the true label.
+    a_min, a_max, max_raters : int
+    n_classes : int
+    """
+
+    def __init__(self, reliabilities: Sequence[float], a_min: int, a_max: int, max_raters: int, n_classes: int):
+        self.reliabilities = sorted((float(r) for r in reliabilities), reverse=True)
+        self.a_min, self.a_max, self.n_classes = int(a_min), int(a_max), int(n_classes)
+        self.cap = max(1, min(int(max_raters), len(self.reliabilities)))
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], n_classes: int) -> "Oracle":
+        rel = [float(r) for r in str(settings["rater-reliability"]).split(",") if r.strip()]
+        return cls(rel, int(settings["agreement-min"]), int(settings["agreement-max"]),
+                   int(settings["max-raters"]), n_classes)
+
+    def rater_label(self, truth: int, reliability: float, rng: np.random.Generator) -> int:
+        if self.n_classes < 2 or rng.random() < reliability:
+            return int(truth)
+        others = [c for c in range(self.n_classes) if c != truth]
+        return int(others[rng.integers(len(others))])
+
+    def answer(self, truth_emotion: int, truth_av: np.ndarray | None, uncertainty: float,
+               rng: np.random.Generator) -> tuple[int, np.ndarray | None, RaterResult]:
+        """Ask the raters about one clip.
+
+        Returns
+        -------
+        emotion : int
+            Agreed (or majority) label; -1 when the clip has no categorical truth.
+        av : np.ndarray of shape (2,) or None
+            Mean rating of the asked raters; None without an arousal/valence truth.
+        result : RaterResult
+        """
+        required = required_agreement(uncertainty, self.a_min, self.a_max)
+        if truth_emotion >= 0:
+            rel = self.reliabilities[: self.cap]
+            result = ask_raters((self.rater_label(truth_emotion, r, rng) for r in rel), required, self.cap, rel)
+            emotion = result.label
+        else:
+            n = min(required, self.cap)
+            result = RaterResult(-1, [-1] * n, True, required)
+            emotion = -1
+        av = None
+        if truth_av is not None and np.isfinite(truth_av).all():
+            ratings = [np.clip(truth_av + rng.normal(0, 1 - r, size=2), -1, 1)
+                       for r in self.reliabilities[: result.effort]]
+            av = np.mean(ratings, axis=0).astype(np.float32)
+        return emotion, av, result
+
+
+# ---------------------------------------------------------------------------------------
+# Transfer learning on the device: train only the heads while the front-end is frozen
+# ---------------------------------------------------------------------------------------
+def freeze_frontend(model: nn.Module, freeze: bool = True) -> int:
+    """Freeze (or unfreeze) every parameter but the heads (``emotion.*``, ``av.*``).
+
+    Frozen parameters get no gradient, so Adam leaves them as they are; batch-norm running
+    statistics of the front-end still adapt in training mode. Returns the number of frozen
+    parameter tensors.
+    """
+    n = 0
+    for name, p in model.named_parameters():
+        head = name.startswith(HEADS)
+        p.requires_grad_(head or not freeze)
+        n += int(freeze and not head)
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# The device's state and its per-round step
+# ---------------------------------------------------------------------------------------
+def device_slug(name: str) -> str:
+    """Folder name of a device: ``dev-03 (synth-f1)`` -> ``dev-03-synth-f1``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def _settings(cfg, round_cfg: Mapping[str, Any], server_round: int) -> dict[str, Any]:
+    """The round's cooperative settings: the server's round config over the run config's."""
+    settings = round_settings(cfg, server_round)
+    settings.update({k: round_cfg[k] for k in settings if k in round_cfg})
+    return settings
+
+
+@dataclass
+class CoopState:
+    """Cooperative learning state of one training device (built by :func:`attach`).
+
+    Attributes
+    ----------
+    cfg : RunConfig
+    data_dir : Path
+        Where the device's :class:`DeviceStore` lives.
+    paths : list of str
+        Path of every usable clip, in the order of the device's ``LocalData``.
+    durations : np.ndarray, shape (N,)
+        Clip durations in seconds (NaN when unknown).
+    emotions : list of str
+    labelled0 : np.ndarray of bool, shape (N,)
+        Clips with a (kept) label at the start.
+    truth_emotion, truth_av : np.ndarray or None
+        Hidden labels (simulation only): for the oracle and pseudo-label precision.
+    seed : int
+    """
+
+    cfg: Any
+    data_dir: Path
+    paths: list
+    durations: np.ndarray
+    emotions: list
+    labelled0: np.ndarray
+    truth_emotion: np.ndarray | None = None
+    truth_av: np.ndarray | None = None
+    seed: int = 0
+    _store: DeviceStore | None = field(default=None, repr=False)
+    _t_train: float = field(default=0.0, repr=False)
+    _index_cache: dict | None = field(default=None, repr=False)
+
+    @property
+    def simulated(self) -> bool:
+        return self.truth_emotion is not None
+
+    @property
+    def store(self) -> DeviceStore:
+        if self._store is None:
+            self._store = DeviceStore(self.data_dir)
+        return self._store
+
+    @property
+    def active(self) -> bool:
+        """Whether the run's mode does anything beyond supervised training."""
+        return self.cfg.mode != "supervised"
+
+    def info(self) -> dict[str, Any]:
+        """Counts for the device's description (``n-pool``: clips without a label at the start)."""
+        return {"n-pool": int((~self.labelled0).sum())}
+
+    # -- the training set -------------------------------------------------------------
+    def training_data(self, data: LocalData) -> LocalData:
+        """``data`` with answered queries and active pseudo-labels filled in (features shared)."""
+        if not self.active:
+            return data
+        emotion, av = data.emotion.copy(), data.av.copy()
+        index = self._index
+        for clip, a in self.store.answers().items():
+            i = index.get(clip)
+            if i is None:
+                continue
+            if a["emotion"] in self.emotions:
+                emotion[i] = self.emotions.index(a["emotion"])
+            if a["arousal"] is not None and a["valence"] is not None:
+                av[i] = (a["arousal"], a["valence"])
+        for clip, p in self.store.active_pseudo().items():
+            i = index.get(clip)
+            if i is None or emotion[i] >= 0 or np.isfinite(av[i]).any():
+                continue  # a human label wins over a machine label
+            if p["emotion"] in self.emotions:
+                emotion[i] = self.emotions.index(p["emotion"])
+            if p["arousal"] is not None and p["valence"] is not None:
+                av[i] = (p["arousal"], p["valence"])
+        return LocalData(data.x, emotion, av, data.groups)
+
+    def before_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
+                        server_round: int) -> LocalData:
+        """The round's training set (labels + answers + pseudo-labels, optionally upsampled);
+        freezes the front-end while the server says so."""
+        self._t_train = time.perf_counter()
+        settings = _settings(self.cfg, round_cfg, server_round)
+        if settings["freeze"]:
+            freeze_frontend(model, True)
+        train = self.training_data(data)
+        if settings["upsample"]:
+            train = upsample(train)
+        return train
+
+    # -- the cooperative step ---------------------------------------------------------
+    def after_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
+                       server_round: int) -> dict[str, Any]:
+        """Run the cooperative step on the pool after local training; return the round's counts.
+
+        Returns
+        -------
+        dict
+            Counts reported to the coordinator (see :meth:`_counts`) plus ``added``,
+            ``dropped``, ``queries``, ``rater_answers`` (this round), ``skipped`` (1 when the
+            pool was empty and the step skipped), ``seconds`` (the step) and
+            ``train_seconds`` (local training).
+        """
+        t0 = time.perf_counter()
+        freeze_frontend(model, False)
+        settings = _settings(self.cfg, round_cfg, server_round)
+        mode = settings["coop-mode"]
+        step = {"mode": mode, "added": 0, "added_correct": 0, "dropped": 0, "queries": 0,
+                "rater_answers": 0, "skipped": 0, "train_seconds": t0 - self._t_train if self._t_train else 0.0}
+        if mode != "supervised":
+            if self.store.get_meta("emotions") != list(self.emotions):
+                self.store.set_meta("emotions", list(self.emotions))  # the answers the person may give
+            answered = set(self.store.answers())
+            pool = ~self.labelled0 & np.array([p not in answered for p in self.paths], dtype=bool)
+            if not pool.any():
+                log.info("%s: the unlabelled pool is empty; cooperative step skipped", self.data_dir.name)
+                step["skipped"] = 1
+            else:
+                self._step(model, data, settings, server_round, np.flatnonzero(pool), step)
+            if self.simulated and mode in ACTIVE:
+                self._oracle(settings, server_round, step)
+        step["seconds"] = time.perf_counter() - t0
+        return {**self._counts(), **step}
+
+    def _step(self, model, data, settings, server_round, pool_idx, step) -> None:
+        task = self.cfg.task
+        probs, av = view_predictions(
+            model, [data.x[i] for i in pool_idx], views=int(settings["pseudo-views"]),
+            noise=float(settings["view-noise"]), mc_dropout=settings["uncertainty"] == "mc-dropout",
+            seed=self.seed * 1_000_003 + server_round)
+        clips = [self.paths[i] for i in pool_idx]
+        pos = {c: j for j, c in enumerate(clips)}
+        mode = settings["coop-mode"]
+        active = self.store.active_pseudo()
+        # 1. re-check the machine labels in force; 2. queue the least certain clips for a
+        # human; 3. machine-label the confident clips among the rest.
+        if mode in SELF_LABELLING and settings["pseudo-recheck"] and active:
+            self._recheck(probs, av, pos, active, settings, server_round, step)
+            active = self.store.active_pseudo()
+        if mode in ACTIVE:
+            queued = self.store.queued_clips()
+            budget = min(int(settings["query-per-round"]), int(settings["query-total"]) - len(queued))
+            if budget > 0:
+                uncertainty = emotion_uncertainty(probs) if task in ("emotion", "both") else av_uncertainty(av)
+                cand = np.array([c not in active and c not in queued for c in clips], dtype=bool)
+                chosen = least_certain(uncertainty, budget, cand)
+                mean = probs.mean(axis=0)
+                items = []
+                for j in chosen:
+                    top = np.argsort(-mean[j], kind="stable")[:3]
+                    items.append({
+                        "clip": clips[j], "uncertainty": float(uncertainty[j]),
+                        "duration": None if not np.isfinite(self.durations[pool_idx[j]]) else float(self.durations[pool_idx[j]]),
+                        "guesses": [[self.emotions[k], round(float(mean[j, k]), 4)] for k in top if k < len(self.emotions)],
+                    })
+                step["queries"] = self.store.enqueue(server_round, items)
+        if mode in SELF_LABELLING:
+            queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
+            free = np.array([c not in active and c not in queued for c in clips], dtype=bool)
+            items = self._select(probs, av, free, clips, settings, task)
+            step["added"] = self.store.add_pseudo(server_round, items)
+            if self.simulated:
+                step["added_correct"] = sum(self._correct(it) for it in items)
+
+    def _recheck(self, probs, av, pos, active, settings, server_round, step) -> None:
+        """Drop the pseudo-labels the current model no longer supports."""
+        drop = {}
+        emo = [(c, p) for c, p in active.items() if c in pos and p["emotion"] in self.emotions]
+        if emo:
+            j = np.array([pos[c] for c, _ in emo])
+            labels = np.array([self.emotions.index(p["emotion"]) for _, p in emo])
+            ok = recheck_pseudo_labels(probs[:, j], labels, float(settings["pseudo-keep"]))
+            drop.update({c: "model changed its mind" for (c, _), k in zip(emo, ok) if not k})
+        dims = [(c, p) for c, p in active.items() if c in pos and c not in drop and p["arousal"] is not None]
+        if dims:
+            j = np.array([pos[c] for c, _ in dims])
+            then = np.array([[p["arousal"], p["valence"]] for _, p in dims])
+            ok = recheck_av_pseudo_labels(av[:, j], then, float(settings["av-max-std"]))
+            drop.update({c: "arousal/valence no longer supported" for (c, _), k in zip(dims, ok) if not k})
+        for reason in set(drop.values()):
+            step["dropped"] += self.store.drop_pseudo(server_round, [c for c, r in drop.items() if r == reason], reason)
+        # A categorical pseudo-label the model still supports survives the loss of its
+        # arousal/valence part: it is re-added without it (the history keeps both rows).
+        keep_emotion = [{"clip": c, "emotion": active[c]["emotion"], "confidence": active[c]["confidence"]}
+                        for c, r in drop.items() if r.startswith("arousal") and active[c]["emotion"]]
+        if keep_emotion:
+            self.store.add_pseudo(server_round, keep_emotion)
+            step["dropped"] -= len(keep_emotion)
+            step["av_dropped"] = step.get("av_dropped", 0) + len(keep_emotion)
+
+    def _select(self, probs, av, free, clips, settings, task) -> list[dict[str, Any]]:
+        """New pseudo-labels among the free pool clips (items for :meth:`DeviceStore.add_pseudo`)."""
+        per_class, av_std = int(settings["pseudo-per-class"]), float(settings["av-max-std"])
+        items = []
+        if task in ("emotion", "both"):
+            idx, labels, conf = select_pseudo_labels(probs, float(settings["pseudo-threshold"]),
+                                                     float(settings["pseudo-max-std"]), per_class, free)
+            av_ok = set()
+            if task == "both" and idx.size:
+                av_idx, _ = select_av_pseudo_labels(av[:, idx], av_std)
+                av_ok = set(idx[av_idx].tolist())
+            mean_av = av.mean(axis=0)
+            for j, c, p in zip(idx, labels, conf):
+                item = {"clip": clips[j], "emotion": self.emotions[c], "confidence": float(p)}
+                if j in av_ok:
+                    item.update(arousal=float(mean_av[j, 0]), valence=float(mean_av[j, 1]))
+                items.append(item)
+        else:
+            idx, values = select_av_pseudo_labels(av, av_std, per_class, free)
+            std = av.std(axis=0).max(axis=1)
+            items = [{"clip": clips[j], "arousal": float(v[0]), "valence": float(v[1]),
+                      "confidence": float(1 - min(1.0, 2 * std[j]))} for j, v in zip(idx, values)]
+        return items
+
+    def _correct(self, item: Mapping[str, Any]) -> bool:
+        """Whether a pseudo-label matches the hidden truth (emotion; else the av quadrant)."""
+        i = self._index.get(item["clip"])
+        if i is None:
+            return False
+        if item.get("emotion"):
+            t = self.truth_emotion[i]
+            return t >= 0 and self.emotions[t] == item["emotion"]
+        t = self.truth_av[i]
+        return bool(np.isfinite(t).all() and av_quadrant(t)[0] == av_quadrant([item["arousal"], item["valence"]])[0])
+
+    @property
+    def _index(self) -> dict[str, int]:
+        if self._index_cache is None:
+            self._index_cache = {p: i for i, p in enumerate(self.paths)}
+        return self._index_cache
+
+    def _oracle(self, settings, server_round, step) -> None:
+        """Simulation: the raters answer every pending query from the hidden labels."""
+        oracle = Oracle.from_settings(settings, len(self.emotions))
+        rng = np.random.default_rng([self.seed, server_round, 7])
+        for item in self.store.pending():
+            i = self._index.get(item["clip"])
+            truth_e = int(self.truth_emotion[i]) if i is not None else -1
+            truth_av = self.truth_av[i] if i is not None else None
+            if i is None or (truth_e < 0 and not np.isfinite(truth_av).all()):
+                self.store.drop_queued(item["clip"], "no hidden label to answer from")
+                continue
+            emotion, av, result = oracle.answer(truth_e, truth_av, item["uncertainty"], rng)
+            self.store.answer(
+                item["clip"], self.emotions[emotion] if emotion >= 0 else "",
+                arousal=None if av is None else float(av[0]), valence=None if av is None else float(av[1]),
+                source="oracle", n_raters=result.effort,
+                rater_labels=[self.emotions[a] if a >= 0 else "" for a in result.answers], server_round=server_round)
+            step["rater_answers"] += result.effort
+
+    def _counts(self) -> dict[str, Any]:
+        """Cumulative counts: clips, human labels, pseudo-labels and their precision."""
+        n = len(self.paths)
+        initial = int(self.labelled0.sum())
+        counts = {"n_clips": n, "initial_labelled": initial, "labelled": initial, "answered": 0,
+                  "pool": n - initial, "pseudo_total": 0, "pseudo_correct": 0, "pseudo_checked": 0,
+                  "queries_total": 0, "pending": 0, "rater_answers_total": 0, "human_labels": initial}
+        if not self.active:
+            return counts
+        answers = self.store.answers()
+        index = self._index
+        answered = [c for c in answers if c in index and not self.labelled0[index[c]]]
+        active = self.store.active_pseudo()
+        queue = self.store.queue()
+        effort = sum(answers[c]["n_raters"] for c in answered)
+        counts.update(labelled=initial + len(answered), answered=len(answered), pool=n - initial - len(answered),
+                      pseudo_total=len(active), queries_total=len(queue),
+                      pending=sum(q["status"] == "pending" for q in queue),
+                      rater_answers_total=effort, human_labels=initial + effort)
+        if self.simulated:
+            counts["pseudo_checked"] = sum(c in index for c in active)
+            counts["pseudo_correct"] = sum(self._correct(p) for p in active.values())
+        return counts
+
+
+def upsample(data: LocalData, seed: int = 0) -> LocalData:
+    """Repeat labelled rows of the rarer emotion classes until every class present is as
+    frequent as the largest (cross-task self-labelling); rows without an emotion stay once."""
+    labels = data.emotion
+    known = labels >= 0
+    if not known.any():
+        return data
+    counts = np.bincount(labels[known])
+    target = counts.max()
+    rng = np.random.default_rng(seed)
+    extra = []
+    for c in np.flatnonzero(counts):
+        idx = np.flatnonzero(labels == c)
+        extra += rng.choice(idx, size=target - idx.size, replace=True).tolist()
+    order = np.concatenate([np.arange(len(data)), np.asarray(extra, dtype=np.int64)])
+    return data.subset(order)
+
+
+def attach(device, cfg, table, node_config: Mapping[str, Any]) -> CoopState | None:
+    """Give a training device its cooperative-learning state; hide labels in simulation.
+
+    Simulation (node config ``partition-id``): the device keeps the labels of a seeded
+    stratified ``label-fraction`` of its clips (:func:`label_split`, strata = emotion, else
+    arousal/valence quadrant, seed ``(seed, partition-id)``); the other labels are removed
+    from ``device.data`` (in place) and kept on the state as the hidden truth. The store
+    lives in ``<run-dir>/<run-name>/devices/<device-slug>/``. Deployment (``data-dir``): the
+    clips without a label form the pool; the store lives in the data directory.
+
+    Parameters
+    ----------
+    device : client.app.Device
+    cfg : RunConfig
+    table : pandas.DataFrame
+        The manifest rows of the device's usable clips, in ``device.data`` order.
+    node_config : mapping
+
+    Returns
+    -------
+    CoopState or None
+        None for held-out devices (they only evaluate).
+    """
+    if device.role != "train":
+        return None
+    data = device.data
+    paths = [str(p) for p in table["path"]]
+    durations = table["duration"].to_numpy(dtype=np.float64) if "duration" in table else np.full(len(paths), np.nan)
+    has_emotion = data.emotion >= 0
+    has_av = np.isfinite(data.av).all(axis=1)
+    task_label = {"emotion": has_emotion, "av": has_av, "both": has_emotion | has_av}[cfg.task]
+    seed = cfg.seed * 1_009 + max(device.partition_id, 0)
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
+        return CoopState(cfg, data_dir, paths, durations, list(device.emotions), task_label.copy(), seed=seed)
+    truth_emotion, truth_av = data.emotion.copy(), data.av.copy()
+    # Strata: the emotion; clips with only arousal/valence, their quadrant.
+    quadrant = av_quadrant(np.nan_to_num(data.av))
+    strata = [device.emotions[e] if e >= 0 and cfg.task != "av" else (f"av{q}" if ok and cfg.task != "emotion" else "")
+              for e, q, ok in zip(data.emotion, quadrant, has_av)]
+    keep = label_split(strata, cfg.label_fraction, (cfg.seed, max(device.partition_id, 0)))
+    data.emotion[~keep] = -1
+    data.av[~keep] = np.nan
+    run_name = cfg.run_name or "unnamed-run"
+    data_dir = Path(cfg.run_dir) / run_name / "devices" / device_slug(device.name)
+    state = CoopState(cfg, data_dir, paths, durations, list(device.emotions), keep & task_label,
+                      truth_emotion, truth_av, seed=seed)
+    if cfg.label_fraction < 1:
+        log.info("%s: %d of %d clips keep their labels, %d form the pool", device.name, int(keep.sum()),
+                 len(paths), int((~keep).sum()))
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Server side: per-round aggregation of the devices' counts
+# ---------------------------------------------------------------------------------------
+class CoopTracker:
+    """Aggregates the devices' cooperative counts into round metrics (coordinator side).
+
+    Each training device's last report is remembered, so cumulative totals (human labels,
+    labelled fraction, pseudo-labels in force) stay right when a round samples only some
+    devices. Before a device has reported, its description's ``n-labelled`` and ``n-clips``
+    stand in.
+
+    Parameters
+    ----------
+    infos : iterable of dict
+        The training devices' descriptions (``name``, ``n-clips``, ``n-labelled``).
+    """
+
+    def __init__(self, infos: Iterable[Mapping[str, Any]]) -> None:
+        self.last: dict[str, dict[str, Any]] = {}
+        for d in infos:
+            n, lab = int(d.get("n-clips", 0)), int(d.get("n-labelled", 0))
+            self.last[str(d["name"])] = {"n_clips": n, "labelled": lab, "human_labels": lab, "pseudo_total": 0,
+                                         "pseudo_correct": 0, "pseudo_checked": 0, "pool": int(d.get("n-pool", 0)),
+                                         "rater_answers_total": 0, "queries_total": 0}
+
+    def update(self, device_records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+        """Round metrics from this round's train replies' ``device`` records.
+
+        Returns
+        -------
+        dict
+            Per round: ``coop_pseudo_added``, ``coop_pseudo_dropped``, ``coop_queries``,
+            ``coop_rater_answers``, ``coop_skipped`` (devices whose pool was empty),
+            ``coop_seconds`` and ``coop_train_seconds`` (summed over devices);
+            cumulative over all training devices: ``coop_labelled``,
+            ``coop_labelled_fraction``, ``coop_pool``, ``coop_pseudo_total``,
+            ``coop_pseudo_precision`` (NaN without hidden truth or pseudo-labels),
+            ``coop_human_labels`` (initially labelled clips + rater answers),
+            ``coop_queries_total``, ``coop_rater_answers_total``.
+        """
+        per_round = {k: 0.0 for k in ("added", "dropped", "queries", "rater_answers", "skipped", "seconds",
+                                      "train_seconds")}
+        for rec in device_records:
+            if "coop" not in rec:
+                continue
+            report = json.loads(rec["coop"])
+            self.last[str(rec.get("name", len(self.last)))] = report
+            for k in per_round:
+                per_round[k] += float(report.get(k, 0))
+        total = lambda k: float(sum(r.get(k, 0) for r in self.last.values()))  # noqa: E731
+        clips, checked = total("n_clips"), total("pseudo_checked")
+        return {
+            "coop_pseudo_added": per_round["added"],
+            "coop_pseudo_dropped": per_round["dropped"],
+            "coop_queries": per_round["queries"],
+            "coop_rater_answers": per_round["rater_answers"],
+            "coop_skipped": per_round["skipped"],
+            "coop_seconds": per_round["seconds"],
+            "coop_train_seconds": per_round["train_seconds"],
+            "coop_labelled": total("labelled"),
+            "coop_labelled_fraction": total("labelled") / clips if clips else float("nan"),
+            "coop_pool": total("pool"),
+            "coop_pseudo_total": total("pseudo_total"),
+            "coop_pseudo_precision": total("pseudo_correct") / checked if checked else float("nan"),
+            "coop_human_labels": total("human_labels"),
+            "coop_queries_total": total("queries_total"),
+            "coop_rater_answers_total": total("rater_answers_total"),
+        }

@@ -1,0 +1,189 @@
+"""Transfer learning: pre-train a model centrally on a source corpus, start a federation from it.
+
+``fedaffect pretrain --manifest M --model NAME --out CKPT`` trains the model on every labelled
+clip of a source corpus (for example ``synth`` or ``hedgewars``), each speaker's features
+standardised with that speaker's own statistics, exactly as a device standardises its own
+clips, and saves a checkpoint ``{"kind", "model", "emotions", "task", "state_dict", ...}``.
+``fedaffect simulate --init CKPT`` (config key ``init``) starts the federation from it: the
+coordinator builds the initial global model with :func:`load_initial`. A checkpoint of a
+federated run (``runs/<run>/checkpoints/round-NNNN.pt``) works as well.
+
+Compatibility: the model name must be the run's (else a clear error). When the emotion
+classes differ, every layer but the categorical head is loaded and the head rows of the
+classes both sets share are copied; the message says so. With ``freeze-rounds`` > 0 the
+devices train only the heads for the first rounds (:func:`client.cooperative.freeze_frontend`),
+so the transferred front-end is not disturbed while the new heads settle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared_models.features import Standardiser, extract_features
+from shared_models.manifest import read_manifest
+from shared_models.metrics import classification_metrics, confusion
+from shared_models.models import MODELS, build_model, frontend_for
+from shared_models.training import LocalData, predict, train_local
+
+__all__ = ["pretrain", "load_checkpoint", "load_initial", "check_initial"]
+
+log = logging.getLogger("fedaffect.client.transfer")
+
+KIND = "fedaffect-pretrained"
+
+
+def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: str = "emotion", epochs: int = 20,
+             lr: float = 3e-3, batch_size: int = 32, seed: int = 0, emotions: Sequence[str] | None = None,
+             cache_dir: str | Path = ".cache/fedaffect", progress: bool = False) -> dict[str, Any]:
+    """Train ``model_name`` centrally on a source corpus and save a checkpoint.
+
+    Parameters
+    ----------
+    manifest : path
+        Manifest of the source corpus.
+    model_name : str
+        Registered model (:data:`shared_models.models.MODELS`).
+    out : path
+        Checkpoint file to write (parent folders are created).
+    task : {"emotion", "av", "both"}
+    epochs, lr, batch_size, seed
+        Training settings (Adam, as on the devices).
+    emotions : sequence of str, optional
+        Classes of the categorical head in order; default every emotion in the manifest, sorted.
+    cache_dir : path
+        Feature cache.
+
+    Returns
+    -------
+    dict
+        ``path``, ``clips`` (used), ``speakers``, ``emotions``, ``train_loss``, ``train_uar``
+        (on the training clips themselves, a sanity check), ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown model, or a corpus without the labels the task needs.
+    FileNotFoundError, ManifestError
+        For a missing or invalid manifest.
+    """
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; known: {', '.join(MODELS)}")
+    t0 = time.perf_counter()
+    table = read_manifest(manifest)
+    emotions = list(emotions or sorted(e for e in table["emotion"].unique() if e))
+    if task in ("emotion", "both") and len(emotions) < 2:
+        raise ValueError(f"task {task!r} needs at least 2 emotion classes; {manifest} has {emotions}")
+    if task in ("av", "both") and table["arousal"].isna().all():
+        raise ValueError(f"task {task!r} needs arousal/valence labels; {manifest} has none")
+    frontend = frontend_for(model_name)
+    feats, _ = extract_features(table["path"].tolist(), frontend, cache_dir, progress=progress,
+                                description=f"{model_name} features")
+    keep = np.array([f is not None for f in feats], dtype=bool)
+    table = table[keep].reset_index(drop=True)
+    feats = [f for f in feats if f is not None]
+    x: list = [None] * len(feats)
+    for speaker, rows in table.groupby("speaker").indices.items():  # per speaker, as a device would
+        scaler = Standardiser.for_frontend(frontend).fit([feats[i] for i in rows])
+        for i in rows:
+            x[i] = scaler.transform(feats[i])
+    index = {e: i for i, e in enumerate(emotions)}
+    data = LocalData(x, np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
+                     table[["arousal", "valence"]].to_numpy(dtype=np.float32))
+    torch.manual_seed(seed)
+    model = build_model(model_name, max(len(emotions), 1))
+    result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    probs, _ = predict(model, data)
+    known = data.emotion >= 0
+    cm = confusion(data.emotion[known], probs[known].argmax(axis=1), len(emotions))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": KIND, "model": model_name, "emotions": emotions, "task": task,
+                "state_dict": model.state_dict(), "source": str(manifest), "epochs": epochs, "seed": seed}, out)
+    return {"path": str(out), "clips": len(data), "speakers": int(table["speaker"].nunique()), "emotions": emotions,
+            "train_loss": result["train_loss"], "train_uar": classification_metrics(cm)["uar"] if known.any() else float("nan"),
+            "seconds": time.perf_counter() - t0}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint of :func:`pretrain` (or of a federated run).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing.
+    ValueError
+        If it is not a fedaffect checkpoint (no ``model``, ``emotions`` and ``state_dict``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init checkpoint not found: {path} (make one with `fedaffect pretrain`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or not {"model", "emotions", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{path}: not a fedaffect checkpoint (needs model, emotions and state_dict)")
+    return ckpt
+
+
+def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: Sequence[str], *,
+                 warn: bool = True) -> str:
+    """Load a checkpoint into ``model`` (the run's freshly built model); return what was done.
+
+    Every layer is loaded when model and emotion classes match. When the classes differ,
+    every layer but the categorical head is loaded, and the head rows of the shared classes
+    are copied (the other rows keep their fresh initialisation), and (``warn``) a warning
+    says so.
+
+    Raises
+    ------
+    ValueError
+        If the checkpoint's model is not ``model_name``, or a non-head layer's shape differs.
+    FileNotFoundError
+        If the file is missing.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt["model"] != model_name:
+        raise ValueError(f"init checkpoint {path} holds model {ckpt['model']!r}, but the run trains "
+                         f"{model_name!r}: pretrain with --model {model_name}, or run with --model {ckpt['model']}")
+    source, target = list(ckpt["emotions"]), list(emotions)
+    state = model.state_dict()
+    loaded = {}
+    for key, value in ckpt["state_dict"].items():
+        if key not in state:
+            raise ValueError(f"init checkpoint {path}: layer {key} is not in model {model_name}")
+        if key.startswith("emotion.") and source != target:
+            continue
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(f"init checkpoint {path}: layer {key} has shape {tuple(value.shape)}, "
+                             f"the run's model {tuple(state[key].shape)}")
+        loaded[key] = value
+    if source == target:
+        model.load_state_dict({**state, **loaded})
+        return f"initial model from {path}: every layer loaded ({model_name}, emotions {', '.join(target)})"
+    shared = [e for e in target if e in source]
+    for key in ("emotion.weight", "emotion.bias"):
+        if key in ckpt["state_dict"]:
+            head = state[key].clone()
+            for e in shared:
+                head[target.index(e)] = ckpt["state_dict"][key][source.index(e)]
+            loaded[key] = head
+    model.load_state_dict({**state, **loaded})
+    message = (f"initial model from {path}: emotion classes differ (checkpoint {', '.join(source)}; run "
+               f"{', '.join(target)}): loaded every layer but the emotion head, and its rows for the "
+               f"{len(shared)} shared classes ({', '.join(shared) or 'none'})")
+    if warn:
+        log.warning(message)
+    return message
+
+
+def check_initial(path: str | Path, model_name: str, emotions: Sequence[str]) -> str:
+    """Check up front that ``path`` can initialise ``model_name``; the message of :func:`load_initial`."""
+    return load_initial(build_model(model_name, max(len(emotions), 1)), path, model_name, emotions, warn=False)

@@ -1,0 +1,349 @@
+"""Cooperative learning: schedules, pseudo-label selection and re-check, the raters' stopping
+rule, transfer learning, and a 3-device federation in cooperative mode."""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from client.cooperative import (
+    CoopState,
+    CoopTracker,
+    Oracle,
+    ask_raters,
+    freeze_frontend,
+    label_split,
+    least_certain,
+    recheck_av_pseudo_labels,
+    recheck_pseudo_labels,
+    required_agreement,
+    round_settings,
+    select_av_pseudo_labels,
+    select_pseudo_labels,
+    threshold_schedule,
+)
+from client.device_store import DeviceStore
+from client.transfer import load_initial
+from fedaffect.cli import app as cli
+from server.simulation import simulate
+from server.store import RunStore
+from shared_models.config import MODES, RunConfig
+from shared_models.models import build_model
+from shared_models.training import LocalData, train_local
+
+
+# -- schedules -------------------------------------------------------------------------------
+@pytest.mark.parametrize("r,expected", [(0, 0.5), (2, 0.9 - 0.2 * (1 + math.cos(math.pi * 0.2))), (5, 0.7),
+                                        (10, 0.9), (12, 0.9)])
+def test_cosine_schedule_is_fedstar(r, expected):
+    assert threshold_schedule(r, 10) == pytest.approx(expected)
+    assert threshold_schedule(r, 10, "cosine", 0.5, 0.9) == pytest.approx(0.9 - 0.2 * (1 + math.cos(math.pi * min(r, 10) / 10)))
+
+
+@pytest.mark.parametrize("r,expected", [(0, 0.5), (3, 0.62), (10, 0.9)])
+def test_linear_schedule(r, expected):
+    assert threshold_schedule(r, 10, "linear") == pytest.approx(expected)
+
+
+def test_round_settings_carry_the_schedule_and_budgets():
+    cfg = RunConfig(num_server_rounds=4, mode="cooperative", pseudo_schedule="linear", freeze_rounds=1,
+                    query_per_round=3, rater_reliability="0.9,0.7")
+    r1, r2 = round_settings(cfg, 1), round_settings(cfg, 2)
+    assert r1["pseudo-threshold"] == pytest.approx(0.6) and r2["pseudo-threshold"] == pytest.approx(0.7)
+    assert (r1["freeze"], r2["freeze"]) == (1, 0)
+    assert r1["query-per-round"] == 3 and r1["rater-reliability"] == "0.9,0.7" and r1["coop-mode"] == "cooperative"
+    with pytest.raises(ValueError):
+        threshold_schedule(1, 10, "exponential")
+    assert MODES == ("supervised", "self-labelling", "active", "cooperative")
+
+
+def test_bad_cooperative_config_is_named():
+    from shared_models.config import ConfigError
+
+    for key, value in (("mode", "lazy"), ("rater-reliability", "0.9,1.5"), ("pseudo-start", 1.2),
+                       ("upsample", 2), ("agreement-min", 5)):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            RunConfig.from_mapping({key: value})
+
+
+# -- labelled and unlabelled clips -----------------------------------------------------------
+def test_label_split_is_stratified_seeded_and_pure():
+    strata = ["a"] * 10 + ["b"] * 6 + ["c"] * 4 + [""] * 3
+    keep = label_split(strata, 0.25, (0, 1))
+    assert keep.sum() == 5 and not keep[-3:].any()  # round(0.25 * 20); unlabelled clips never kept
+    assert {s for s, k in zip(strata, keep) if k} == {"a", "b", "c"}  # every class kept at least once
+    assert (label_split(strata, 0.25, (0, 1)) == keep).all()  # pure: same inputs, same split
+    assert any((label_split(strata, 0.25, (s, 1)) != keep).any() for s in range(1, 6))
+    assert label_split(strata, 1.0, 0).sum() == 20
+    assert label_split(strata, 0.01, 0).sum() == 1  # at least one label
+    half = label_split(strata, 0.5, 3)
+    assert [sum(k for s, k in zip(strata, half) if s == c) for c in "abc"] == [5, 3, 2]
+
+
+# -- pseudo-label selection --------------------------------------------------------------------
+def _views(*clips):
+    """(V, N, 2) probabilities from per-clip lists of P(class 0) per view."""
+    p0 = np.array(clips, dtype=float).T  # (V, N)
+    return np.stack([p0, 1 - p0], axis=-1)
+
+
+def test_pseudo_labels_need_the_threshold_and_view_agreement():
+    probs = _views(
+        [0.95, 0.96, 0.95],  # 0: confident and agreeing -> class 0
+        [0.85, 0.86, 0.84],  # 1: agreeing but below the threshold
+        [0.99, 0.99, 0.45],  # 2: mean 0.81 < 0.9 and one view disagrees
+        [0.99, 0.99, 0.90],  # 3: mean 0.96 but the views vary (std 0.042 > 0.02)
+        [0.02, 0.03, 0.02],  # 4: confident class 1
+    )
+    idx, labels, conf = select_pseudo_labels(probs, threshold=0.9, max_std=0.02, per_class=0)
+    assert idx.tolist() == [0, 4] and labels.tolist() == [0, 1]
+    assert conf == pytest.approx([0.9533, 0.9767], abs=1e-3)
+    idx, _, _ = select_pseudo_labels(probs, 0.9, 0.05, 0)  # looser agreement admits clip 3
+    assert idx.tolist() == [0, 3, 4]
+    idx, _, _ = select_pseudo_labels(probs, 0.9, 0.02, 0, candidates=[True, True, True, True, False])
+    assert idx.tolist() == [0]
+    disagree = _views([0.95, 0.95, 0.95, 0.4])  # 4 views, the last one says class 1
+    assert select_pseudo_labels(disagree, 0.5, 1.0, 0)[0].size == 0
+
+
+def test_per_class_cap_keeps_the_most_confident():
+    probs = _views(*[[p] * 3 for p in (0.91, 0.97, 0.93, 0.99, 0.95, 0.92, 0.05, 0.02)])
+    idx, labels, _ = select_pseudo_labels(probs, 0.9, 0.01, per_class=2)
+    assert idx.tolist() == [1, 3, 6, 7] and labels.tolist() == [0, 0, 1, 1]
+    assert select_pseudo_labels(probs, 0.9, 0.01, per_class=0)[0].size == 8
+
+
+def test_recheck_drops_labels_the_model_no_longer_supports():
+    probs = np.array([
+        [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.45, 0.3, 0.25]],
+        [[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.45, 0.3, 0.25]],
+    ])  # (V=2, K=3, C=3)
+    keep = recheck_pseudo_labels(probs, np.array([0, 1, 0]), keep=0.5)
+    assert keep.tolist() == [True, False, False]  # clip 1 now class 0; clip 2 only 0.45
+    av = np.array([[[0.6, -0.5], [0.1, 0.4]], [[0.62, -0.5], [0.3, 0.4]]])  # (V=2, K=2, 2)
+    assert recheck_av_pseudo_labels(av, np.array([[0.5, -0.4], [-0.6, 0.4]]), max_std=0.05).tolist() == [True, False]
+    idx, values = select_av_pseudo_labels(av, max_std=0.05)
+    assert idx.tolist() == [0] and values[0] == pytest.approx([0.61, -0.5])
+
+
+def test_least_certain_and_required_agreement():
+    u = np.array([0.2, 0.9, 0.5, 0.9, 0.1])
+    assert least_certain(u, 2).tolist() == [1, 3]
+    assert least_certain(u, 2, candidates=[True, False, True, True, True]).tolist() == [3, 2]
+    assert least_certain(u, 0).size == 0
+    assert [required_agreement(x, 2, 4) for x in (0.0, 0.2, 0.3, 0.5, 1.0, 7.0)] == [2, 2, 3, 3, 4, 4]
+
+
+def test_views_mc_dropout_and_upsampling():
+    from client.cooperative import upsample, view_predictions
+
+    torch.manual_seed(0)
+    model = build_model("egemaps-mlp", 3).train()
+    xs = [np.random.default_rng(i).standard_normal(88).astype(np.float32) for i in range(5)]
+    probs, av = view_predictions(model, xs, views=4, noise=0.0)
+    assert probs.shape == (4, 5, 3) and av.shape == (4, 5, 2) and np.allclose(probs, probs[0])
+    assert model.training  # the model's mode is restored
+    mc, mc_av = view_predictions(model, xs, views=4, noise=0.0, mc_dropout=True, seed=1)
+    assert not np.allclose(mc, mc[0]) and not np.allclose(mc_av, mc_av[0])  # dropout samples differ
+    assert np.allclose(view_predictions(model, xs, views=4, noise=0.0, mc_dropout=True, seed=1)[0], mc)  # seeded
+    noisy, _ = view_predictions(model, xs, views=3, noise=0.5, max_numbers=88 * 3 * 2)  # 2 clips per pass
+    assert np.allclose(noisy[0], probs[0], atol=1e-6) and not np.allclose(noisy[1], noisy[0])
+    data = LocalData(xs, np.array([0, 0, 0, 1, -1]), np.full((5, 2), np.nan))
+    even = upsample(data)
+    assert np.bincount(even.emotion[even.emotion >= 0]).tolist() == [3, 3] and (even.emotion == -1).sum() == 1
+
+
+# -- the raters' stopping rule, worked by hand -----------------------------------------------
+@pytest.mark.parametrize("answers,required,cap,label,effort,agreed", [
+    ([1, 1, 0, 0], 2, 5, 1, 2, True),          # the first two agree: stop after 2
+    ([0, 1, 0], 2, 5, 0, 3, True),             # 0, 1, 0: two zeros after 3 answers
+    ([0, 1, 2, 1], 2, 5, 1, 4, True),
+    ([2, 2, 1, 2], 3, 5, 2, 4, True),          # three must agree
+    ([1, 1, 0], 4, 3, 1, 3, False),            # 4 needed but only 3 raters: majority
+    ([0, 1, 2, 3, 4, 0], 2, 5, 0, 5, False),   # no agreement in 5: tie -> most reliable rater's label
+    ([3, 1, 1, 3], 3, 4, 3, 4, False),         # 2-2 tie: raters of 3 (0.9 + 0.6) beat those of 1 (0.8 + 0.7)
+])
+def test_rater_stopping_rule(answers, required, cap, label, effort, agreed):
+    asked = []
+
+    def raters():
+        for a in answers:
+            asked.append(a)
+            yield a
+
+    result = ask_raters(raters(), required, cap, reliabilities=[0.9, 0.8, 0.7, 0.6, 0.5])
+    assert (result.label, result.effort, result.agreed) == (label, effort, agreed)
+    assert len(asked) <= effort + 1 and result.answers == answers[:effort]  # nobody asked after the stop
+
+
+def test_oracle_asks_the_most_reliable_first_and_raises_agreement_with_uncertainty():
+    rng = np.random.default_rng(0)
+    perfect = Oracle([1.0, 1.0, 1.0, 1.0], a_min=2, a_max=4, max_raters=4, n_classes=3)
+    assert perfect.answer(2, None, 0.0, rng)[2].effort == 2
+    assert perfect.answer(2, None, 1.0, rng)[2].effort == 4
+    liar = Oracle([0.0, 0.0, 0.0], a_min=2, a_max=2, max_raters=3, n_classes=2)
+    label, _, result = liar.answer(1, None, 0.0, rng)
+    assert label == 0 and result.effort == 2  # always the other class (two classes)
+    mixed = Oracle([0.0, 1.0, 1.0], a_min=2, a_max=2, max_raters=3, n_classes=4)
+    assert mixed.reliabilities == [1.0, 1.0, 0.0]
+    label, av, result = mixed.answer(3, np.array([0.5, -0.5], np.float32), 0.0, rng)
+    assert (label, result.answers) == (3, [3, 3]) and av == pytest.approx([0.5, -0.5])
+    capped = Oracle([1.0, 1.0], a_min=3, a_max=3, max_raters=5, n_classes=3)
+    assert capped.answer(0, None, 0.0, rng)[2].effort == 2  # cap = number of raters: majority
+
+
+# -- the device's step with a model whose mind we change -------------------------------------
+def _coop_state(tmp_path, mode="self-labelling", n=6):
+    cfg = RunConfig(mode=mode, task="emotion", pseudo_per_class=0, query_per_round=2, query_total=3)
+    rng = np.random.default_rng(0)
+    data = LocalData([rng.standard_normal(88).astype(np.float32) for _ in range(n)],
+                     np.array([0, 1] + [-1] * (n - 2)), np.full((n, 2), np.nan))
+    truth = np.array([0, 1] + [0] * (n - 2))
+    state = CoopState(cfg, tmp_path / "dev", [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                      ["anger", "sadness"], data.emotion >= 0, truth, np.full((n, 2), np.nan))
+    return cfg, data, state
+
+
+def _biased(cls):
+    torch.manual_seed(0)
+    model = build_model("egemaps-mlp", 2)
+    with torch.no_grad():
+        model.emotion.weight.zero_()
+        model.emotion.bias.copy_(torch.tensor([8.0, -8.0]) if cls == 0 else torch.tensor([-8.0, 8.0]))
+    return model
+
+
+def test_device_step_adds_then_drops_when_the_model_changes_its_mind(tmp_path):
+    cfg, data, state = _coop_state(tmp_path)
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9}
+    report = state.after_training(_biased(0), data, round_cfg, 1)
+    assert (report["added"], report["dropped"], report["pseudo_total"]) == (4, 0, 4)
+    assert report["pseudo_correct"] == 4 and report["queries"] == 0  # truth of the pool is class 0
+    train = state.training_data(data)
+    assert (train.emotion == np.array([0, 1, 0, 0, 0, 0])).all()  # pseudo-labels join the training set
+    report = state.after_training(_biased(1), data, {**round_cfg, "pseudo-threshold": 1.1}, 2)
+    assert (report["dropped"], report["added"], report["pseudo_total"]) == (4, 0, 0)
+    history = DeviceStore(tmp_path / "dev").pseudo_history("/clips/2.wav")
+    assert history[0]["round_dropped"] == 2 and history[0]["reason"] == "model changed its mind"
+
+
+def test_device_step_queries_the_least_certain_and_the_oracle_answers(tmp_path):
+    cfg, data, state = _coop_state(tmp_path, mode="active")
+    model = _biased(0)
+    with torch.no_grad():
+        model.emotion.bias.zero_()  # 50/50: every pool clip is uncertain
+    report = state.after_training(model, data, round_settings(cfg, 1), 1)
+    assert report["queries"] == 2 and report["answered"] == 2 and report["rater_answers"] >= 4
+    assert report["labelled"] == 4 and report["human_labels"] == 2 + report["rater_answers"]
+    report = state.after_training(model, data, round_settings(cfg, 2), 2)
+    assert report["queries"] == 1 and report["queries_total"] == 3  # total budget 3
+    assert (state.training_data(data).emotion >= 0).sum() == 5
+
+
+def test_empty_pool_skips_the_step_and_says_so(tmp_path, caplog):
+    cfg, data, state = _coop_state(tmp_path, mode="cooperative", n=2)
+    with caplog.at_level(logging.INFO, logger="fedaffect"):
+        report = state.after_training(_biased(0), data, round_settings(cfg, 1), 1)
+    assert report["skipped"] == 1 and report["added"] == 0 and report["queries"] == 0
+    assert "pool is empty" in caplog.text
+
+
+def test_tracker_aggregates_and_remembers_devices_not_sampled():
+    tracker = CoopTracker([{"name": "a", "n-clips": 10, "n-labelled": 2}, {"name": "b", "n-clips": 10, "n-labelled": 3}])
+    m0 = tracker.update([])
+    assert (m0["coop_human_labels"], m0["coop_labelled_fraction"]) == (5, 0.25) and math.isnan(m0["coop_pseudo_precision"])
+    a = {"n_clips": 10, "labelled": 4, "human_labels": 7, "pseudo_total": 3, "pseudo_correct": 2, "pseudo_checked": 3,
+         "added": 3, "dropped": 0, "queries": 2, "rater_answers": 5, "skipped": 0, "seconds": 0.1}
+    m1 = tracker.update([{"name": "a", "coop": json.dumps(a)}, {"name": "b"}])
+    assert (m1["coop_human_labels"], m1["coop_labelled"], m1["coop_rater_answers"]) == (10, 7, 5)
+    assert m1["coop_pseudo_precision"] == pytest.approx(2 / 3)
+    m2 = tracker.update([])  # nobody sampled: totals stay, per-round counts are 0
+    assert (m2["coop_human_labels"], m2["coop_rater_answers"]) == (10, 0)
+
+
+# -- transfer learning ---------------------------------------------------------------------------
+def test_freeze_trains_only_the_heads():
+    torch.manual_seed(0)
+    model = build_model("egemaps-mlp", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    data = LocalData([rng.standard_normal(88).astype(np.float32) for _ in range(16)], np.arange(16) % 2,
+                     np.full((16, 2), np.nan))
+    assert freeze_frontend(model) == 4
+    train_local(model, data, task="emotion", epochs=2, lr=1e-2, batch_size=8, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("body."))
+    assert not torch.equal(before["emotion.weight"], after["emotion.weight"])
+    freeze_frontend(model, False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pretrain_then_init_a_federation(tone_manifest, tmp_path):
+    ckpt = tmp_path / "pre.pt"
+    cache = str(tmp_path / "cache")
+    res = CliRunner().invoke(cli, ["pretrain", "--manifest", str(tone_manifest), "--model", "egemaps-mlp",
+                                   "--out", str(ckpt), "--epochs", "15", "--cache-dir", cache])
+    assert res.exit_code == 0, res.output
+    payload = torch.load(ckpt, weights_only=False)
+    assert payload["model"] == "egemaps-mlp" and payload["emotions"] == ["anger", "sadness"]
+
+    # Same classes: every layer; other classes: all but the emotion head, shared rows copied.
+    model = build_model("egemaps-mlp", 2)
+    assert "every layer loaded" in load_initial(model, ckpt, "egemaps-mlp", ["anger", "sadness"])
+    assert torch.equal(model.emotion.weight, payload["state_dict"]["emotion.weight"])
+    model = build_model("egemaps-mlp", 3)
+    message = load_initial(model, ckpt, "egemaps-mlp", ["fear", "sadness", "anger"], warn=False)
+    assert "differ" in message and "2 shared classes" in message
+    assert torch.equal(model.body[0].weight, payload["state_dict"]["body.0.weight"])
+    assert torch.equal(model.emotion.weight[2], payload["state_dict"]["emotion.weight"][0])
+    with pytest.raises(ValueError, match="holds model 'egemaps-mlp'.*'logmel-crnn'"):
+        load_initial(build_model("logmel-crnn", 2), ckpt, "logmel-crnn", ["anger", "sadness"])
+    with pytest.raises(FileNotFoundError):
+        load_initial(model, tmp_path / "none.pt", "egemaps-mlp", ["anger"])
+
+    # The federation starts from the checkpoint: round 0 is already good; the front-end is frozen.
+    cfg = RunConfig(manifest=str(tone_manifest), folds=4, num_server_rounds=1, init=str(ckpt), freeze_rounds=1,
+                    run_dir=str(tmp_path / "runs"), cache_dir=cache, run_name="transfer")
+    rounds = simulate(cfg, all_folds=False, progress=False)["folds"][0]["rounds"]
+    assert rounds[0]["uar"] >= 0.9
+    store = RunStore(f"sqlite:///{tmp_path / 'runs' / 'fedaffect.db'}")
+    r0, r1 = (torch.load(tmp_path / "runs" / "transfer" / "checkpoints" / f"round-000{i}.pt", weights_only=False)
+              for i in (0, 1))
+    # frozen in round 1 (up to FedAvg's floating-point averaging of identical tensors)
+    assert torch.allclose(r0["state_dict"]["body.0.weight"], r1["state_dict"]["body.0.weight"], atol=1e-6)
+    assert not torch.equal(r0["state_dict"]["emotion.weight"], r1["state_dict"]["emotion.weight"])
+    assert store.get_run("transfer").status == "completed"
+
+    res = CliRunner().invoke(cli, ["simulate", "--manifest", str(tone_manifest), "--folds", "4", "--fold", "0",
+                                   "--rounds", "1", "--model", "logmel-crnn", "--init", str(ckpt),
+                                   "--run-dir", str(tmp_path / "runs")])
+    assert res.exit_code != 0 and "logmel-crnn" in res.output and "pretrain" in res.output
+
+
+# -- a federation ------------------------------------------------------------------------------
+def test_three_device_cooperative_federation_gains_labels_and_counts_effort(tone_manifest, tmp_path):
+    # 4 speakers, 4 folds: 3 training devices of 6 clips, each keeping 2 labels (one per class).
+    cfg = RunConfig(manifest=str(tone_manifest), folds=4, fold=0, num_server_rounds=3, local_epochs=3,
+                    mode="cooperative", label_fraction=0.34, pseudo_per_class=1, query_per_round=1,
+                    run_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), run_name="coop")
+    summary = simulate(cfg, all_folds=False, progress=False)
+    rounds = summary["folds"][0]["rounds"]
+    first, last = rounds[0], rounds[-1]
+    assert first["coop_labelled"] == 6 and first["coop_human_labels"] == 6 and first["coop_pool"] == 12
+    assert last["coop_labelled"] > first["coop_labelled"]  # answered queries joined the labelled set
+    assert last["coop_labelled"] + last["coop_pseudo_total"] > 6 + 3  # and machine labels too
+    assert last["coop_rater_answers_total"] > 0  # human effort, counted in rater answers
+    assert last["coop_human_labels"] == 6 + last["coop_rater_answers_total"]
+    assert sum(r.get("coop_queries", 0) for r in rounds) == last["coop_queries_total"] >= 3
+    assert 0 <= last["coop_pseudo_precision"] <= 1
+    assert last["coop_skipped"] == 0 and last["coop_seconds"] > 0
+    devices = sorted(p.name for p in (tmp_path / "runs" / "coop" / "devices").iterdir())
+    assert devices == ["dev-00-s1", "dev-01-s3", "dev-02-s4"]
+    from server.report import write_report
+
+    page = write_report(RunStore(summary["config"]["store-url"]), "coop", tmp_path / "report")
+    assert (tmp_path / "report" / "labels.png").read_bytes()[:4] == b"\x89PNG" and "labels.png" in page.read_text()
