@@ -1,7 +1,7 @@
 """The device side: Flower ClientApp that trains the shared affect model on local clips.
 
 A device loads its own clips (never sent anywhere), computes their features once (cached
-on disk), standardises them with its own statistics, and answers three message types:
+on disk), standardises them with its own statistics, and answers these message types:
 
 ``train``
     start from the global weights, train ``local-epochs`` on the device's labelled clips,
@@ -15,6 +15,15 @@ on disk), standardises them with its own statistics, and answers three message t
 ``query.device_info``
     describe the device (role, clip counts, groups) so the coordinator can tell training
     devices from held-out ones.
+``query.label_stats``
+    FaiReg (``faireg = "on"``): per protected group, ``(n, sum, sum of squares)`` of the
+    device's arousal/valence labels; the coordinator sends back per-group means and standard
+    deviations in every round config (``faireg``, JSON) and the device trains on normalised
+    targets and maps predictions back to the label scale (:mod:`shared_models.fairness`).
+
+With strategy ``fair`` the round config carries ``pre-stats``: the device then also sends
+the statistics of the global model on its clips *before* training (``pre-stats`` in the
+reply's ``device`` record), from which the strategy weighs the groups.
 
 Where a device's clips come from:
 
@@ -41,11 +50,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from shared_models.config import RunConfig
+from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats, normalise_data
 from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import build_model, frontend_for
 from shared_models.training import LocalData, evaluate_local, train_local
+from client.cooperative import attach as attach_cooperative
 
 __all__ = ["app", "Device", "load_device", "device_statistics"]
 
@@ -80,6 +91,7 @@ class Device:
     data: LocalData
     emotions: list[str]
     n_skipped: int
+    coop: Any = None  # client.cooperative.CoopState of a training device (cooperative learning)
 
     def info(self) -> dict[str, Any]:
         """Description sent to the coordinator: counts only, no clip, path or feature."""
@@ -90,6 +102,7 @@ class Device:
             "n-clips": len(self.data),
             "n-labelled": int((self.data.emotion >= 0).sum()),
             "n-skipped": self.n_skipped,
+            **(self.coop.info() if self.coop is not None else {}),
             "groups": json.dumps(
                 {a: sorted(set(v.tolist())) for a, v in self.data.groups.items()}
             ),
@@ -173,6 +186,7 @@ def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Devi
         groups={a: table[a].astype(str).replace("", "unknown").to_numpy() for a in cfg.protected_list},
     )
     device = Device(name, role, partition_id, data, emotions, skipped.total)
+    device.coop = attach_cooperative(device, cfg, table, node_config)  # may hide labels (label-fraction)
     _DEVICES[key] = device
     return device
 
@@ -215,9 +229,13 @@ def train(msg: Message, context: Context) -> Message:
     round_cfg = msg.content["config"]
     server_round = int(round_cfg.get("server-round", 0))
     model = _model(cfg, device, msg)
+    faireg = _faireg(round_cfg)
+    pre = _pre_stats(cfg, device, model, round_cfg, faireg)
+    coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
+    data = coop.before_training(model, device.data, round_cfg, server_round) if coop else device.data
     result = train_local(
         model,
-        device.data,
+        data if faireg is None else normalise_data(data, faireg),
         task=cfg.task,
         epochs=int(round_cfg.get("local-epochs", cfg.local_epochs)),
         lr=float(round_cfg.get("lr", cfg.lr)),
@@ -225,11 +243,14 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 100_003 + server_round * 1_009 + max(device.partition_id, 0),
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
+    if coop:
+        pre["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
+    n_examples = int(result["num_examples"]) or int(bool(coop and coop.active))  # FedAvg needs a weight > 0
     metrics = MetricRecord(
-        {"num-examples": int(result["num_examples"]), "train_loss": float(result["train_loss"])}
+        {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
     )
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device)}
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device, **pre)}
     )
     return Message(content=content, reply_to=msg)
 
@@ -240,7 +261,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     device = load_device(context.run_config, dict(context.node_config))
     model = _model(cfg, device, msg)
-    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions))
+    faireg = _faireg(msg.content["config"]) if "config" in msg.content else None
+    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
+                            av_map=faireg.denormalise if faireg else None)
     metrics = MetricRecord(
         {"num-examples": int(result["num_examples"]), "eval_loss": float(result["loss"])}
     )
@@ -258,3 +281,38 @@ def device_info(msg: Message, context: Context) -> Message:
     """Describe the device (role and counts) to the coordinator."""
     device = load_device(context.run_config, dict(context.node_config))
     return Message(content=RecordDict({"device": _reply_config(device)}), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- fairness (strategies/fair.py, FaiReg)
+
+
+def _faireg(round_cfg) -> FaiRegParams | None:
+    """The round's FaiReg parameters (JSON entry ``faireg`` of the round config), if any."""
+    text = round_cfg.get("faireg", "") if round_cfg is not None else ""
+    return FaiRegParams.from_json(str(text)) if text else None
+
+
+def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,
+               faireg: FaiRegParams | None) -> dict[str, str]:
+    """``{"pre-stats": JSON}``: statistics of the round's global model on this device's clips
+    before local training, when the round config asks (strategy ``fair``); else ``{}``."""
+    if not round_cfg.get("pre-stats", False):
+        return {}
+    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
+                            av_map=faireg.denormalise if faireg else None)
+    return {"pre-stats": device_statistics(result)}
+
+
+@app.query("label_stats")
+def label_stats_query(msg: Message, context: Context) -> Message:
+    """FaiReg: per-group ``(n, sum, sum of squares)`` of the device's arousal/valence labels.
+
+    Groups are the intersections of the run's protected attributes
+    (:func:`shared_models.fairness.faireg_group_keys`); only counts and sums leave the device.
+    """
+    cfg = RunConfig.from_mapping(context.run_config)
+    device = load_device(context.run_config, dict(context.node_config))
+    keys = faireg_group_keys(device.data.groups, cfg.protected_list, len(device.data))
+    stats = label_stats(device.data.av, keys)
+    return Message(content=RecordDict({"device": _reply_config(device, **{"label-stats": json.dumps(stats)})}),
+                   reply_to=msg)

@@ -38,6 +38,8 @@ app = typer.Typer(help="Federated and cooperative learning of speech affect mode
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Corpora: turn a corpus into a clip manifest.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+device_app = typer.Typer(help="On a device: label the clips its model asked about.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
 console = Console(stderr=True)
 out = Console()
 
@@ -159,8 +161,12 @@ def simulate(
     rounds: Optional[int] = typer.Option(None, help="federated rounds"),
     local_epochs: Optional[int] = typer.Option(None, help="local epochs per round"),
     lr: Optional[float] = typer.Option(None, help="local learning rate (Adam)"),
-    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox or qfedavg"),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, qfedavg or fair (tune with --set "
+                                           "fair-beta=2 and --set fair-attribute=gender)"),
     seed: Optional[int] = typer.Option(None),
+    mode: Optional[str] = typer.Option(None, help="supervised, self-labelling, active or cooperative"),
+    label_fraction: Optional[float] = typer.Option(None, help="share of each device's clips that keep their labels"),
+    init: Optional[Path] = typer.Option(None, help="start from this checkpoint (`fedaffect pretrain`)"),
     run_dir: Optional[Path] = typer.Option(None, help="folder for the run store, checkpoints and reports"),
     store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
     engine: str = typer.Option("inprocess", help="inprocess (fast, serial) or ray (Flower Simulation Engine)"),
@@ -177,6 +183,7 @@ def simulate(
         "num-devices": num_devices, "dirichlet-alpha": alpha, "folds": folds, "fold": fold,
         "num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "strategy": strategy, "seed": seed,
         "run-dir": str(run_dir) if run_dir else None, "store-url": store_url,
+        "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None,
     }, set_)
     from server.report import write_report
     from server.simulation import simulate as run_simulation
@@ -274,8 +281,55 @@ def demo(
                   "2 speakers held out")
     simulate(manifest=manifest, model=model, task="both", partition="speaker", num_devices=None, alpha=None,
              folds=4, fold=0, rounds=rounds, local_epochs=None, lr=None, strategy=None, seed=None,
+             mode=None, label_fraction=None, init=None,
              run_dir=run_dir, store_url=None, engine="inprocess", config=None, set_=[],
              summary_json=run_dir / "demo-summary.json", report=True, verbose=False)
+
+
+@app.command()
+def pretrain(
+    manifest: Path = typer.Option(..., help="manifest of the source corpus"),
+    model: str = typer.Option("egemaps-mlp", help="egemaps-mlp, logmel-crnn or wave-cnn-gru"),
+    out_path: Path = typer.Option(..., "--out", help="checkpoint to write (use with `simulate --init`)"),
+    task: str = typer.Option("emotion", help="emotion, av or both"),
+    epochs: int = typer.Option(20, help="training epochs"),
+    lr: float = typer.Option(3e-3, help="learning rate (Adam)"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the head (default: the corpus's)"),
+    cache_dir: Path = typer.Option(Path(".cache/fedaffect"), help="feature cache"),
+) -> None:
+    """Train a model centrally on a source corpus: the starting point of transfer learning."""
+    _setup_logging(False)
+    from client.transfer import pretrain as run_pretrain
+    from shared_models.manifest import ManifestError
+
+    if task not in ("emotion", "av", "both"):
+        _fail(f"unknown task {task!r}; known: emotion, av, both")
+    try:
+        result = run_pretrain(manifest, model, out_path, task=task, epochs=epochs, lr=lr, batch_size=batch_size,
+                              seed=seed, emotions=[e.strip() for e in emotions.split(",")] if emotions else None,
+                              cache_dir=cache_dir, progress=True)
+    except (ValueError, FileNotFoundError, ManifestError) as err:
+        _fail(str(err))
+    out.print(f"[green]wrote[/] {result['path']}: {model} on {result['clips']} clips of {result['speakers']} "
+              f"speakers, emotions {', '.join(result['emotions'])}; training loss {_fmt(result['train_loss'])}, "
+              f"training UAR {_fmt(result['train_uar'])} ({result['seconds']:.0f}s)")
+
+
+@device_app.command("label")
+def device_label(
+    data_dir: Path = typer.Option(..., help="the device's data directory (node config data-dir)"),
+    play: bool = typer.Option(True, "--play/--no-play", help="offer to play clips (aplay, paplay, ffplay or play)"),
+) -> None:
+    """Label the clips the device's model is least certain about, one at a time (q quits)."""
+    _setup_logging(False)
+    from client.labelling import label_session
+
+    try:
+        label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play)
+    except FileNotFoundError as err:
+        _fail(str(err))
 
 
 def main() -> None:

@@ -4,13 +4,18 @@ One run, as the ServerApp sees it:
 
 1. ask every connected device to describe itself (``query.device_info``): training
    devices train, held-out devices (speakers never trained on) only evaluate;
-2. build the initial global model (seeded), evaluate it (round 0);
+2. build the initial global model (seeded); with ``faireg = "on"`` gather the training
+   devices' per-group label statistics (``query.label_stats``) and send the resulting
+   per-group means and standard deviations with every round (FaiReg,
+   :mod:`shared_models.fairness`); evaluate the initial model (round 0);
 3. each round: the strategy (``strategies.build_strategy``) samples training devices and
    aggregates their updates; the new global model is evaluated on the held-out devices;
    UAR, WA, macro-F1 and CCC are computed from the devices' pooled sufficient statistics
    (so they equal the metrics of the pooled predictions), overall and per protected
-   group; the round, every device's report and the per-group metrics go into the run
-   store, and the global model is checkpointed;
+   group, with the fairness measures (worst group, largest gap, Equal Accuracy,
+   Statistical Parity); the round, every device's report, the per-group metrics and the
+   aggregation weight each group received (strategy ``fair``) go into the run store, and
+   the global model is checkpointed;
 4. mark the run completed (or failed, with the error) and store its summary.
 
 Devices that fail or do not answer within ``round-timeout`` are left out of the round and
@@ -33,9 +38,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from shared_models.config import RunConfig
+from shared_models.fairness import faireg_params, fairness_summary, group_measures, pool_label_stats
 from shared_models.metrics import ccc_from_sums, classification_metrics
 from shared_models.models import build_model
 from server.store import RunStore, default_store_url
+from client.cooperative import CoopTracker, round_settings
+from client.transfer import load_initial
 from strategies import build_strategy
 
 __all__ = ["app", "run_federation", "pooled_metrics", "NodeSubset"]
@@ -109,8 +117,13 @@ def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[
         ``uar``, ``wa``, ``macro_f1`` (NaN without categorical labels), ``ccc_arousal``,
         ``ccc_valence`` (NaN without dimensional labels), ``n`` clips evaluated, and per
         attribute ``worst_uar/<attr>`` and ``gap_uar/<attr>`` (largest minus smallest
-        group UAR, over groups that have data).
+        group UAR, over groups that have data), plus the fairness measures of
+        :func:`shared_models.fairness.fairness_summary` as ``<measure>/<attr>``: Equal
+        Accuracy ``gap_ea`` and Statistical Parity ``gap_sp`` (categorical), and per
+        dimension ``worst_ccc_<dim>``, ``gap_ccc_<dim>``, ``worst_mse_<dim>``,
+        ``gap_ea_<dim>``, ``gap_sp_<dim>``.
     groups : list of (attribute, group, metric, value)
+        Each group's metrics, with ``mse_<dim>``, ``bias_<dim>`` and ``pred_mean_<dim>``.
     """
 
     def summarise(parts: list[dict[str, Any]]) -> dict[str, float]:
@@ -131,13 +144,16 @@ def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[
     attributes = sorted({a for s in stats for a in s.get("groups", {})})
     for attr in attributes:
         names = sorted({g for s in stats for g in s["groups"].get(attr, {})})
-        per_group = {}
+        per_group, confusions = {}, {}
         for g in names:
-            per_group[g] = summarise([s["groups"][attr][g] for s in stats if g in s["groups"].get(attr, {})])
+            parts = [s["groups"][attr][g] for s in stats if g in s["groups"].get(attr, {})]
+            per_group[g] = {**summarise(parts), **group_measures(parts)}
+            confusions[g] = np.sum([np.asarray(p["cm"]) for p in parts], axis=0)
             rows += [(attr, g, k, v) for k, v in per_group[g].items()]
         uars = [m["uar"] for m in per_group.values() if m["n"] > 0 and not np.isnan(m["uar"])]
         metrics[f"worst_uar/{attr}"] = min(uars) if uars else float("nan")
         metrics[f"gap_uar/{attr}"] = max(uars) - min(uars) if len(uars) > 1 else float("nan")
+        metrics.update({f"{k}/{attr}": v for k, v in fairness_summary(per_group, confusions).items()})
     return metrics, rows
 
 
@@ -160,17 +176,19 @@ def _describe(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
     return info
 
 
-def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round: int, timeout: float):
-    """Send the global model to ``node_ids`` for evaluation; pooled metrics and device rows."""
-    config = ConfigRecord({"server-round": server_round})
+def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round: int, timeout: float,
+              extra: dict[str, Any] | None = None):
+    """Send the global model to ``node_ids`` for evaluation; pooled metrics and device rows.
+
+    ``extra`` entries are added to the round config (e.g. ``faireg``)."""
+    config = ConfigRecord({"server-round": server_round, **(extra or {})})
     messages = [
         Message(RecordDict({"arrays": arrays, "config": config}), node_id, MessageType.EVALUATE)
         for node_id in node_ids
     ]
-    stats, devices, failures, losses = [], [], 0, []
+    stats, devices, losses = [], [], []
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            failures += 1
             log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         info = dict(reply.content["device"])
@@ -182,12 +200,59 @@ def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round
         devices.append(
             {"device": info["name"], "role": info["role"], "phase": "evaluate", "metrics": _json_safe({**m, **local})}
         )
-    failures += len(node_ids) - len(devices) - failures  # timed out: no reply at all
     metrics, groups = pooled_metrics(stats)
     total = sum(n for _, n in losses)
     metrics["eval_loss"] = float(sum(l * n for l, n in losses) / total) if total else float("nan")
-    metrics["eval_failures"] = failures
+    metrics["eval_failures"] = len(node_ids) - len(devices)  # errors and devices that never answered
     return metrics, devices, groups
+
+
+def _weight_rows(strategy) -> list[tuple[str, str, str, float]]:
+    """Per-group aggregation weights of the last round, from a strategy that keeps them
+    (:class:`strategies.fair.FairAvg`): ``agg_weight`` (received) and ``count_weight``
+    (what FedAvg's example counts would have given)."""
+    attr = getattr(strategy, "attribute", "")
+    rows = []
+    for metric, table in (("agg_weight", getattr(strategy, "last_group_weights", None)),
+                          ("count_weight", getattr(strategy, "last_count_weights", None))):
+        rows += [(attr, str(g), metric, float(w)) for g, w in (table or {}).items()]
+    return rows
+
+
+def _faireg_config(grid: Grid, cfg: RunConfig, train_ids: list[int]) -> dict[str, Any]:
+    """FaiReg set-up before round 1: ``{"faireg": JSON}`` for every round config, or ``{}``.
+
+    Asks the training devices for their per-group label statistics (``query.label_stats``),
+    pools them, and computes per-group means and standard deviations
+    (:func:`shared_models.fairness.faireg_params`). Held-out devices are not asked.
+
+    Raises
+    ------
+    RuntimeError
+        If ``faireg`` is on and no training device sent arousal/valence label statistics.
+    """
+    if cfg.faireg != "on":
+        return {}
+    if cfg.task not in ("av", "both"):
+        log.warning("faireg normalises arousal/valence labels; task %r has none: FaiReg is off", cfg.task)
+        return {}
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), node_id, f"{MessageType.QUERY}.label_stats")
+        for node_id in train_ids
+    ]
+    parts = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        if reply.has_error():
+            log.warning("device %s sent no label statistics: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        parts.append(json.loads(str(reply.content["device"]["label-stats"])))
+    pooled = pool_label_stats(parts)
+    if not pooled:
+        raise RuntimeError("faireg is on but no training device has arousal/valence labels")
+    params = faireg_params(pooled, cfg.protected_list)
+    log.info("FaiReg: %d devices, groups %s", len(parts),
+             {g: np.round(v, 3).tolist() for g, v in params.groups.items()})
+    return {"faireg": params.to_json()}
 
 
 def run_federation(
@@ -225,7 +290,8 @@ def run_federation(
     run = store.create_run(name, cfg.to_mapping(), engine)
     try:
         info = _describe(grid, cfg.round_timeout)
-        train_ids = [n for n, d in info.items() if d["role"] == "train" and d["n-labelled"] > 0]
+        train_ids = [n for n, d in info.items() if d["role"] == "train" and (
+            d["n-labelled"] > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
         heldout_ids = [n for n, d in info.items() if d["role"] == "heldout" and d["n-clips"] > 0]
         if not train_ids:
             raise RuntimeError(f"no training device with labelled clips among {len(info)} devices")
@@ -236,9 +302,14 @@ def run_federation(
         )
         emotions = cfg.emotion_list
         torch.manual_seed(cfg.seed)
-        arrays = ArrayRecord(build_model(cfg.model, max(len(emotions), 1)).state_dict())
+        initial = build_model(cfg.model, max(len(emotions), 1))
+        if cfg.init:  # transfer learning: start from a pre-trained checkpoint (client/transfer.py)
+            log.info(load_initial(initial, cfg.init, cfg.model, emotions))
+        arrays = ArrayRecord(initial.state_dict())
+        coop = CoopTracker(info[n] for n in train_ids)  # cooperative learning counts per round
         strategy = build_strategy(cfg, len(train_ids))
         train_grid = NodeSubset(grid, train_ids)
+        round_extra = _faireg_config(grid, cfg, train_ids)
         ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
 
         for server_round in range(0, cfg.num_server_rounds + 1):
@@ -246,7 +317,8 @@ def run_federation(
             devices: list[dict[str, Any]] = []
             train_metrics: dict[str, Any] = {}
             if server_round > 0:
-                train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": cfg.lr})
+                train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": cfg.lr, **round_extra,
+                                             **round_settings(cfg, server_round)})
                 messages = strategy.configure_train(server_round, arrays, train_config, train_grid)
                 messages = list(messages)
                 replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -264,7 +336,11 @@ def run_federation(
                     devices.append(
                         {"device": d["name"], "role": d["role"], "phase": "train", "metrics": dict(r.content["metrics"])}
                     )
-            eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout)
+            train_metrics.update(coop.update([dict(r.content["device"]) for r in ok] if server_round > 0 else []))
+            eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout,
+                                                           round_extra)
+            if server_round > 0:
+                groups = groups + _weight_rows(strategy)
             metrics = {**train_metrics, **eval_metrics, "wall_s": time.perf_counter() - t0}
             store.add_round(run.id, server_round, _json_safe(metrics), devices + eval_devices, [
                 g for g in groups if not np.isnan(g[3])

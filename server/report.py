@@ -8,6 +8,13 @@
   (dimensional) of the held-out devices per round;
 * ``groups.png``: UAR (or CCC) per protected group per round, so a group falling behind
   shows at a glance;
+* ``gap.png``: the largest gap between groups per round (UAR or arousal CCC per protected
+  attribute, and the Equal Accuracy / Statistical Parity gaps);
+* ``weights.png``: the aggregation weight each group received per round (strategy
+  ``fair``), beside what FedAvg's example counts would have given (dashed);
+* ``labels.png`` (cooperative learning: mode other than ``supervised`` or label fraction
+  below 1): the learning curve, held-out UAR (CCC of arousal for task ``av``) against the
+  human labels spent so far (initial labels + rater answers), with the pseudo-labels in force;
 * ``index.html``: the figures, the final metrics and the run's configuration.
 """
 
@@ -48,6 +55,72 @@ def _plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list[int]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fairness_figures(store: RunStore, run, rounds: list[dict[str, Any]], out: Path, group_metric: str) -> list:
+    """``gap.png`` (largest gap between groups per round) and, when the run stored
+    ``agg_weight`` rows (strategy ``fair``), ``weights.png``."""
+    prefix = "gap_uar/" if group_metric == "uar" else "gap_ccc_arousal/"
+    keys = sorted({k for r in rounds for k in r if k.startswith(prefix)})
+    keys += sorted({k for r in rounds for k in r if k.startswith(("gap_ea/", "gap_sp/", "gap_ea_arousal/",
+                                                                    "gap_sp_arousal/"))})
+    gap = _plot(out / "gap.png", f"{run.name}: group gaps", "largest gap (max - min over groups)",
+                {k: _series(rounds, k) for k in keys})
+    weights: dict[str, tuple[list[int], list[float]]] = {}
+    for row in store.group_metrics(run.id):
+        if row["metric"] in ("agg_weight", "count_weight"):
+            label = f"{row['attribute']}={row['group']}" + (" (FedAvg)" if row["metric"] == "count_weight" else "")
+            x, y = weights.setdefault(label, ([], []))
+            x.append(row["round"])
+            y.append(row["value"])
+    figure = None
+    if any(not k.endswith("(FedAvg)") for k in weights):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+        colours: dict[str, Any] = {}
+        for label, (x, y) in sorted(weights.items()):
+            base = label.removesuffix(" (FedAvg)")
+            line = ax.plot(x, y, marker="o", markersize=3, label=label, color=colours.get(base),
+                           linestyle="--" if label.endswith("(FedAvg)") else "-")[0]
+            colours.setdefault(base, line.get_color())
+        ax.set_xlabel("round")
+        ax.set_ylabel("aggregation weight")
+        ax.set_title(f"{run.name}: weight per group")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figure = out / "weights.png"
+        fig.savefig(figure)
+        plt.close(fig)
+    return [gap, figure]
+
+
+def _labels_figure(run, rounds: list[dict[str, Any]], out: Path) -> Path | None:
+    """``labels.png``: held-out UAR against human labels spent (cooperative learning runs)."""
+    if run.config.get("mode", "supervised") == "supervised" and run.config.get("label-fraction", 1.0) >= 1:
+        return None
+    metric = "ccc_arousal" if run.config.get("task") == "av" else "uar"
+    pts = [(r["coop_human_labels"], r[metric], r.get("coop_pseudo_total") or 0, r["round"]) for r in rounds
+           if r.get("coop_human_labels") is not None and r.get(metric) is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"held-out {metric.upper()}")
+    for x, y, _, r in pts:
+        ax.annotate(str(r), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("human labels spent (initial labels + rater answers)")
+    ax.set_ylabel(metric)
+    twin = ax.twinx()
+    twin.plot([p[0] for p in pts], [p[2] for p in pts], color="grey", linestyle="--", label="pseudo-labels in force")
+    twin.set_ylabel("pseudo-labels")
+    ax.set_title(f"{run.name}: learning curve ({run.config.get('mode', 'supervised')})")
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / "labels.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -96,6 +169,8 @@ def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Pa
             x.append(row["round"])
             y.append(row["value"])
     figures.append(_plot(out / "groups.png", f"{run.name}: {group_metric.upper()} per group", group_metric, curves))
+    figures += _fairness_figures(store, run, rounds, out, group_metric)
+    figures.append(_labels_figure(run, rounds, out))
 
     final = rounds[-1] if rounds else {}
     table = "".join(

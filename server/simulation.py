@@ -153,7 +153,9 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     FileNotFoundError, ManifestError
         For a missing or invalid manifest.
     ValueError
-        For a task that needs labels the manifest lacks, or an impossible partition.
+        For a task that needs labels the manifest lacks, an impossible partition, a
+        protected attribute that is not a manifest column (the columns are listed), a
+        ``fair-attribute`` that is not protected, or ``faireg`` on for task ``emotion``.
     """
     if not cfg.manifest:
         raise ValueError("config key 'manifest' is empty: pass --manifest MANIFEST.csv")
@@ -166,6 +168,19 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     unknown = [a for a in cfg.protected_list if a not in manifest.columns]
     if unknown:
         raise ValueError(f"protected attribute(s) {unknown} not in the manifest; columns: {list(manifest.columns)}")
+    for attr in cfg.protected_list:
+        missing = int((manifest[attr].fillna("").astype(str).str.strip() == "").sum())
+        if missing:
+            log.warning("%d of %d clips have no '%s'; they count in the group 'unknown'", missing, len(manifest), attr)
+    if cfg.strategy == "fair" and cfg.fair_attribute not in cfg.protected_list:
+        raise ValueError(f"fair-attribute {cfg.fair_attribute!r} is not a protected attribute "
+                         f"(protected = {cfg.protected!r}); add it to 'protected'")
+    if cfg.faireg == "on" and cfg.task == "emotion":
+        raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
+    if cfg.init and extract:  # transfer learning: a wrong checkpoint fails before any run starts
+        from client.transfer import check_initial
+
+        check_initial(cfg.init, cfg.model, emotions)
     cfg = cfg.replace(
         emotions=",".join(emotions),
         store_url=cfg.store_url or default_store_url(cfg.run_dir),

@@ -20,9 +20,10 @@ from typing import Any, Mapping
 
 __all__ = ["ConfigError", "RunConfig", "load_config_file", "STRATEGIES", "PARTITIONS", "TASKS"]
 
-STRATEGIES = ("fedavg", "fedprox", "qfedavg")
+STRATEGIES = ("fedavg", "fedprox", "qfedavg", "fair")
 PARTITIONS = ("speaker", "iid", "dirichlet")
 TASKS = ("emotion", "av", "both")
+MODES = ("supervised", "self-labelling", "active", "cooperative")  # cooperative learning (client/cooperative.py)
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,23 @@ def _non_negative(value: Any) -> str | None:
 
 def _fraction(value: Any) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _flag(value: Any) -> str | None:
+    return None if value in (0, 1) else "must be 0 or 1"
+
+
+def _probability(value: Any) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _reliabilities(value: Any) -> str | None:
+    try:
+        probs = [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        probs = []
+    ok = probs and all(0 < p <= 1 for p in probs)
+    return None if ok else "must be comma-separated probabilities in (0, 1], one per rater"
 
 
 def _opt(check, **kw):
@@ -72,7 +90,7 @@ class RunConfig:
     local_epochs, lr, batch_size : int, float, int
         Local training on each device per round (Adam).
     strategy : str
-        Aggregation strategy: ``fedavg``, ``fedprox`` or ``qfedavg``.
+        Aggregation strategy: ``fedavg``, ``fedprox``, ``qfedavg`` or ``fair``.
     proximal_mu, qffl_q : float
         FedProx proximal weight; q-FFL fairness exponent.
     partition : str
@@ -93,12 +111,56 @@ class RunConfig:
     store_url, run_dir, cache_dir, run_name : str
         Run store (SQLAlchemy URL; empty = SQLite file in ``run_dir``), folder for
         checkpoints and reports, feature cache folder, and a unique name for the run.
+    mode : str
+        Cooperative learning on the devices (Zhang et al., TASLP 2015; :mod:`client.cooperative`):
+        ``supervised`` (labelled clips only), ``self-labelling`` (confident pool clips become
+        pseudo-labels), ``active`` (least certain pool clips are asked of the device's person,
+        or of simulated raters) or ``cooperative`` (both).
+    label_fraction : float
+        Simulation: each training device keeps the labels of a seeded stratified fraction of
+        its clips; the rest is its unlabelled pool (deployment: unlabelled manifest rows).
+    pseudo_schedule, pseudo_start, pseudo_end : str, float, float
+        Pseudo-label confidence threshold over rounds, ``cosine`` (FedSTAR) or ``linear``,
+        from ``pseudo-start`` at round 0 to ``pseudo-end`` at the last round.
+    pseudo_views, view_noise, pseudo_max_std : int, float, float
+        Augmented views per clip (feature noise of std ``view-noise``, in standardised units),
+        and the largest std of the chosen class's probability across views (view agreement;
+        every view must also predict the same class).
+    pseudo_per_class, pseudo_keep, pseudo_recheck : int, float, int
+        At most ``pseudo-per-class`` new pseudo-labels per class and round; with
+        ``pseudo-recheck = 1`` an accepted pseudo-label is dropped when the current model no
+        longer predicts it or its mean probability falls below ``pseudo-keep``.
+    upsample : int
+        1: upsample the labelled set (labels, answers, pseudo-labels) to an even class
+        distribution before local training (cross-task self-labelling).
+    uncertainty, av_max_std : str, float
+        Uncertainty of arousal/valence: std across ``views`` or Monte-Carlo dropout
+        (``mc-dropout``) samples; an arousal/valence pseudo-label needs std <= ``av-max-std``.
+    query_per_round, query_total : int
+        Active learning budget per device: clips queued per round and in total.
+    rater_reliability, agreement_min, agreement_max, max_raters : str, int, int, int
+        Simulated raters (dynamic active learning, Yue Zhang et al. 2015): comma-separated
+        probabilities of giving the true label (asked most reliable first); the agreement
+        required rises from ``agreement-min`` (certain model) to ``agreement-max`` (uncertain
+        model); at most ``max-raters`` are asked, then the majority is taken.
+    init, freeze_rounds : str, int
+        Transfer learning: checkpoint of ``fedaffect pretrain`` the federation starts from
+        (empty: random init), and rounds in which devices train only the heads.
     emotions : str
         Comma-separated emotion classes of the categorical head, in output order; empty
         means every emotion found in the manifest, sorted.
     protected : str
         Comma-separated manifest columns whose values define the groups that per-group
         metrics are computed for (default ``gender``).
+    fair_beta, fair_attribute : float, str
+        Strategy ``fair`` (:mod:`strategies.fair`): step size of the fairness-normalised
+        weights (0 = FedAvg) and the protected attribute (one of ``protected``) whose groups
+        it balances.
+    faireg : str
+        ``on``: FaiReg label normalisation (:mod:`shared_models.fairness`): devices train on
+        arousal/valence standardised per protected group (the intersection of the
+        ``protected`` attributes) and predictions are mapped back to the label scale;
+        ``off`` (default). Needs task ``av`` or ``both``.
     """
 
     manifest: str = ""
@@ -124,8 +186,33 @@ class RunConfig:
     run_dir: str = "runs"
     cache_dir: str = ".cache/fedaffect"
     run_name: str = ""
+    mode: str = _opt(_choice(MODES), default="supervised")
+    label_fraction: float = _opt(_fraction, default=1.0)
+    pseudo_schedule: str = _opt(_choice(("cosine", "linear")), default="cosine")
+    pseudo_start: float = _opt(_probability, default=0.5)
+    pseudo_end: float = _opt(_probability, default=0.9)
+    pseudo_views: int = _opt(_positive, default=5)
+    view_noise: float = _opt(_non_negative, default=0.1)
+    pseudo_max_std: float = _opt(_non_negative, default=0.05)
+    pseudo_per_class: int = _opt(_non_negative, default=5)
+    pseudo_keep: float = _opt(_probability, default=0.5)
+    pseudo_recheck: int = _opt(_flag, default=1)
+    upsample: int = _opt(_flag, default=0)
+    uncertainty: str = _opt(_choice(("views", "mc-dropout")), default="views")
+    av_max_std: float = _opt(_non_negative, default=0.05)
+    query_per_round: int = _opt(_non_negative, default=2)
+    query_total: int = _opt(_non_negative, default=10)
+    rater_reliability: str = _opt(_reliabilities, default="0.9,0.85,0.8,0.75,0.7")
+    agreement_min: int = _opt(_positive, default=2)
+    agreement_max: int = _opt(_positive, default=3)
+    max_raters: int = _opt(_positive, default=5)
+    init: str = ""
+    freeze_rounds: int = _opt(_non_negative, default=0)
     emotions: str = ""
     protected: str = "gender"
+    fair_beta: float = _opt(_non_negative, default=1.0)
+    fair_attribute: str = "gender"
+    faireg: str = _opt(_choice(("off", "on")), default="off")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -143,6 +230,9 @@ class RunConfig:
                 raise ConfigError(f"config key '{key}' = {value!r}: {problem}")
         if self.fold >= self.folds:
             raise ConfigError(f"config key 'fold' = {self.fold}: must be < folds ({self.folds})")
+        if self.agreement_min > self.agreement_max:
+            raise ConfigError(f"config key 'agreement-min' = {self.agreement_min}: must be <= agreement-max "
+                              f"({self.agreement_max})")
 
     @classmethod
     def keys(cls) -> list[str]:

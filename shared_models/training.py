@@ -220,8 +220,11 @@ def _stats(y: np.ndarray, pred: np.ndarray, av: np.ndarray, av_pred: np.ndarray,
 
 
 def evaluate_local(model: nn.Module, data: LocalData, *, task: str, n_classes: int,
-                   batch_size: int = 64) -> dict:
+                   batch_size: int = 64, av_map=None) -> dict:
     """Evaluate on ``data`` and return additive statistics.
+
+    ``av_map``, if given, maps the model's arousal/valence outputs (N, 2) to the label scale
+    before any statistic is computed (FaiReg: :meth:`shared_models.fairness.FaiRegParams.denormalise`).
 
     Returns
     -------
@@ -243,6 +246,8 @@ def evaluate_local(model: nn.Module, data: LocalData, *, task: str, n_classes: i
     """
     _check_task(task)
     probs, av_pred = predict(model, data, batch_size=batch_size)
+    if av_map is not None and len(av_pred):
+        av_pred = np.asarray(av_map(av_pred), dtype=np.float32).reshape(-1, 2)
     if probs.shape[1] == 0:
         probs = np.zeros((0, n_classes), np.float32)
     pred = probs.argmax(axis=1)

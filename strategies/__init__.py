@@ -10,6 +10,10 @@ A strategy decides which devices train in a round and how their updates are comb
     MLSys 2020); the devices read ``proximal-mu`` from the round config.
 ``qfedavg``
     q-FFL, fair resource allocation (Li et al., ICLR 2020): re-weights by ``train_loss``.
+``fair``
+    Fairness-normalised FedAvg (:class:`strategies.fair.FairAvg`, after FairFed, Ezzeldin et
+    al., AAAI 2023): devices of a protected group that is behind the global metric get more
+    weight (``fair-beta``, ``fair-attribute``); ``fair-beta = 0`` is FedAvg.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg, FedProx, QFedAvg, Strategy
 
 from shared_models.config import STRATEGIES, RunConfig
+from strategies.fair import FairAvg
 
 __all__ = ["build_strategy", "STRATEGIES"]
 
@@ -28,7 +33,7 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
     ----------
     cfg : RunConfig
         Run config (``strategy``, ``fraction-train``, ``min-train-devices``,
-        ``proximal-mu``, ``qffl-q``, ``lr``).
+        ``proximal-mu``, ``qffl-q``, ``lr``, ``fair-beta``, ``fair-attribute``, ``task``).
     num_train_devices : int
         Training devices in the federation (caps ``min-train-devices``).
 
@@ -39,7 +44,8 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
     Raises
     ------
     ValueError
-        For an unknown strategy name (the list of known names is in the message).
+        For an unknown strategy name (the list of known names is in the message), or a
+        ``fair-attribute`` that is not one of the ``protected`` attributes.
     """
     min_train = max(1, min(cfg.min_train_devices, num_train_devices))
     common = dict(
@@ -55,4 +61,9 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "qfedavg":
         return QFedAvg(client_learning_rate=cfg.lr, q=cfg.qffl_q, **common)
+    if cfg.strategy == "fair":
+        if cfg.fair_attribute not in cfg.protected_list:
+            raise ValueError(f"fair-attribute {cfg.fair_attribute!r} is not a protected attribute "
+                             f"(protected = {cfg.protected!r}); add it to 'protected'")
+        return FairAvg(beta=cfg.fair_beta, attribute=cfg.fair_attribute, task=cfg.task, **common)
     raise ValueError(f"unknown strategy {cfg.strategy!r}; known: {', '.join(STRATEGIES)}")
