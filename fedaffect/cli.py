@@ -140,7 +140,8 @@ def _final_table(summary: dict[str, Any]) -> Table:
     table.add_column("mean", justify="right")
     table.add_column("std", justify="right")
     for k, v in summary["final"].items():
-        table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
+        if v["mean"] is not None:  # metrics of a head this task does not train are blank
+            table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
     for attr, groups in summary["per_group"].items():
         for g, metrics in groups.items():
             key = "uar" if metrics.get("uar") is not None else "ccc_arousal"

@@ -46,7 +46,7 @@ from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
 from strategies import build_strategy
 
-__all__ = ["app", "run_federation", "pooled_metrics", "NodeSubset"]
+__all__ = ["app", "run_federation", "pooled_metrics", "task_metrics", "NodeSubset"]
 
 log = logging.getLogger("fedaffect.server")
 
@@ -207,6 +207,31 @@ def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round
     return metrics, devices, groups
 
 
+def _is_dimensional(name: str) -> bool:
+    return "arousal" in name or "valence" in name
+
+
+def task_metrics(metrics: dict[str, Any], groups: list[tuple[str, str, str, float]], task: str):
+    """Blank the metrics of a head the run does not train.
+
+    With ``task = "emotion"`` the arousal/valence head is never trained, so its CCC and
+    fairness measures are set to NaN (and its group rows dropped); with ``task = "av"`` the
+    categorical ones (UAR, WA, macro-F1, their group gaps) are. Counts and losses stay.
+    """
+    keep_dim, keep_cat = task in ("av", "both"), task in ("emotion", "both")
+
+    def wanted(name: str) -> bool:
+        base = name.split("/")[0]
+        if _is_dimensional(base):
+            return keep_dim
+        if base.removeprefix("worst_").removeprefix("gap_") in ("uar", "wa", "macro_f1", "ea", "sp"):
+            return keep_cat
+        return True  # counts, losses
+
+    out = {k: (v if wanted(k) else float("nan")) for k, v in metrics.items()}
+    return out, [g for g in groups if wanted(g[2])]
+
+
 def _weight_rows(strategy) -> list[tuple[str, str, str, float]]:
     """Per-group aggregation weights of the last round, from a strategy that keeps them
     (:class:`strategies.fair.FairAvg`): ``agg_weight`` (received) and ``count_weight``
@@ -339,6 +364,7 @@ def run_federation(
             train_metrics.update(coop.update([dict(r.content["device"]) for r in ok] if server_round > 0 else []))
             eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout,
                                                            round_extra)
+            eval_metrics, groups = task_metrics(eval_metrics, groups, cfg.task)
             if server_round > 0:
                 groups = groups + _weight_rows(strategy)
             metrics = {**train_metrics, **eval_metrics, "wall_s": time.perf_counter() - t0}

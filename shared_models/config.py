@@ -91,8 +91,10 @@ class RunConfig:
         Local training on each device per round (Adam).
     strategy : str
         Aggregation strategy: ``fedavg``, ``fedprox``, ``qfedavg`` or ``fair``.
-    proximal_mu, qffl_q : float
-        FedProx proximal weight; q-FFL fairness exponent.
+    proximal_mu, qffl_q, qffl_lipschitz : float
+        FedProx proximal weight; q-FFL fairness exponent and its Lipschitz constant L
+        (Flower's QFedAvg takes ``1 / L`` as ``client_learning_rate``; ``L = 1/lr`` assumes
+        one local SGD step and shrinks multi-epoch Adam updates to nearly nothing).
     partition : str
         How clips become devices: ``speaker`` (one device per speaker), ``iid`` or
         ``dirichlet`` (label skew with concentration ``dirichlet_alpha``).
@@ -173,6 +175,7 @@ class RunConfig:
     strategy: str = _opt(_choice(STRATEGIES), default="fedavg")
     proximal_mu: float = _opt(_non_negative, default=0.01)
     qffl_q: float = _opt(_non_negative, default=0.1)
+    qffl_lipschitz: float = _opt(_positive, default=1.0)
     partition: str = _opt(_choice(PARTITIONS), default="speaker")
     num_devices: int = _opt(_non_negative, default=0)
     dirichlet_alpha: float = _opt(_positive, default=0.5)

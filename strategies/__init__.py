@@ -33,7 +33,7 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
     ----------
     cfg : RunConfig
         Run config (``strategy``, ``fraction-train``, ``min-train-devices``,
-        ``proximal-mu``, ``qffl-q``, ``lr``, ``fair-beta``, ``fair-attribute``, ``task``).
+        ``proximal-mu``, ``qffl-q``, ``qffl-lipschitz``, ``fair-beta``, ``fair-attribute``, ``task``).
     num_train_devices : int
         Training devices in the federation (caps ``min-train-devices``).
 
@@ -60,7 +60,7 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
     if cfg.strategy == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "qfedavg":
-        return QFedAvg(client_learning_rate=cfg.lr, q=cfg.qffl_q, **common)
+        return QFedAvg(client_learning_rate=1.0 / cfg.qffl_lipschitz, q=cfg.qffl_q, **common)
     if cfg.strategy == "fair":
         if cfg.fair_attribute not in cfg.protected_list:
             raise ValueError(f"fair-attribute {cfg.fair_attribute!r} is not a protected attribute "

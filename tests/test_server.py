@@ -82,3 +82,20 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     (tmp_path / "ckpt" / "round-0003.pt").write_bytes(b"garbage")
     rnd, payload = store.latest_checkpoint(run.id)
     assert rnd == 2 and payload["round"] == 2
+
+
+def test_metrics_of_an_untrained_head_are_blanked():
+    from server.app import task_metrics
+
+    metrics = {"uar": 0.5, "ccc_arousal": 0.3, "gap_uar/gender": 0.1, "gap_sp/gender": 0.05,
+               "worst_ccc_valence/gender": 0.1, "eval_loss": 1.0}
+    rows = [("gender", "f", "uar", 0.5), ("gender", "f", "ccc_arousal", 0.3), ("gender", "f", "n", 3.0)]
+    emo, emo_rows = task_metrics(metrics, rows, "emotion")
+    assert np.isnan(emo["ccc_arousal"]) and np.isnan(emo["worst_ccc_valence/gender"])
+    assert emo["uar"] == 0.5 and emo["gap_sp/gender"] == 0.05 and emo["eval_loss"] == 1.0
+    assert [r[2] for r in emo_rows] == ["uar", "n"]
+    av, av_rows = task_metrics(metrics, rows, "av")
+    assert np.isnan(av["uar"]) and np.isnan(av["gap_uar/gender"]) and av["ccc_arousal"] == 0.3
+    assert [r[2] for r in av_rows] == ["ccc_arousal", "n"]
+    both, both_rows = task_metrics(metrics, rows, "both")
+    assert both == metrics and both_rows == rows
