@@ -134,13 +134,19 @@ def _rounds_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+#: Final metrics shown in the table: the standard ones, worst group and largest gap.
+FINAL_METRICS = ("uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence")
+TABLE_FAIRNESS = ("worst_uar", "gap_uar", "worst_ccc", "gap_ccc")
+
+
 def _final_table(summary: dict[str, Any]) -> Table:
     table = Table(title="Final metrics (held-out speakers)")
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("std", justify="right")
     for k, v in summary["final"].items():
-        if v["mean"] is not None:  # metrics of a head this task does not train are blank
+        # Blank: a head this task does not train. The other fairness measures are in the JSON.
+        if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS)):
             table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
     for attr, groups in summary["per_group"].items():
         for g, metrics in groups.items():
