@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--task", default="both")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     manifest = corpus_manifest(args.corpus)
@@ -36,7 +37,7 @@ def main() -> None:
         fed, cen, t_fed, t_cen = [], [], 0.0, 0.0
         for fold in range(args.run_folds or args.folds):
             cfg = RunConfig(manifest=str(manifest), model=model, task=args.task, folds=args.folds, fold=fold,
-                            num_server_rounds=args.rounds, local_epochs=args.local_epochs,
+                            num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
                             run_dir="runs/bench", run_name=f"q-{args.corpus}-{model}-f{fold}-{int(time.time())}")
             t0 = time.perf_counter()
             fed.append(simulate(cfg, all_folds=False, progress=False)["final"])
