@@ -230,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_cfg.get("server-round", 0))
     model = _model(cfg, device, msg)
     faireg = _faireg(round_cfg)
-    pre = _pre_stats(cfg, device, model, round_cfg, faireg)
+    extra = _pre_stats(cfg, device, model, round_cfg, faireg)
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
     data = coop.before_training(model, device.data, round_cfg, server_round) if coop else device.data
     result = train_local(
@@ -244,13 +244,13 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )
     if coop:
-        pre["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
+        extra["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
     n_examples = int(result["num_examples"]) or int(bool(coop and coop.active))  # FedAvg needs a weight > 0
     metrics = MetricRecord(
         {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
     )
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device, **pre)}
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device, **extra)}
     )
     return Message(content=content, reply_to=msg)
 
