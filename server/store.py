@@ -12,12 +12,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 __all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint"]
@@ -102,6 +106,21 @@ def default_store_url(run_dir: str | Path) -> str:
     return f"sqlite:///{path / 'fedaffect.db'}"
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    """JSON columns store NaN and infinities as null: PostgreSQL rejects them, and app.py stores null too."""
+    return json.dumps(_finite(value))
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -113,14 +132,31 @@ class RunStore:
     ----------
     url : str
         SQLAlchemy URL, e.g. ``sqlite:///runs/fedaffect.db`` or
-        ``postgresql+psycopg://user@host/db``. Tables are created when missing.
+        ``postgresql+psycopg://user@host/db``. Tables are created when missing. A plain
+        ``postgresql://`` URL uses the psycopg (3) driver.
+
+    Raises
+    ------
+    ConnectionError
+        If the database cannot be reached or opened (the message shows the URL without
+        its password).
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
-        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args)
-        Base.metadata.create_all(self.engine)
+        parsed = make_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):  # plain PostgreSQL URL: use psycopg 3
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self._shown = parsed.render_as_string(hide_password=True)  # for messages: no password
+        connect_args = {"timeout": 30} if parsed.drivername.startswith("sqlite") else {}
+        if parsed.drivername.startswith("postgresql") and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = 10  # an unreachable host fails in seconds, not minutes
+        self.engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True, json_serializer=_json_dumps)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as err:
+            self.engine.dispose()
+            raise ConnectionError(f"cannot open the run store {self._shown}: {err.orig}".strip()) from None
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -136,7 +172,7 @@ class RunStore:
         """
         with self._session() as s:
             if s.scalar(select(Run).where(Run.name == name)) is not None:
-                raise ValueError(f"a run named {name!r} exists already in {self.url}")
+                raise ValueError(f"a run named {name!r} exists already in {self._shown}")
             run = Run(name=name, config=dict(config), engine=engine, summary={})
             s.add(run)
             s.commit()
@@ -152,10 +188,10 @@ class RunStore:
         """
         with self._session() as s:
             run = s.scalar(select(Run).where(Run.name == str(ref)))
-            if run is None and str(ref).isdigit():
+            if run is None and str(ref).isdigit() and int(ref) < 2**31:  # ids are 32-bit in PostgreSQL
                 run = s.get(Run, int(ref))
             if run is None:
-                raise KeyError(f"no run {ref!r} in {self.url}")
+                raise KeyError(f"no run {ref!r} in {self._shown}")
             return run
 
     def list_runs(self) -> list[Run]:

@@ -59,3 +59,20 @@ def synth_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     result = synth_prepare(root / "audio", root / "synth.csv", n_speakers=4, clips_per_emotion=6, seed=0)
     return result.manifest
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """SQLAlchemy URL of a real PostgreSQL database (tests/pg.py): $FEDAFFECT_TEST_POSTGRES_URL,
+    or a private throwaway cluster started for the session (PostgreSQL installed with apt as root
+    when missing). Skips when PostgreSQL can be neither found nor installed."""
+    from tests.pg import PostgresUnavailable
+    from tests.pg import postgres_url as _postgres_url
+
+    database = _postgres_url()
+    try:
+        url = next(database)
+    except PostgresUnavailable as err:
+        pytest.skip(str(err))
+    yield url
+    database.close()  # stops the private cluster and removes its folder
