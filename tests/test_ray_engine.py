@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from server.ray_engine import REPO_ROOT, _children, _stage_app, absolute_paths, run_ray
+from server.ray_engine import REPO_ROOT, absolute_paths, run_ray
+from server.superlink import descendants as _children, stage_app as _stage_app
 from server.simulation import prepare_run, simulate
 from server.store import RunStore
 from shared_models.config import RunConfig
