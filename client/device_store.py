@@ -16,16 +16,27 @@ Tables
     pseudo-labels are the rows not dropped.
 ``label_queue``
     Clips the device wants its person (or, in simulation, the simulated raters) to label:
-    path, duration, the model's top guesses, its uncertainty, the round queued and the status
-    ``pending``, ``answered`` or ``dropped`` (with a note, e.g. the file has gone).
+    path, duration, the model's top categorical guesses, its arousal/valence guess (label
+    scale [-1, 1], tasks ``av`` and ``both``), its uncertainty, the round queued and the
+    status ``pending``, ``answered`` or ``dropped`` (with a note, e.g. the file has gone).
 ``answers``
-    One human label per clip: emotion (and arousal/valence where given), who gave it
-    (``person`` or ``oracle``), how many rater answers it cost (human effort) and the rater
-    answers themselves.
+    One human label per clip: emotion (``""`` when none was given) and arousal/valence
+    (both or neither, each in [-1, 1] as in the manifest), who gave it (``person`` or
+    ``oracle``), how many rater answers it cost (human effort) and the rater answers
+    themselves.
 ``meta``
-    Small JSON values (e.g. the emotion classes valid as answers).
+    Small JSON values: ``emotions`` (the emotion classes valid as answers) and ``task``
+    (``emotion``, ``av`` or ``both``: which answers the run uses), written by the device
+    every round (:meth:`client.cooperative.CoopState.after_training`).
 
 Clips are identified by their path as the device's manifest names it.
+
+Schema changes
+--------------
+A store written by an older version still opens: tables it lacks are created, and columns
+added since (nullable only, e.g. ``label_queue.arousal_guess``/``valence_guess``) are added
+with ``ALTER TABLE ... ADD COLUMN`` (old rows get NULL) when the store is opened
+(:func:`_add_missing_columns`). Columns are never dropped or renamed.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ import datetime as dt
 from pathlib import Path
 from typing import Any, Iterable
 
+import math
+
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 __all__ = ["DeviceStore", "STORE_FILE", "PENDING", "ANSWERED", "DROPPED"]
@@ -74,6 +88,8 @@ class QueueItem(_Base):
     clip: Mapped[str] = mapped_column(Text, unique=True)
     duration: Mapped[float | None] = mapped_column(Float, nullable=True)
     guesses: Mapped[list] = mapped_column(JSON, default=list)
+    arousal_guess: Mapped[float | None] = mapped_column(Float, nullable=True)  # added after v1: nullable
+    valence_guess: Mapped[float | None] = mapped_column(Float, nullable=True)
     uncertainty: Mapped[float] = mapped_column(Float, default=0.0)
     round_queued: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(20), default=PENDING, index=True)
@@ -113,6 +129,53 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine) -> list[str]:
+    """Add the model's nullable columns that an older store's tables lack (in place).
+
+    ``create_all`` creates missing tables but never alters existing ones; a column added to a
+    model since a store was written is added here with ``ALTER TABLE ... ADD COLUMN`` (SQLite
+    fills old rows with NULL). Two processes opening the same old store at once (the device
+    and a labelling session) may race: a "duplicate column" error from the loser is ignored.
+
+    Returns
+    -------
+    list of str
+        ``table.column`` of every column added.
+
+    Raises
+    ------
+    RuntimeError
+        If a missing column is not nullable (it would need a default for the old rows: a
+        programming error, caught by the tests).
+    """
+    added = []
+    with engine.begin() as conn:
+        for table in _Base.metadata.sorted_tables:
+            have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                if not col.nullable or col.primary_key:
+                    raise RuntimeError(f"store column {table.name}.{col.name} is missing and not nullable")
+                kind = col.type.compile(dialect=engine.dialect)
+                try:
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {kind}')
+                except OperationalError as err:  # another process added it first
+                    if "duplicate column" not in str(err).lower():
+                        raise
+                added.append(f"{table.name}.{col.name}")
+    return added
+
+
+def _check_av(arousal: float | None, valence: float | None) -> None:
+    """Arousal and valence: both None, or both finite numbers in [-1, 1] (the manifest's scale)."""
+    if (arousal is None) != (valence is None):
+        raise ValueError(f"arousal and valence go together: got arousal={arousal!r}, valence={valence!r}")
+    for name, v in (("arousal", arousal), ("valence", valence)):
+        if v is not None and not (math.isfinite(float(v)) and -1.0 <= float(v) <= 1.0):
+            raise ValueError(f"{name} must be a number in [-1, 1], got {v!r}")
+
+
 def _pseudo_dict(r: PseudoLabel) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "confidence": r.confidence, "round_added": r.round_added, "round_dropped": r.round_dropped,
@@ -120,7 +183,8 @@ def _pseudo_dict(r: PseudoLabel) -> dict[str, Any]:
 
 
 def _queue_dict(r: QueueItem) -> dict[str, Any]:
-    return {"clip": r.clip, "duration": r.duration, "guesses": list(r.guesses or []),
+    av_guess = None if r.arousal_guess is None or r.valence_guess is None else [r.arousal_guess, r.valence_guess]
+    return {"clip": r.clip, "duration": r.duration, "guesses": list(r.guesses or []), "av_guess": av_guess,
             "uncertainty": r.uncertainty, "round_queued": r.round_queued, "status": r.status, "note": r.note}
 
 
@@ -154,6 +218,7 @@ class DeviceStore:
         self.engine = create_engine(f"sqlite:///{self.path.resolve()}", connect_args={"timeout": 30})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)  # an older store: add the columns it lacks
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -230,14 +295,20 @@ class DeviceStore:
     # -- label queue ------------------------------------------------------------------
     def enqueue(self, server_round: int, items: Iterable[dict[str, Any]]) -> int:
         """Queue clips for a human label; each item has ``clip`` and optionally ``duration``,
-        ``guesses`` (``[[label, probability], ...]``, best first) and ``uncertainty``. A clip
-        queued before (whatever its status) is not queued again. Returns how many were queued."""
+        ``guesses`` (``[[label, probability], ...]``, best first), ``av_guess`` (the model's
+        ``[arousal, valence]`` on the label scale) and ``uncertainty``. A clip queued before
+        (whatever its status) is not queued again. Returns how many were queued."""
         items = list(items)
         with self._session() as s:
             known = set(s.scalars(select(QueueItem.clip)))
-            new = [QueueItem(clip=i["clip"], duration=i.get("duration"), guesses=i.get("guesses", []),
-                             uncertainty=float(i.get("uncertainty", 0.0)), round_queued=server_round)
-                   for i in items if i["clip"] not in known]
+            new = []
+            for i in items:
+                if i["clip"] in known:
+                    continue
+                a, v = (None, None) if i.get("av_guess") is None else (float(x) for x in i["av_guess"])
+                new.append(QueueItem(clip=i["clip"], duration=i.get("duration"), guesses=i.get("guesses", []),
+                                     arousal_guess=a, valence_guess=v,
+                                     uncertainty=float(i.get("uncertainty", 0.0)), round_queued=server_round))
             s.add_all(new)
             s.commit()
             return len(new)
@@ -271,7 +342,19 @@ class DeviceStore:
                source: str = "person", n_raters: int = 1, rater_labels: list | None = None,
                server_round: int | None = None) -> None:
         """Store the human label of ``clip`` and mark its queue entry answered, in one
-        transaction (an interrupted labelling session loses no answer already given)."""
+        transaction (an interrupted labelling session loses no answer already given).
+
+        ``emotion`` is ``""`` when only arousal/valence were given; ``arousal`` and
+        ``valence`` go together (both or neither), each in [-1, 1].
+
+        Raises
+        ------
+        ValueError
+            For only one of arousal/valence, or a value outside [-1, 1] (nothing is stored).
+        """
+        _check_av(arousal, valence)
+        arousal = None if arousal is None else float(arousal)
+        valence = None if valence is None else float(valence)
         with self._session() as s:
             row = s.scalar(select(Answer).where(Answer.clip == clip))
             if row is None:

@@ -50,3 +50,51 @@ def test_opening_without_create_needs_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no label queue"):
         DeviceStore(tmp_path / "nowhere", create=False)
     assert not (tmp_path / "nowhere").exists()
+
+
+# The label queue as the first version of the store wrote it (no arousal/valence guess).
+OLD_LABEL_QUEUE = """CREATE TABLE label_queue (
+    id INTEGER NOT NULL, clip TEXT NOT NULL, duration FLOAT, guesses JSON NOT NULL,
+    uncertainty FLOAT NOT NULL, round_queued INTEGER NOT NULL, status VARCHAR(20) NOT NULL,
+    note TEXT NOT NULL, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,
+    PRIMARY KEY (id), UNIQUE (clip))"""
+
+
+def test_an_old_store_still_opens_and_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    from client.device_store import _add_missing_columns
+
+    (tmp_path / "dev").mkdir()
+    with sqlite3.connect(tmp_path / "dev" / "cooperative.db") as db:
+        db.execute(OLD_LABEL_QUEUE)
+        db.execute("INSERT INTO label_queue (clip, guesses, uncertainty, round_queued, status, note, created_at, "
+                   "updated_at) VALUES ('/d/old.wav', '[[\"anger\", 0.5]]', 0.7, 1, 'pending', '', "
+                   "'2024-01-01 00:00:00', '2024-01-01 00:00:00')")
+    with DeviceStore(tmp_path / "dev", create=False) as store:
+        assert store.pending() == [{"clip": "/d/old.wav", "duration": None, "guesses": [["anger", 0.5]],
+                                    "av_guess": None, "uncertainty": 0.7, "round_queued": 1, "status": "pending",
+                                    "note": ""}]
+        assert store.enqueue(2, [{"clip": "/d/new.wav", "av_guess": [0.25, -0.5]}]) == 1
+        store.answer("/d/old.wav", "anger")
+        assert _add_missing_columns(store.engine) == []  # nothing left to add
+    with DeviceStore(tmp_path / "dev") as store:  # and it opens again
+        assert [q["av_guess"] for q in store.queue()] == [None, [0.25, -0.5]]
+        assert store.answers()["/d/old.wav"]["emotion"] == "anger"
+
+
+def test_answers_keep_arousal_and_valence_on_the_label_scale(tmp_path):
+    with DeviceStore(tmp_path) as store:
+        store.enqueue(1, [{"clip": "a"}, {"clip": "b"}])
+        store.answer("a", "", arousal=0.6, valence=-0.2)  # arousal/valence only
+        store.answer("b", "happiness", arousal=-1.0, valence=1.0)
+        with pytest.raises(ValueError, match="arousal and valence go together"):
+            store.answer("c", "", arousal=0.6)
+        with pytest.raises(ValueError, match=r"valence must be a number in \[-1, 1\], got 1.5"):
+            store.answer("c", "", arousal=0.6, valence=1.5)
+        with pytest.raises(ValueError, match="arousal must be"):
+            store.answer("c", "", arousal=float("nan"), valence=0.0)
+        answers = store.answers()
+        assert set(answers) == {"a", "b"} and store.pending() == []
+        assert (answers["a"]["emotion"], answers["a"]["arousal"], answers["a"]["valence"]) == ("", 0.6, -0.2)
+        assert (answers["b"]["emotion"], answers["b"]["arousal"]) == ("happiness", -1.0)
