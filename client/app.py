@@ -25,6 +25,10 @@ With strategy ``fair`` the round config carries ``pre-stats``: the device then a
 the statistics of the global model on its clips *before* training (``pre-stats`` in the
 reply's ``device`` record), from which the strategy weighs the groups.
 
+With ``dp = "client"`` the round config carries ``clipping_norm`` (Flower's
+``DifferentialPrivacyClientSideFixedClipping``, :mod:`strategies.dp`): the train handler's
+:func:`dp_clipping_mod` then clips the update to that L2 norm before it leaves the device.
+
 Where a device's clips come from:
 
 * simulation: node config ``partition-id`` (set by Flower's Simulation Engine or by
@@ -48,6 +52,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared_models.config import RunConfig
 from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats, normalise_data
@@ -58,7 +64,7 @@ from shared_models.models import build_model, frontend_for
 from shared_models.training import LocalData, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative
 
-__all__ = ["app", "Device", "load_device", "device_statistics"]
+__all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod"]
 
 log = logging.getLogger("fedaffect.client")
 
@@ -221,7 +227,32 @@ def _reply_config(device: Device, **extra: Any) -> ConfigRecord:
     return ConfigRecord({**device.info(), **extra})
 
 
-@app.train()
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Client-side DP clipping, only when the round config carries ``clipping_norm``.
+
+    Flower's ``fixedclipping_mod`` answers with an error when the key is missing (any run
+    without ``dp = "client"``), so it is applied only when asked. Integer arrays (BatchNorm's
+    ``num_batches_tracked``) go back as received: they are not learnt, would use up the
+    clipping norm and would tell how many batches the device trained on.
+    """
+    configs = list(msg.content.config_records.values())
+    if not (len(configs) == 1 and KEY_CLIPPING_NORM in configs[0]):
+        return call_next(msg, context)
+    sent = next(iter(msg.content.array_records.values()), None)
+
+    def keep_integer_arrays(msg_in: Message, ctx: Context) -> Message:
+        reply = call_next(msg_in, ctx)
+        if sent is not None and not reply.has_error():
+            for name, record in list(reply.content.array_records.items()):
+                reply.content[name] = ArrayRecord(
+                    {k: (sent[k] if k in sent and np.issubdtype(a.numpy().dtype, np.integer) else a)
+                     for k, a in record.items()})
+        return reply
+
+    return fixedclipping_mod(msg, context, keep_integer_arrays)
+
+
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the device's labelled clips (one federated round)."""
     cfg = RunConfig.from_mapping(context.run_config)

@@ -44,6 +44,11 @@ Dynamic active learning (modes ``active`` and ``cooperative``)
     agreement and applied to emotion recognition in spoken interactions", ICMI 2015). Human
     effort is counted in rater answers. Answered clips join the labelled set at the next round.
 
+Transfer learning
+    While the server says ``freeze`` (rounds up to ``freeze-rounds``), only the heads train:
+    the front-end's parameters get no gradient and its batch-norm layers keep their running
+    statistics (:func:`freeze_frontend`).
+
 Everything a device keeps lives in :class:`client.device_store.DeviceStore` under its data
 directory. The pure pieces (schedule, label split, selection, re-check, rater stopping rule,
 round aggregation) are plain functions of arrays, tested on hand-made inputs.
@@ -64,6 +69,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from shared_models.config import MODES
 from shared_models.features import collate
@@ -598,18 +604,72 @@ class Oracle:
 # ---------------------------------------------------------------------------------------
 # Transfer learning on the device: train only the heads while the front-end is frozen
 # ---------------------------------------------------------------------------------------
-def freeze_frontend(model: nn.Module, freeze: bool = True) -> int:
-    """Freeze (or unfreeze) every parameter but the heads (``emotion.*``, ``av.*``).
+def _is_head(name: str) -> bool:
+    """Whether a parameter or module name belongs to a head (``emotion``, ``av`` and below)."""
+    return (name + ".").startswith(HEADS)
 
-    Frozen parameters get no gradient, so Adam leaves them as they are; batch-norm running
-    statistics of the front-end still adapt in training mode. Returns the number of frozen
-    parameter tensors.
+
+def _hold_eval(module: nn.Module, _args) -> None:
+    """Forward pre-hook of a frozen front-end normalisation layer: run it in eval mode."""
+    module.training = False
+
+
+def _drop_hold_eval(module: nn.Module) -> bool:
+    """Remove the :func:`_hold_eval` hooks of ``module``; whether it had one.
+
+    The hooks are found in the module's own hook table rather than through handles kept
+    aside, so a copy of a frozen model (``copy.deepcopy``, pickling) unfreezes as well.
+    """
+    hooks = module._forward_pre_hooks
+    keys = [k for k, h in hooks.items() if h is _hold_eval]
+    for k in keys:
+        del hooks[k]
+    return bool(keys)
+
+
+def freeze_frontend(model: nn.Module, freeze: bool = True) -> int:
+    """Freeze (or unfreeze) the front-end: every parameter and norm layer but the heads
+    (``emotion.*``, ``av.*``).
+
+    Frozen parameters get no gradient (``requires_grad = False``), so Adam leaves them as
+    they are. A frozen layer with running statistics (batch norm: ``running_mean``,
+    ``running_var``, ``num_batches_tracked``; any :class:`torch.nn.modules.batchnorm._NormBase`)
+    is also held in eval mode: it normalises with its stored statistics and never updates
+    them, so a frozen front-end does not change at all (as Keras does for frozen batch-norm
+    layers in fine-tuning). Eval mode cannot simply be set once:
+    :func:`shared_models.training.train_local` calls ``model.train()`` at its start, which
+    puts every submodule back into training mode. So each frozen norm layer gets a forward
+    pre-hook that sets ``module.training = False`` just before it runs, whatever ``train()``
+    calls came before; the layer is also put in eval mode at once. Unfreezing removes the
+    hooks and gives the layers the model's mode again. Dropout in the front-end keeps
+    following the model's mode (it has no state).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model of :mod:`shared_models.models` (heads ``emotion`` and ``av``).
+    freeze : bool
+        True: freeze the front-end; False: unfreeze everything. Freezing twice is harmless.
+
+    Returns
+    -------
+    int
+        Number of frozen parameter tensors (0 when unfreezing).
     """
     n = 0
     for name, p in model.named_parameters():
-        head = name.startswith(HEADS)
+        head = _is_head(name)
         p.requires_grad_(head or not freeze)
         n += int(freeze and not head)
+    for name, m in model.named_modules():
+        if not isinstance(m, _NormBase) or _is_head(name) or not m.track_running_stats:
+            continue
+        _drop_hold_eval(m)
+        if freeze:
+            m.register_forward_pre_hook(_hold_eval)
+            m.eval()
+        else:
+            m.train(model.training)
     return n
 
 
@@ -709,7 +769,9 @@ class CoopState:
     def before_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
                         server_round: int) -> LocalData:
         """The round's training set (labels + answers + pseudo-labels, optionally upsampled);
-        freezes the front-end while the server says so."""
+        freezes the front-end while the server says so (:func:`freeze_frontend`; undone by
+        :meth:`after_training`).
+        """
         self._t_train = time.perf_counter()
         settings = _settings(self.cfg, round_cfg, server_round)
         if settings["freeze"]:

@@ -147,7 +147,7 @@ def _final_table(summary: dict[str, Any]) -> Table:
     table.add_column("std", justify="right")
     for k, v in summary["final"].items():
         # Blank: a head this task does not train. The other fairness measures are in the JSON.
-        if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS)):
+        if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS) or k == "dp_epsilon"):
             table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
     for attr, groups in summary["per_group"].items():
         for g, metrics in groups.items():

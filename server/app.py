@@ -15,7 +15,8 @@ One run, as the ServerApp sees it:
    group, with the fairness measures (worst group, largest gap, Equal Accuracy,
    Statistical Parity); the round, every device's report, the per-group metrics and the
    aggregation weight each group received (strategy ``fair``) go into the run store, and
-   the global model is checkpointed;
+   the global model is checkpointed; with ``dp`` on, the round also records ``dp_epsilon``,
+   the device-level epsilon spent so far (:mod:`strategies.dp`);
 4. mark the run completed (or failed, with the error) and store its summary.
 
 Devices that fail or do not answer within ``round-timeout`` are left out of the round and
@@ -362,6 +363,8 @@ def run_federation(
                         {"device": d["name"], "role": d["role"], "phase": "train", "metrics": dict(r.content["metrics"])}
                     )
             train_metrics.update(coop.update([dict(r.content["device"]) for r in ok] if server_round > 0 else []))
+            if hasattr(strategy, "epsilon"):  # differential privacy (strategies/dp.py): spent so far
+                train_metrics["dp_epsilon"] = strategy.epsilon(server_round)
             eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout,
                                                            round_extra)
             eval_metrics, groups = task_metrics(eval_metrics, groups, cfg.task)
@@ -394,7 +397,10 @@ def run_federation(
 
 
 def run_summary(store: RunStore, run_id: int) -> dict[str, Any]:
-    """Summary of a stored run: config, per-round metrics, final metrics, per-group finals."""
+    """Summary of a stored run: config, per-round metrics, final metrics, per-group finals.
+
+    With ``dp`` on, ``final`` has ``dp_epsilon`` and ``privacy`` the DP settings and the
+    ``(epsilon, delta)`` spent by the last round."""
     run = store.get_run(run_id)
     rounds = store.rounds(run_id)
     last = rounds[-1] if rounds else {}
@@ -405,7 +411,14 @@ def run_summary(store: RunStore, run_id: int) -> dict[str, Any]:
             per_group.setdefault(row["attribute"], {}).setdefault(row["group"], {})[row["metric"]] = row["value"]
     final = {k: last.get(k) for k in FINAL_METRICS}
     final.update({k: v for k, v in last.items() if k.startswith(("worst_", "gap_"))})
-    return {"run": run.name, "config": run.config, "rounds": rounds, "final": final, "per_group": per_group}
+    summary = {"run": run.name, "config": run.config, "rounds": rounds, "final": final, "per_group": per_group}
+    if "dp_epsilon" in last:
+        final["dp_epsilon"] = last["dp_epsilon"]
+        summary["privacy"] = {"dp": run.config.get("dp"), "epsilon": last["dp_epsilon"],
+                              "delta": run.config.get("dp-delta"), "rounds": final_round,
+                              "clipping_norm": run.config.get("dp-clipping-norm"),
+                              "noise_multiplier": run.config.get("dp-noise-multiplier")}
+    return summary
 
 
 @app.main()

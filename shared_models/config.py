@@ -24,6 +24,8 @@ STRATEGIES = ("fedavg", "fedprox", "qfedavg", "fair")
 PARTITIONS = ("speaker", "iid", "dirichlet")
 TASKS = ("emotion", "av", "both")
 MODES = ("supervised", "self-labelling", "active", "cooperative")  # cooperative learning (client/cooperative.py)
+DP_MODES = ("off", "server", "client")  # differential privacy (strategies/dp.py)
+DP_STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregate is a mean of updates
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,10 @@ def _flag(value: Any) -> str | None:
 
 def _probability(value: Any) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _open_unit(value: Any) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
 
 
 def _reliabilities(value: Any) -> str | None:
@@ -163,6 +169,13 @@ class RunConfig:
         arousal/valence standardised per protected group (the intersection of the
         ``protected`` attributes) and predictions are mapped back to the label scale;
         ``off`` (default). Needs task ``av`` or ``both``.
+    dp, dp_clipping_norm, dp_noise_multiplier, dp_delta : str, float, float, float
+        Differential privacy of the model updates (:mod:`strategies.dp`, user-level: one
+        device): ``off``, ``server`` (the coordinator clips each update) or ``client`` (each
+        device clips its own update); the L2 clipping norm ``C`` of an update, the noise
+        multiplier ``z`` (Gaussian noise of std ``z C / m`` on the mean of ``m`` sampled
+        updates) and the ``delta`` at which the spent epsilon is reported. Needs strategy
+        ``fedavg`` or ``fedprox`` (updates are then averaged with equal weights).
     """
 
     manifest: str = ""
@@ -216,6 +229,10 @@ class RunConfig:
     fair_beta: float = _opt(_non_negative, default=1.0)
     fair_attribute: str = "gender"
     faireg: str = _opt(_choice(("off", "on")), default="off")
+    dp: str = _opt(_choice(DP_MODES), default="off")
+    dp_clipping_norm: float = _opt(_positive, default=1.0)
+    dp_noise_multiplier: float = _opt(_non_negative, default=1.0)
+    dp_delta: float = _opt(_open_unit, default=1e-5)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -236,6 +253,9 @@ class RunConfig:
         if self.agreement_min > self.agreement_max:
             raise ConfigError(f"config key 'agreement-min' = {self.agreement_min}: must be <= agreement-max "
                               f"({self.agreement_max})")
+        if self.dp != "off" and self.strategy not in DP_STRATEGIES:
+            raise ConfigError(f"config key 'dp' = {self.dp!r}: needs strategy {' or '.join(DP_STRATEGIES)} (the "
+                              f"privacy accounting assumes a mean of clipped updates), got {self.strategy!r}")
 
     @classmethod
     def keys(cls) -> list[str]:

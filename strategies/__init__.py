@@ -14,6 +14,9 @@ A strategy decides which devices train in a round and how their updates are comb
     Fairness-normalised FedAvg (:class:`strategies.fair.FairAvg`, after FairFed, Ezzeldin et
     al., AAAI 2023): devices of a protected group that is behind the global metric get more
     weight (``fair-beta``, ``fair-attribute``); ``fair-beta = 0`` is FedAvg.
+
+With ``dp = "server"`` or ``"client"`` the strategy (``fedavg`` or ``fedprox``) is wrapped in
+Flower's fixed-clipping differential-privacy wrapper (:mod:`strategies.dp`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg, FedProx, QFedAvg, Strategy
 
 from shared_models.config import STRATEGIES, RunConfig
+from strategies.dp import DP_WEIGHT_KEY, wrap_dp
 from strategies.fair import FairAvg
 
 __all__ = ["build_strategy", "STRATEGIES"]
@@ -33,7 +37,8 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
     ----------
     cfg : RunConfig
         Run config (``strategy``, ``fraction-train``, ``min-train-devices``,
-        ``proximal-mu``, ``qffl-q``, ``qffl-lipschitz``, ``fair-beta``, ``fair-attribute``, ``task``).
+        ``proximal-mu``, ``qffl-q``, ``qffl-lipschitz``, ``fair-beta``, ``fair-attribute``, ``task``,
+        ``dp``, ``dp-clipping-norm``, ``dp-noise-multiplier``, ``dp-delta``).
     num_train_devices : int
         Training devices in the federation (caps ``min-train-devices``).
 
@@ -55,10 +60,12 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
         min_evaluate_nodes=1,
         min_available_nodes=min_train,
     )
+    if cfg.dp != "off":  # equal weights: the DP noise is calibrated to a mean of clipped updates
+        common["weighted_by_key"] = DP_WEIGHT_KEY
     if cfg.strategy == "fedavg":
-        return FedAvg(**common)
+        return wrap_dp(FedAvg(**common), cfg, num_train_devices)
     if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+        return wrap_dp(FedProx(proximal_mu=cfg.proximal_mu, **common), cfg, num_train_devices)
     if cfg.strategy == "qfedavg":
         return QFedAvg(client_learning_rate=1.0 / cfg.qffl_lipschitz, q=cfg.qffl_q, **common)
     if cfg.strategy == "fair":

@@ -347,3 +347,43 @@ def test_three_device_cooperative_federation_gains_labels_and_counts_effort(tone
 
     page = write_report(RunStore(summary["config"]["store-url"]), "coop", tmp_path / "report")
     assert (tmp_path / "report" / "labels.png").read_bytes()[:4] == b"\x89PNG" and "labels.png" in page.read_text()
+
+
+# -- freezing the front-end freezes its batch-norm statistics too (issue 3) -------------------
+def test_frozen_frontend_keeps_its_batch_norm_statistics(tmp_path):
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    n = 12
+    data = LocalData([(2 + 3 * rng.standard_normal((40, 64))).astype(np.float32) for _ in range(n)],
+                     np.arange(n) % 2, np.full((n, 2), np.nan))
+    cfg = RunConfig(model="logmel-crnn", freeze_rounds=1)
+    state = CoopState(cfg, tmp_path / "dev", [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                      ["anger", "sadness"], data.emotion >= 0)
+    train = state.before_training(model, data, round_settings(cfg, 1), 1)  # round 1 <= freeze-rounds
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert len(norms) == 2 and not any(m.training for m in norms)
+    assert freeze_frontend(model) == freeze_frontend(model)  # freezing twice: still one hook per layer
+    assert all(len(m._forward_pre_hooks) == 1 for m in norms)
+    result = train_local(model, train, task="emotion", epochs=2, lr=1e-2, batch_size=4, seed=0)  # calls model.train()
+    assert result["steps"] > 0 and model.training
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    frontend = [k for k in before if not k.startswith(("emotion.", "av."))]
+    assert {"convs.0.2.running_mean", "convs.0.2.running_var", "convs.0.2.num_batches_tracked"} <= set(frontend)
+    changed = [k for k in frontend if not torch.equal(before[k], after[k])]
+    assert changed == []  # weights, running_mean/var and num_batches_tracked
+    assert not torch.equal(before["emotion.weight"], after["emotion.weight"])
+    import copy
+
+    twin = copy.deepcopy(model)  # a copy of a frozen model unfreezes too
+    freeze_frontend(twin, False)
+    assert not any(m._forward_pre_hooks for m in twin.modules()) and twin.convs[0][2].training
+    # Unfrozen (after the round's step): batch norm follows the model's mode again.
+    state.after_training(model, data, round_settings(cfg, 1), 1)
+    model.train()
+    assert all(m.training for m in norms) and all(p.requires_grad for p in model.parameters())
+    train_local(model, data, task="emotion", epochs=1, lr=1e-2, batch_size=4, seed=0)
+    assert not torch.equal(after["convs.0.2.running_mean"], model.state_dict()["convs.0.2.running_mean"])
