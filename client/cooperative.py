@@ -31,6 +31,13 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
     learning (Zhang et al., ICASSP 2016). Optionally the labelled set is upsampled to an even class distribution
     before training (cross-task self-labelling).
 
+    Arousal/valence are handled on the label scale ([-1, 1], as in the manifest). With FaiReg
+    (``faireg = "on"``) the model predicts targets normalised per protected group, and the
+    device normalises its whole training set, pseudo-labels included, after
+    :meth:`CoopState.before_training`; the predictions are therefore mapped back per group
+    (:func:`av_to_label_scale`) before the re-check, the queue and the selection, so that a
+    pseudo-label is normalised exactly once, like a human label.
+
 Dynamic active learning (modes ``active`` and ``cooperative``)
     Each round, after the re-check and before new pseudo-labels are chosen, the least
     certain pool clips (normalised entropy of the mean class probabilities; for
@@ -72,6 +79,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from shared_models.config import MODES
+from shared_models.fairness import FaiRegParams, faireg_group_keys
 from shared_models.features import collate
 from shared_models.training import LocalData
 
@@ -88,6 +96,8 @@ __all__ = [
     "select_av_pseudo_labels",
     "recheck_av_pseudo_labels",
     "av_quadrant",
+    "faireg_of",
+    "av_to_label_scale",
     "emotion_uncertainty",
     "av_uncertainty",
     "least_certain",
@@ -402,6 +412,60 @@ def av_quadrant(av: np.ndarray) -> np.ndarray:
     """Arousal/valence quadrant of each row of (N, 2): ``2 * (arousal >= 0) + (valence >= 0)``."""
     av = np.asarray(av, dtype=np.float64).reshape(-1, 2)
     return 2 * (av[:, 0] >= 0).astype(np.int64) + (av[:, 1] >= 0).astype(np.int64)
+
+
+def faireg_of(round_cfg: Mapping[str, Any] | None) -> FaiRegParams | None:
+    """The round's FaiReg parameters (JSON under the round config's key ``faireg``), or None.
+
+    Read as :func:`client.app._faireg` reads them for training and evaluation; the server
+    sends them with every round when ``faireg = "on"`` (``server/app.py``).
+    """
+    text = round_cfg.get("faireg", "") if round_cfg is not None else ""
+    return FaiRegParams.from_json(str(text)) if text else None
+
+
+def av_to_label_scale(av: np.ndarray, faireg: FaiRegParams | None, keys: Sequence[str] | None = None) -> np.ndarray:
+    """Arousal/valence predictions mapped back to the label scale ([-1, 1], as in the manifest).
+
+    With FaiReg on, the model is trained on targets normalised per FaiReg group
+    (:meth:`shared_models.fairness.FaiRegParams.normalise`), so its outputs are on that
+    normalised scale. A pseudo-label is a *label*: it joins the labelled set and is normalised
+    again, with its clip's group, before training (``client/app.py`` ``train`` applies
+    :func:`shared_models.fairness.normalise_data` to what :meth:`CoopState.before_training`
+    returns). It is therefore mapped back with the clip's own group statistics
+    (:meth:`~shared_models.fairness.FaiRegParams.denormalise_group`, the exact inverse of the
+    normalisation), so that normalising it again gives back the model's prediction: the
+    training target of a pseudo-label is the prediction it came from, as in self-training
+    without FaiReg. (The pooled :meth:`~shared_models.fairness.FaiRegParams.denormalise` used
+    for evaluation would, after the per-group normalisation, shift every group's target by
+    ``(mean_pooled - mean_g) / (FAIREG_SCALE * std_g)`` and stretch it by
+    ``std_pooled / std_g``: a bias that self-training would feed back round after round.) The
+    result is clipped to [-1, 1], the manifest's scale; only a value clipped there does not
+    round-trip exactly.
+
+    Parameters
+    ----------
+    av : np.ndarray, shape (V, N, 2) or (N, 2)
+        Model outputs (views first, as from :func:`view_predictions`).
+    faireg : FaiRegParams or None
+        None (FaiReg off): ``av`` is already on the label scale and is returned unchanged.
+    keys : sequence of str, shape (N,)
+        FaiReg group of every clip (:func:`shared_models.fairness.faireg_group_keys`); an
+        unknown group uses the pooled statistics. Needed when ``faireg`` is given.
+
+    Returns
+    -------
+    np.ndarray, same shape as ``av``, float32
+    """
+    if faireg is None:
+        return av
+    av = np.asarray(av, dtype=np.float64)
+    views = av.reshape(-1, av.shape[-2], 2)  # (V, N, 2); an (N, 2) input is one view
+    keys = np.asarray([] if keys is None else keys, dtype=str).reshape(-1)
+    if keys.size != views.shape[1]:
+        raise ValueError(f"{keys.size} FaiReg group keys for {views.shape[1]} clips")
+    out = faireg.denormalise_group(views.reshape(-1, 2), np.tile(keys, views.shape[0]))
+    return np.clip(out, -1.0, 1.0).reshape(av.shape).astype(np.float32)
 
 
 def select_av_pseudo_labels(av: np.ndarray, max_std: float, per_class: int = 0,
@@ -771,6 +835,9 @@ class CoopState:
         """The round's training set (labels + answers + pseudo-labels, optionally upsampled);
         freezes the front-end while the server says so (:func:`freeze_frontend`; undone by
         :meth:`after_training`).
+
+        Arousal/valence in the returned set are on the label scale; with FaiReg the caller
+        normalises them (``client/app.py`` ``train``).
         """
         self._t_train = time.perf_counter()
         settings = _settings(self.cfg, round_cfg, server_round)
@@ -785,6 +852,10 @@ class CoopState:
     def after_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
                        server_round: int) -> dict[str, Any]:
         """Run the cooperative step on the pool after local training; return the round's counts.
+
+        Unfreezes the front-end. The round config's ``faireg`` (FaiReg parameters, JSON) maps
+        the model's arousal/valence predictions back to the label scale first
+        (:func:`av_to_label_scale`).
 
         Returns
         -------
@@ -809,18 +880,21 @@ class CoopState:
                 log.info("%s: the unlabelled pool is empty; cooperative step skipped", self.data_dir.name)
                 step["skipped"] = 1
             else:
-                self._step(model, data, settings, server_round, np.flatnonzero(pool), step)
+                self._step(model, data, settings, server_round, np.flatnonzero(pool), step, faireg_of(round_cfg))
             if self.simulated and mode in ACTIVE:
                 self._oracle(settings, server_round, step)
         step["seconds"] = time.perf_counter() - t0
         return {**self._counts(), **step}
 
-    def _step(self, model, data, settings, server_round, pool_idx, step) -> None:
+    def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:
         task = self.cfg.task
         probs, av = view_predictions(
             model, [data.x[i] for i in pool_idx], views=int(settings["pseudo-views"]),
             noise=float(settings["view-noise"]), mc_dropout=settings["uncertainty"] == "mc-dropout",
             seed=self.seed * 1_000_003 + server_round)
+        if faireg is not None:  # everything below (re-check, queue, selection) works on the label scale
+            keys = faireg_group_keys(data.groups, faireg.attributes, len(data))[pool_idx]
+            av = av_to_label_scale(av, faireg, keys)
         clips = [self.paths[i] for i in pool_idx]
         pos = {c: j for j, c in enumerate(clips)}
         mode = settings["coop-mode"]

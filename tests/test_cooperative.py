@@ -15,6 +15,8 @@ from client.cooperative import (
     CoopTracker,
     Oracle,
     ask_raters,
+    av_to_label_scale,
+    faireg_of,
     freeze_frontend,
     label_split,
     least_certain,
@@ -347,6 +349,75 @@ def test_three_device_cooperative_federation_gains_labels_and_counts_effort(tone
 
     page = write_report(RunStore(summary["config"]["store-url"]), "coop", tmp_path / "report")
     assert (tmp_path / "report" / "labels.png").read_bytes()[:4] == b"\x89PNG" and "labels.png" in page.read_text()
+
+
+# -- FaiReg: arousal/valence pseudo-labels are stored on the label scale (issue 3) ------------
+def _av_model(arousal, valence):
+    """A model whose arousal/valence output is (arousal, valence) for every clip (normalised scale)."""
+    torch.manual_seed(0)
+    model = build_model("egemaps-mlp", 2)
+    with torch.no_grad():
+        model.av.weight.zero_()
+        model.av.bias.copy_(torch.atanh(torch.tensor([arousal, valence])))
+    return model
+
+
+def test_av_to_label_scale_inverts_the_group_normalisation():
+    from shared_models.fairness import FaiRegParams
+
+    params = FaiRegParams(("gender",), {"female": np.array([[0.5, 0.1], [0.2, 0.05]])},
+                          np.array([[0.0, 0.4], [0.0, 0.2]]))
+    av = np.array([[[0.3, -0.2], [0.3, -0.2]], [[0.1, 0.0], [0.9, 0.9]]])  # (V=2, N=2, 2)
+    keys = ["female", "other"]  # an unknown group: the pooled statistics
+    out = av_to_label_scale(av, params, keys)
+    assert out.shape == (2, 2, 2) and out.dtype == np.float32
+    assert out[0, 0] == pytest.approx([0.5 + 0.3 * 0.3, 0.2 - 0.15 * 0.2])
+    assert out[1, 1] == pytest.approx([1.0, 0.54])  # clipped to the label range [-1, 1]
+    assert params.normalise(out[0], keys) == pytest.approx(av[0], abs=1e-6)  # round trip
+    assert av_to_label_scale(av[0], params, keys) == pytest.approx(out[0])  # (N, 2) works too
+    assert av_to_label_scale(av, None) is av  # FaiReg off: unchanged
+    with pytest.raises(ValueError, match="1 FaiReg group keys for 2 clips"):
+        av_to_label_scale(av, params, ["female"])
+    assert faireg_of({"faireg": params.to_json()}).groups["female"] == pytest.approx(params.groups["female"])
+    assert faireg_of({}) is None and faireg_of(None) is None
+
+
+def test_faireg_av_pseudo_labels_are_stored_on_the_label_scale_and_normalised_once(tmp_path):
+    from shared_models.fairness import FaiRegParams, faireg_group_keys, normalise_data
+
+    cfg = RunConfig(mode="self-labelling", task="av", pseudo_per_class=0, faireg="on", protected="gender")
+    n = 6
+    rng = np.random.default_rng(0)
+    gender = np.array(["female", "male"] * (n // 2))
+    av = np.full((n, 2), np.nan, np.float32)
+    av[:2] = [[0.6, 0.3], [-0.5, 0.1]]
+    data = LocalData([rng.standard_normal(88).astype(np.float32) for _ in range(n)], np.full(n, -1), av,
+                     {"gender": gender})
+    # Group means/stds far from 0/1: a normalised prediction is nothing like a label.
+    params = FaiRegParams(("gender",), {"female": np.array([[0.5, 0.1], [0.2, 0.05]]),
+                                        "male": np.array([[-0.4, 0.2], [-0.1, 0.1]])},
+                          np.array([[0.05, 0.4], [0.05, 0.2]]))
+    state = CoopState(cfg, tmp_path / "dev", [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                      ["anger", "sadness"], np.isfinite(av).all(axis=1))
+    round_cfg = {**round_settings(cfg, 1), "faireg": params.to_json()}
+    model = _av_model(0.3, -0.2)  # normalised prediction, the same for every clip
+    report = state.after_training(model, data, round_cfg, 1)
+    assert report["added"] == 4
+    stored = state.store.active_pseudo()
+    keys = faireg_group_keys(data.groups, params.attributes, n)
+    z = np.array([0.3, -0.2])
+    for i in range(2, n):
+        p = stored[f"/clips/{i}.wav"]
+        expected = params.denormalise_group(z[None], [keys[i]])[0]  # the group's own label scale
+        assert (p["arousal"], p["valence"]) == pytest.approx(tuple(expected), abs=1e-5)
+    assert stored["/clips/2.wav"]["arousal"] == pytest.approx(0.5 + 3 * 0.1 * 0.3, abs=1e-5)
+    # Normalised once (client/app.py train): the training target is the model's own prediction.
+    targets = normalise_data(state.training_data(data), params).av
+    assert targets[2:] == pytest.approx(np.tile(z, (n - 2, 1)), abs=1e-5)
+    assert targets[:2] == pytest.approx(params.normalise(av[:2], keys[:2]))
+    # The re-check compares like with like: the same model supports its pseudo-labels.
+    report = state.after_training(model, data, {**round_cfg, "pseudo-recheck": 1}, 2)
+    assert report["dropped"] == 0 and report["pseudo_total"] == 4
 
 
 # -- freezing the front-end freezes its batch-norm statistics too (issue 3) -------------------
