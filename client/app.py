@@ -228,20 +228,24 @@ def _reply_config(device: Device, **extra: Any) -> ConfigRecord:
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Client-side DP clipping, only when the round config carries ``clipping_norm``.
+    """Client-side DP clipping, applied when the round config carries ``clipping_norm``.
 
-    Flower's ``fixedclipping_mod`` answers with an error when the key is missing (any run
-    without ``dp = "client"``), so it is applied only when asked. Integer arrays (BatchNorm's
-    ``num_batches_tracked``) go back as received: they are not learnt, would use up the
-    clipping norm and would tell how many batches the device trained on.
+    Flower's ``fixedclipping_mod`` clips; it answers with an error when the key is missing
+    (any run without ``dp = "client"``) and wants exactly one ConfigRecord, so it is applied
+    only when asked and is shown the round config alone (a message may also carry the
+    coordinator's ``enrolment`` record); the handler still gets the whole message. Integer
+    arrays (BatchNorm's ``num_batches_tracked``) go back as received: they are not learnt,
+    would use up the clipping norm and would tell how many batches the device trained on.
     """
-    configs = list(msg.content.config_records.values())
-    if not (len(configs) == 1 and KEY_CLIPPING_NORM in configs[0]):
+    config = msg.content.config_records.get("config")
+    if config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     sent = next(iter(msg.content.array_records.values()), None)
+    view = Message(RecordDict({**msg.content.array_records, "config": config}),
+                   dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
-    def keep_integer_arrays(msg_in: Message, ctx: Context) -> Message:
-        reply = call_next(msg_in, ctx)
+    def handle(_view: Message, ctx: Context) -> Message:
+        reply = call_next(msg, ctx)
         if sent is not None and not reply.has_error():
             for name, record in list(reply.content.array_records.items()):
                 reply.content[name] = ArrayRecord(
@@ -249,7 +253,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
                      for k, a in record.items()})
         return reply
 
-    return fixedclipping_mod(msg, context, keep_integer_arrays)
+    out = fixedclipping_mod(view, context, handle)
+    return Message(out.error, reply_to=msg) if out.has_error() else out
 
 
 @app.train(mods=[dp_clipping_mod])

@@ -49,7 +49,9 @@ Dynamic active learning (modes ``active`` and ``cooperative``)
     uncertainty from ``agreement-min`` to ``agreement-max``, at most ``max-raters`` raters
     (Yue Zhang, Coutinho, Zixing Zhang, Quan and Schuller, "Dynamic active learning based on
     agreement and applied to emotion recognition in spoken interactions", ICMI 2015). Human
-    effort is counted in rater answers. Answered clips join the labelled set at the next round.
+    effort is counted in rater answers. Answered clips join the labelled set at the next round,
+    with their categorical label and/or arousal/valence (the person gives what the run's task
+    uses; the device records its task and classes in the store for the labelling session).
 
 Transfer learning
     While the server says ``freeze`` (rounds up to ``freeze-rounds``), only the heads train:
@@ -874,6 +876,8 @@ class CoopState:
         if mode != "supervised":
             if self.store.get_meta("emotions") != list(self.emotions):
                 self.store.set_meta("emotions", list(self.emotions))  # the answers the person may give
+            if self.store.get_meta("task") != self.cfg.task:
+                self.store.set_meta("task", self.cfg.task)  # which answers (labels, arousal/valence) it uses
             answered = set(self.store.answers())
             pool = ~self.labelled0 & np.array([p not in answered for p in self.paths], dtype=bool)
             if not pool.any():
@@ -911,14 +915,18 @@ class CoopState:
                 uncertainty = emotion_uncertainty(probs) if task in ("emotion", "both") else av_uncertainty(av)
                 cand = np.array([c not in active and c not in queued for c in clips], dtype=bool)
                 chosen = least_certain(uncertainty, budget, cand)
-                mean = probs.mean(axis=0)
+                mean, mean_av = probs.mean(axis=0), av.mean(axis=0)
                 items = []
                 for j in chosen:
-                    top = np.argsort(-mean[j], kind="stable")[:3]
+                    # The person sees the model's guesses of what the task learns (an av
+                    # run's emotion head is untrained); arousal/valence on the label scale.
+                    top = np.argsort(-mean[j], kind="stable")[:3] if task in ("emotion", "both") else []
                     items.append({
                         "clip": clips[j], "uncertainty": float(uncertainty[j]),
                         "duration": None if not np.isfinite(self.durations[pool_idx[j]]) else float(self.durations[pool_idx[j]]),
                         "guesses": [[self.emotions[k], round(float(mean[j, k]), 4)] for k in top if k < len(self.emotions)],
+                        "av_guess": ([round(float(mean_av[j, 0]), 4), round(float(mean_av[j, 1]), 4)]
+                                     if task in ("av", "both") else None),
                     })
                 step["queries"] = self.store.enqueue(server_round, items)
         if mode in SELF_LABELLING:

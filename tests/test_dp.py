@@ -153,8 +153,9 @@ def test_client_side_wrapper_sends_the_clipping_norm(task_identity):
     assert all(m.content["config"]["clipping_norm"] == 0.25 for m in messages)
 
 
-def _received(config: dict) -> Message:
-    content = RecordDict({"arrays": _arrays(np.ones((2, 2)), np.zeros(2), count=3), "config": ConfigRecord(config)})
+def _received(config: dict, **extra) -> Message:
+    content = RecordDict({"arrays": _arrays(np.ones((2, 2)), np.zeros(2), count=3), "config": ConfigRecord(config),
+                          **extra})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
@@ -179,6 +180,22 @@ def test_client_mod_clips_only_when_the_round_asks(task_identity):
     update = np.concatenate([(w - 1.0).ravel(), b.ravel()])
     assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)
     assert int(clipped.content["arrays"]["bn.num_batches_tracked"].numpy()) == 3  # sent back as received
+
+    # A deployed device's messages may carry a second ConfigRecord (its enrolled groups):
+    # still clipped, and the handler still sees it.
+    seen = []
+
+    def trained_enrolled(msg, ctx):
+        seen.append(dict(msg.content["enrolment"]))
+        return _trained(msg, ctx)
+
+    msg = _received({"clipping_norm": 0.5}, enrolment=ConfigRecord({"gender": "female"}))
+    enrolled = dp_clipping_mod(msg, context, trained_enrolled)
+    assert not enrolled.has_error() and seen == [{"gender": "female"}]
+    assert enrolled.metadata.reply_to_message_id == msg.metadata.message_id
+    w = enrolled.content["arrays"]["w"].numpy()
+    update = np.concatenate([(w - 1.0).ravel(), enrolled.content["arrays"]["b"].numpy().ravel()])
+    assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- whole federations

@@ -8,7 +8,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from client.device_store import DeviceStore
-from client.labelling import find_player, label_session, parse_label
+from client.labelling import AnswerError, find_player, label_session, parse_answer, parse_label
 from fedaffect.cli import app as cli
 
 LABELS = ["anger", "happiness", "sadness"]
@@ -133,3 +133,126 @@ def test_deployed_device_queues_and_the_answers_join_its_training_set(tone_manif
     assert (train.emotion >= 0).sum() == 4 and (device.data.emotion >= 0).sum() == 2
     report = device.coop.after_training(build_model(cfg.model, 2), device.data, round_settings(cfg, 2), 2)
     assert (report["labelled"], report["answered"], report["human_labels"], report["pool"]) == (4, 2, 4, 2)
+
+
+# -- arousal/valence answers (issue 3) -------------------------------------------------------
+@pytest.mark.parametrize("text,task,expected", [
+    ("happy", "emotion", ("happiness", None, None)),
+    ("Angry", "both", ("anger", None, None)),
+    ("a=0.6 v=0.2", "av", ("", 0.6, 0.2)),
+    ("happy a=0.6 v=0.2", "both", ("happiness", 0.6, 0.2)),
+    ("v=-1 a=1 2", "both", ("happiness", 1.0, -1.0)),  # any order, a number names a label
+    ("arousal = .5, valence: -0.25", "av", ("", 0.5, -0.25)),
+    ("sad a=0 v=0", "av", ("sadness", 0.0, 0.0)),  # an added label is kept
+])
+def test_parse_answer_reads_labels_and_arousal_valence(text, task, expected):
+    answer = parse_answer(text, LABELS, task)
+    assert (answer.emotion, answer.arousal, answer.valence) == expected
+
+
+@pytest.mark.parametrize("text,task,message", [
+    ("a=1.5 v=0", "both", r"arousal 1.5 is outside \[-1, 1\]"),
+    ("a=0.2 v=-3", "av", r"valence -3 is outside \[-1, 1\]"),
+    ("a=0,5 v=0", "av", r"arousal '0,5' is not a number; write decimals with a point \(0.5\)"),
+    ("a=nan v=0", "av", r"arousal nan is outside"),
+    ("a= v=0", "av", "arousal needs a number"),
+    ("a=0.5", "both", "valence is missing: give arousal and valence together"),
+    ("a=0.5 a=0.1 v=0", "av", "arousal given twice"),
+    ("x=0.5", "av", "only a= \\(arousal\\) and v= \\(valence\\) take a value"),
+    ("happy sad", "both", "one label per clip, got 'happy', 'sad'; give arousal and valence as a=0.6 v=-0.2"),
+    ("a 0.5 v 0.2", "av", "one label per clip"),
+    ("xyz a=0.1 v=0.1", "both", "not a label: 'xyz'"),
+    ("a=0.6 v=0.2", "emotion", "this run learns emotion categories only"),
+    ("happy", "av", "this run learns arousal and valence: give both"),
+    ("", "both", "give a label, or arousal and valence"),
+    ("", "emotion", "not a label: ''"),
+])
+def test_parse_answer_names_what_is_wrong(text, task, message):
+    with pytest.raises(AnswerError, match=message):
+        parse_answer(text, LABELS, task)
+
+
+def test_the_session_takes_arousal_valence_and_asks_again_on_a_bad_one(queued):
+    data_dir, clips = queued
+    with DeviceStore(data_dir) as store:
+        store.set_meta("task", "both")
+    extra = str(data_dir.parent / "clip3.wav")
+    sf.write(extra, np.zeros(800, np.float32), 16000)
+    with DeviceStore(data_dir) as store:  # a queued clip with the model's arousal/valence guess
+        store.enqueue(2, [{"clip": extra, "av_guess": [0.31, -0.13]}])
+    out = io.StringIO()
+    counts = label_session(data_dir, stdin=io.StringIO("happy a=0.6 v=0.2\na=1.5 v=0\na=0.5\na=0.5 v=-0.5\nsad\nq\n"),
+                           stdout=out, play=False)
+    text = out.getvalue()
+    assert "arousal and valence: numbers in [-1, 1]" in text and "label and/or arousal, valence (" in text
+    assert "arousal 1.5 is outside [-1, 1]" in text and "valence is missing" in text  # refused, asked again
+    assert "saved: happiness, arousal +0.60, valence +0.20" in text
+    assert "the model's guess: arousal +0.31, valence -0.13" in text  # the fourth (queued) clip
+    assert counts["answered"] == 3 and counts["quit"] == 1 and counts["left"] == 1
+    with DeviceStore(data_dir) as store:
+        answers = store.answers()
+    assert [(answers[c]["emotion"], answers[c]["arousal"], answers[c]["valence"]) for c in clips] == [
+        ("happiness", 0.6, 0.2), ("", 0.5, -0.5), ("sadness", None, None)]
+
+
+def test_an_emotion_run_refuses_arousal_valence_and_an_av_run_needs_it(queued):
+    data_dir, clips = queued
+    out = io.StringIO()  # no task in the store (an older device): labels only, as before
+    label_session(data_dir, stdin=io.StringIO("a=0.1 v=0.1\nanger\nq\n"), stdout=out, play=False)
+    assert "this run learns emotion categories only" in out.getvalue()
+    assert "arousal and valence: numbers" not in out.getvalue()
+    with DeviceStore(data_dir) as store:
+        store.set_meta("task", "av")
+    out = io.StringIO()
+    label_session(data_dir, stdin=io.StringIO("anger\na=-0.3 v=0.9\nq\n"), stdout=out, play=False)
+    assert "this run learns arousal and valence: give both" in out.getvalue()
+    assert "the model's guesses" not in out.getvalue()  # an av run's emotion head means nothing
+    with DeviceStore(data_dir) as store:
+        answers = store.answers()
+    assert (answers[clips[0]]["emotion"], answers[clips[0]]["arousal"]) == ("anger", None)
+    assert (answers[clips[1]]["emotion"], answers[clips[1]]["arousal"], answers[clips[1]]["valence"]) == ("", -0.3, 0.9)
+
+
+def test_arousal_valence_answers_join_the_training_set_at_the_next_round(tmp_path):
+    """A device of task ``both`` queues clips with its arousal/valence guess; the person's
+    answers (label, arousal/valence, or both) fill the training set, normalised once under FaiReg."""
+    import torch
+
+    from client.cooperative import CoopState, round_settings
+    from shared_models.config import RunConfig
+    from shared_models.fairness import FaiRegParams, normalise_data
+    from shared_models.models import build_model
+    from shared_models.training import LocalData
+
+    n = 5
+    paths = []
+    for i in range(n):
+        paths.append(str(tmp_path / f"c{i}.wav"))
+        sf.write(paths[-1], np.zeros(1600, np.float32), 16000)
+    rng = np.random.default_rng(0)
+    emotion = np.array([0, 1, -1, -1, -1])
+    av = np.full((n, 2), np.nan, np.float32)
+    av[:2] = [[0.5, -0.5], [-0.5, 0.5]]
+    data = LocalData([rng.standard_normal(88).astype(np.float32) for _ in range(n)], emotion, av,
+                     {"gender": np.array(["female"] * n)})
+    cfg = RunConfig(mode="active", task="both", query_per_round=3, query_total=3)
+    state = CoopState(cfg, tmp_path / "dev", paths, np.full(n, 0.1), LABELS[:2], emotion >= 0)
+    torch.manual_seed(0)
+    report = state.after_training(build_model("egemaps-mlp", 2), data, round_settings(cfg, 1), 1)
+    assert report["queries"] == 3 and report["pending"] == 3
+    assert all(q["av_guess"] is not None and q["guesses"] for q in state.store.pending())
+    out = io.StringIO()
+    answers = io.StringIO("happy a=0.6 v=0.2\na=-0.4 v=0.3\nanger\n")  # both; arousal/valence; a label
+    label_session(tmp_path / "dev", stdin=answers, stdout=out, play=False)
+    first, second, third = (paths.index(q["clip"]) for q in state.store.queue())  # in the order asked
+    train = state.training_data(data)
+    assert (train.emotion[first], *train.av[first]) == pytest.approx((1, 0.6, 0.2))  # label and arousal/valence
+    assert (train.emotion[second], *train.av[second]) == pytest.approx((-1, -0.4, 0.3))  # arousal/valence only
+    assert train.emotion[third] == 0 and np.isnan(train.av[third]).all()  # a label only
+    assert (data.emotion == emotion).all() and np.isnan(data.av[2:]).all()  # the device's own data untouched
+    # FaiReg (client/app.py train): the answer is normalised once, with its group's statistics.
+    params = FaiRegParams(("gender",), {"female": np.array([[0.2, 0.2], [0.1, 0.2]])},
+                          np.array([[0.0, 0.5], [0.0, 0.5]]))
+    assert normalise_data(train, params).av[first] == pytest.approx([(0.6 - 0.2) / 0.6, (0.2 - 0.1) / 0.6])
+    report = state.after_training(build_model("egemaps-mlp", 2), data, round_settings(cfg, 2), 2)
+    assert (report["answered"], report["labelled"], report["pool"]) == (3, 5, 0)
