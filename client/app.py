@@ -189,12 +189,30 @@ def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Devi
         x=x,
         emotion=np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
         av=table[["arousal", "valence"]].to_numpy(dtype=np.float32),
-        groups={a: table[a].astype(str).replace("", "unknown").to_numpy() for a in cfg.protected_list},
+        groups={a: _group_column(table, a, node_config) for a in cfg.protected_list},
     )
     device = Device(name, role, partition_id, data, emotions, skipped.total)
     device.coop = attach_cooperative(device, cfg, table, node_config)  # may hide labels (label-fraction)
     _DEVICES[key] = device
     return device
+
+
+def _group_column(table, attribute: str, node_config: dict[str, Any]) -> np.ndarray:
+    """A protected attribute per clip: the manifest's value, else the device's enrolled
+    value (node config ``group:<attribute>``), else ``unknown``."""
+    values = table[attribute].astype(str) if attribute in table else np.full(len(table), "", dtype=object)
+    fallback = str(node_config.get(f"group:{attribute}", "")) or "unknown"
+    return np.array([v if v else fallback for v in values], dtype=object)
+
+
+def _node_config(context: Context, msg: Message) -> dict[str, Any]:
+    """The device's node config plus the group attributes the coordinator enrolled it
+    with (``enrolment`` record of the message, :class:`server.app.EnrolmentGrid`), as
+    ``group:<attribute>`` entries."""
+    node = dict(context.node_config)
+    if "enrolment" in msg.content:
+        node.update({f"group:{k}": str(v) for k, v in msg.content["enrolment"].items()})
+    return node
 
 
 def device_statistics(result: dict[str, Any]) -> str:
@@ -261,7 +279,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the device's labelled clips (one federated round)."""
     cfg = RunConfig.from_mapping(context.run_config)
-    device = load_device(context.run_config, dict(context.node_config))
+    device = load_device(context.run_config, _node_config(context, msg))
     round_cfg = msg.content["config"]
     server_round = int(round_cfg.get("server-round", 0))
     model = _model(cfg, device, msg)
@@ -295,7 +313,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the device's clips; reply with sufficient statistics."""
     cfg = RunConfig.from_mapping(context.run_config)
-    device = load_device(context.run_config, dict(context.node_config))
+    device = load_device(context.run_config, _node_config(context, msg))
     model = _model(cfg, device, msg)
     faireg = _faireg(msg.content["config"]) if "config" in msg.content else None
     result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
@@ -315,7 +333,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("device_info")
 def device_info(msg: Message, context: Context) -> Message:
     """Describe the device (role and counts) to the coordinator."""
-    device = load_device(context.run_config, dict(context.node_config))
+    device = load_device(context.run_config, _node_config(context, msg))
     return Message(content=RecordDict({"device": _reply_config(device)}), reply_to=msg)
 
 
@@ -347,7 +365,7 @@ def label_stats_query(msg: Message, context: Context) -> Message:
     (:func:`shared_models.fairness.faireg_group_keys`); only counts and sums leave the device.
     """
     cfg = RunConfig.from_mapping(context.run_config)
-    device = load_device(context.run_config, dict(context.node_config))
+    device = load_device(context.run_config, _node_config(context, msg))
     keys = faireg_group_keys(device.data.groups, cfg.protected_list, len(device.data))
     stats = label_stats(device.data.av, keys)
     return Message(content=RecordDict({"device": _reply_config(device, **{"label-stats": json.dumps(stats)})}),

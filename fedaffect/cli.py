@@ -38,8 +38,11 @@ app = typer.Typer(help="Federated and cooperative learning of speech affect mode
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Corpora: turn a corpus into a clip manifest.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-device_app = typer.Typer(help="On a device: label the clips its model asked about.", no_args_is_help=True)
+device_app = typer.Typer(help="On a device: keys, SuperNode, labelling the clips its model asked about.",
+                         no_args_is_help=True)
 app.add_typer(device_app, name="device")
+server_app = typer.Typer(help="On the coordinator: certificates, SuperLink, enrolling devices.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
 console = Console(stderr=True)
 out = Console()
 
@@ -338,6 +341,230 @@ def device_label(
         label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play)
     except FileNotFoundError as err:
         _fail(str(err))
+
+
+# --------------------------------------------------------------------------- real federation (issue 5)
+
+
+def _state_error(err: Exception) -> None:
+    from shared_models.config import ConfigError
+    from shared_models.security import CertificateError
+
+    if isinstance(err, (FileNotFoundError, FileExistsError, ConfigError, CertificateError, ValueError, KeyError,
+                        ConnectionError)):
+        _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    raise err
+
+
+@server_app.command("init")
+def server_init(
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory (e.g. /srv/fedaffect)"),
+    name: list[str] = typer.Option([], "--host", help="host name or IP devices use to reach the coordinator "
+                                   "(repeat; default: localhost, 127.0.0.1 and this machine's names)"),
+    listen: str = typer.Option("0.0.0.0", help="address the SuperLink listens on"),
+    port: int = typer.Option(8000, help="the SuperLink's HTTPS port"),
+    store_url: str = typer.Option("", help="run store URL (default: SQLite in the state directory; "
+                                  "PostgreSQL: postgresql://user:pass@host/db)"),
+    emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the categorical head"),
+    renew: bool = typer.Option(False, help="keep the CA and devices; make a new server certificate"),
+) -> None:
+    """Create the coordinator's CA, server certificate, config and run store."""
+    _setup_logging(False)
+    from server.deployment import DEFAULT_EMOTIONS, StatePaths, init_server
+
+    try:
+        paths = init_server(state_dir, names=list(name) or None, host=listen, port=port, store_url=store_url,
+                            emotions=emotions or DEFAULT_EMOTIONS, renew=renew)
+    except Exception as err:  # noqa: BLE001 - known errors become messages
+        _state_error(err)
+    assert isinstance(paths, StatePaths)
+    out.print(f"[green]{'renewed' if renew else 'initialised'}[/] {paths.root}")
+    out.print(f"  CA certificate for devices: [bold]{paths.ca_cert}[/]")
+    out.print(f"  server certificate: {paths.server_cert}\n  config: {paths.config}")
+    out.print(f"next: fedaffect server start --state-dir {paths.root}")
+
+
+@server_app.command("start")
+def server_start(
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="echo the SuperLink's log"),
+) -> None:
+    """Run the SuperLink (TLS, device authentication) in the foreground; Ctrl-C or SIGTERM stops it."""
+    _setup_logging(True)
+    from server.deployment import start_server
+
+    def ready(address: str) -> None:
+        console.print(f"[green]SuperLink up[/] on {address} (TLS, SuperNode authentication); logs in "
+                      f"{Path(state_dir) / 'logs'}")
+
+    try:
+        code = start_server(state_dir, ready=ready, echo=(lambda line: console.print(line, markup=False,
+                                                                                      highlight=False))
+                            if verbose else None)
+    except RuntimeError as err:
+        _fail(str(err), code=1)
+    except Exception as err:  # noqa: BLE001
+        _state_error(err)
+    raise typer.Exit(code)
+
+
+@server_app.command("enrol")
+def server_enrol(
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
+    name: str = typer.Option(..., help="the device's name"),
+    public_key: Path = typer.Option(..., help="the device's public key (from `fedaffect device init`)"),
+    group: list[str] = typer.Option([], help="protected-group attribute, e.g. gender=female (repeat)"),
+) -> None:
+    """Enrol a device: register its key with the SuperLink and record it in the registry."""
+    _setup_logging(False)
+    from server.deployment import enrol_device
+
+    try:
+        info = enrol_device(state_dir, name, public_key, group)
+    except RuntimeError as err:
+        _fail(str(err), code=1)
+    except Exception as err:  # noqa: BLE001
+        _state_error(err)
+    groups = ", ".join(f"{k}={v}" for k, v in info["groups"].items()) or "none"
+    out.print(f"[green]enrolled[/] {info['name']}: node {info['node-id']}, key {info['fingerprint']}, groups {groups}")
+
+
+@server_app.command("unenrol")
+def server_unenrol(
+    name: str = typer.Argument(..., help="the device's name"),
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
+) -> None:
+    """Revoke a device: the SuperLink refuses it from now on."""
+    _setup_logging(False)
+    from server.deployment import unenrol_device
+
+    try:
+        info = unenrol_device(state_dir, name)
+    except RuntimeError as err:
+        _fail(str(err), code=1)
+    except Exception as err:  # noqa: BLE001
+        _state_error(err)
+    out.print(f"[yellow]revoked[/] {info['name']} (node {info['node-id']}) at {info['revoked-at']}")
+
+
+@server_app.command("devices")
+def server_devices(
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """List enrolled devices with their status and when they were last seen."""
+    _setup_logging(False)
+    from server.deployment import list_devices
+
+    try:
+        rows = list_devices(state_dir)
+    except Exception as err:  # noqa: BLE001
+        _state_error(err)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"Devices of {state_dir}")
+    for c in ("name", "status", "groups", "last seen", "enrolled", "node id"):
+        table.add_column(c)
+    colours = {"online": "green", "offline": "yellow", "revoked": "red"}
+    for r in rows:
+        status = f"[{colours.get(r['status'], 'white')}]{r['status']}[/]"
+        table.add_row(r["name"], status, ", ".join(f"{k}={v}" for k, v in r["groups"].items()), r["last-seen"],
+                      r["enrolled-at"], r["node-id"])
+    out.print(table)
+
+
+@app.command()
+def train(
+    state_dir: Path = typer.Option(..., help="the coordinator's state directory (its SuperLink must be running)"),
+    model: Optional[str] = typer.Option(None, help="egemaps-mlp, logmel-crnn or wave-cnn-gru"),
+    task: Optional[str] = typer.Option(None, help="emotion, av or both"),
+    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, qfedavg or fair"),
+    min_devices: Optional[int] = typer.Option(None, help="wait for this many connected devices before round 1"),
+    run_name: Optional[str] = typer.Option(None, help="name of the run (default train-DATE-TIME)"),
+    resume: Optional[str] = typer.Option(None, help="continue this stored run from its last valid checkpoint"),
+    config: Optional[Path] = typer.Option(None, "--config", help="experiment file (TOML)"),
+    set_: list[str] = typer.Option([], "--set", help="override any run-config key: --set round-timeout=120"),
+    timeout: float = typer.Option(24 * 3600, help="seconds the run may take"),
+) -> None:
+    """Submit a federated run to the coordinator's devices, follow it, exit with its status."""
+    _setup_logging(False)
+    from shared_models.config import ConfigError, load_config_file
+    from server.deployment import train as run_train
+
+    values: dict[str, Any] = load_config_file(config) if config else {}
+    values.update({k: v for k, v in {"model": model, "task": task, "num-server-rounds": rounds, "strategy": strategy,
+                                     "min-devices": min_devices, "run-name": run_name}.items() if v is not None})
+    for item in set_:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            _fail(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = _parse_value(raw.strip())
+
+    def on_line(line: str) -> None:
+        if "fedaffect." in line or "ERROR" in line or "rror" in line:
+            console.print(line.split("fedaffect.server ", 1)[-1], markup=False, highlight=False)
+
+    try:
+        result = run_train(state_dir, values, resume=resume or "", timeout_s=timeout, on_line=on_line)
+    except (ConfigError, KeyError, FileNotFoundError, ValueError) as err:
+        _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    except RuntimeError as err:
+        _fail(str(err), code=1)
+    colour = "green" if result.ok else "red"
+    out.print(f"[{colour}]run {result.run}[/]: Flower {result.flower_status}, store {result.store_status} "
+              f"({result.seconds:.0f}s)" + (f"\n{result.error}" if result.error else ""))
+    out.print(f"see: fedaffect runs --store-url ... / fedaffect report {result.run} "
+              f"--run-dir {Path(state_dir) / 'runs'}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@device_app.command("init")
+def device_init(
+    data_dir: Path = typer.Option(..., help="the device's data directory"),
+    name: Optional[str] = typer.Option(None, help="device name (default: the folder's name)"),
+    role: str = typer.Option("train", help="train (trains and evaluates) or heldout (evaluates only)"),
+) -> None:
+    """Make the device's key pair, local config and label queue; show the public key to enrol."""
+    _setup_logging(False)
+    from client.deployment import init_device
+
+    try:
+        info = init_device(data_dir, name, role)
+    except ValueError as err:
+        _fail(str(err))
+    out.print(f"[green]device {info['name']}[/] ({'new key pair' if info['created'] == 'yes' else 'existing key'}) "
+              f"in {data_dir}")
+    out.print(f"public key ({info['fingerprint']}), send {info['public-key-file']} to the operator:")
+    out.print(info["public-key"], markup=False, highlight=False, soft_wrap=True)
+    if info["manifest"] == "missing":
+        console.print(f"[yellow]no {Path(data_dir) / 'manifest.csv'} yet:[/] list the device's clips there "
+                      "(`fedaffect data prepare ... --out DIR/manifest.csv`)")
+
+
+@device_app.command("start")
+def device_start(
+    data_dir: Path = typer.Option(..., help="the device's data directory"),
+    superlink: str = typer.Option(..., help="the coordinator's address, host:port"),
+    ca: Path = typer.Option(..., help="the federation's CA certificate (the coordinator's certs/ca.crt)"),
+    port: Optional[int] = typer.Option(None, help="local port of the SuperNode's ClientApp API (default: free)"),
+    max_wait: Optional[float] = typer.Option(None, help="give up after this many seconds without the SuperLink"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="echo the SuperNode's log"),
+) -> None:
+    """Run the device's SuperNode in the foreground; Ctrl-C or SIGTERM stops it."""
+    _setup_logging(True)
+    from client.deployment import DeviceRefused, start_device
+
+    console.print(f"device {data_dir}: connecting to {superlink} (TLS, CA {ca}); audio stays here")
+    try:
+        code = start_device(data_dir, superlink, ca, port=port, max_wait_s=max_wait,
+                            echo=(lambda line: console.print(line, markup=False, highlight=False)) if verbose else None)
+    except DeviceRefused as err:
+        _fail(str(err), code=3)
+    except Exception as err:  # noqa: BLE001
+        _state_error(err)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
 from strategies import build_strategy
 
-__all__ = ["app", "run_federation", "pooled_metrics", "task_metrics", "NodeSubset"]
+__all__ = ["app", "run_federation", "pooled_metrics", "task_metrics", "NodeSubset", "EnrolmentGrid"]
 
 log = logging.getLogger("fedaffect.server")
 
@@ -281,6 +281,76 @@ def _faireg_config(grid: Grid, cfg: RunConfig, train_ids: list[int]) -> dict[str
     return {"faireg": params.to_json()}
 
 
+def _wait_for_devices(grid: Grid, min_devices: int, timeout: float) -> None:
+    """Wait until ``min_devices`` devices are connected (deployment: SuperNodes may still
+    be starting when a run is submitted).
+
+    Raises
+    ------
+    RuntimeError
+        If fewer are connected after ``timeout`` seconds.
+    """
+    if min_devices <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= min_devices:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {n} of min-devices={min_devices} devices connected after {timeout:.0f}s")
+        log.info("waiting for devices: %d of %d connected", n, min_devices)
+        time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
+
+
+class EnrolmentGrid(NodeSubset):
+    """A view of a Grid that adds each device's enrolled group attributes to its messages.
+
+    In a real federation the operator records a device's protected-group attributes at
+    enrolment (``fedaffect server enrol --group gender=female``, the registry of
+    :mod:`server.deployment`). Every message to an enrolled node gets a ``enrolment``
+    ConfigRecord with them; the device uses them for clips whose manifest lacks the
+    attribute (:func:`client.app.load_device`). Messages are copied, never mutated: a
+    strategy may send one RecordDict to many nodes.
+
+    Parameters
+    ----------
+    grid : Grid
+    groups : dict
+        ``{node_id: {attribute: value}}``.
+    """
+
+    def __init__(self, grid: Grid, groups: dict[int, dict[str, str]]) -> None:
+        super().__init__(grid, [])
+        self._groups = groups
+
+    @classmethod
+    def from_registry(cls, grid: Grid, store: RunStore) -> Grid:
+        """``grid`` itself when no enrolled device has attributes, else the view."""
+        groups = {int(d.node_id): dict(d.groups) for d in store.enrolled_devices(include_revoked=False) if d.groups}
+        return cls(grid, groups) if groups else grid
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102 - every node of the grid
+        return list(self._grid.get_node_ids())
+
+    def _with_groups(self, messages):
+        out = []
+        for msg in messages:
+            attrs = self._groups.get(msg.metadata.dst_node_id)
+            if attrs:
+                content = RecordDict({**dict(msg.content.items()), "enrolment": ConfigRecord(attrs)})
+                msg = Message(content, msg.metadata.dst_node_id, msg.metadata.message_type,
+                              group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
+            out.append(msg)
+        return out
+
+    def push_messages(self, messages):  # noqa: D102
+        return self._grid.push_messages(self._with_groups(messages))
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
+        return self._grid.send_and_receive(self._with_groups(messages), timeout=timeout)
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -313,8 +383,17 @@ def run_federation(
         If no device is available for training.
     """
     name = cfg.run_name or f"run-{int(time.time())}"
-    run = store.create_run(name, cfg.to_mapping(), engine)
+    start_round, resumed = 0, None
+    if cfg.resume:  # continue a stored run from its last valid checkpoint
+        run, resumed = store.reopen_run(cfg.resume, cfg.to_mapping())
+        name = run.name
+        start_round = resumed[0] + 1 if resumed else 0
+        log.info("resuming run %s at round %d", name, start_round)
+    else:
+        run = store.create_run(name, cfg.to_mapping(), engine)
     try:
+        _wait_for_devices(grid, cfg.min_devices, cfg.round_timeout)
+        grid = EnrolmentGrid.from_registry(grid, store)
         info = _describe(grid, cfg.round_timeout)
         train_ids = [n for n, d in info.items() if d["role"] == "train" and (
             d["n-labelled"] > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
@@ -333,12 +412,15 @@ def run_federation(
             log.info(load_initial(initial, cfg.init, cfg.model, emotions))
         arrays = ArrayRecord(initial.state_dict())
         coop = CoopTracker(info[n] for n in train_ids)  # cooperative learning counts per round
+        if resumed:
+            arrays = ArrayRecord(resumed[1]["state_dict"])
+            coop.last.update(resumed[1].get("coop", {}))
         strategy = build_strategy(cfg, len(train_ids))
         train_grid = NodeSubset(grid, train_ids)
         round_extra = _faireg_config(grid, cfg, train_ids)
         ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
 
-        for server_round in range(0, cfg.num_server_rounds + 1):
+        for server_round in range(start_round, cfg.num_server_rounds + 1):
             t0 = time.perf_counter()
             devices: list[dict[str, Any]] = []
             train_metrics: dict[str, Any] = {}
@@ -378,7 +460,7 @@ def run_federation(
                 run.id,
                 server_round,
                 {"round": server_round, "model": cfg.model, "emotions": emotions,
-                 "state_dict": arrays.to_torch_state_dict(), "config": cfg.to_mapping()},
+                 "state_dict": arrays.to_torch_state_dict(), "config": cfg.to_mapping(), "coop": coop.last},
                 ckpt_dir,
             )
             if on_round:

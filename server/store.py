@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint"]
+__all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint", "EnrolledDevice"]
 
 
 def _now() -> dt.datetime:
@@ -86,6 +86,25 @@ class GroupMetric(Base):
     group: Mapped[str] = mapped_column(String(200))
     metric: Mapped[str] = mapped_column(String(50))
     value: Mapped[float] = mapped_column(Float)
+
+
+class EnrolledDevice(Base):
+    """A device enrolled with the coordinator (the fedaffect device registry).
+
+    Flower's SuperLink keeps the registered public keys and node ids; the registry adds
+    what fedaffect needs: a human name, the device's protected-group attributes, and when
+    it was enrolled and revoked. ``node_id`` is Flower's (uint64, kept as text).
+    """
+
+    __tablename__ = "devices"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    node_id: Mapped[str] = mapped_column(String(24), index=True)
+    public_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(100))
+    groups: Mapped[dict] = mapped_column(JSON, default=dict)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Checkpoint(Base):
@@ -208,6 +227,37 @@ class RunStore:
                 run.summary = summary
             s.commit()
 
+    def reopen_run(self, ref: str | int, config: dict[str, Any]) -> tuple[Run, tuple[int, dict[str, Any]] | None]:
+        """Prepare a stored run to be resumed (``fedaffect train --resume RUN``).
+
+        Finds the newest valid checkpoint (:meth:`latest_checkpoint`: a corrupt file is
+        skipped for the previous one), deletes the rounds stored after it (they are run
+        again, so every stored round matches a model the run continued from), sets the
+        run's config to ``config`` and its status back to ``running``.
+
+        Returns
+        -------
+        (run, checkpoint)
+            ``checkpoint`` is ``(round, payload)``, or None when the run has no valid
+            checkpoint (it then starts again from round 0).
+
+        Raises
+        ------
+        KeyError
+            If there is no such run.
+        """
+        run = self.get_run(ref)
+        checkpoint = self.latest_checkpoint(run.id)
+        last = checkpoint[0] if checkpoint else -1
+        with self._session() as s:
+            for table in (Round, DeviceMetric, GroupMetric):
+                for row in s.scalars(select(table).where(table.run_id == run.id, table.round > last)):
+                    s.delete(row)
+            row = s.get(Run, run.id)
+            row.status, row.error, row.finished_at, row.config = "running", "", None, dict(config)
+            s.commit()
+        return self.get_run(run.id), checkpoint
+
     # -- rounds -----------------------------------------------------------------------
     def add_round(
         self,
@@ -262,6 +312,59 @@ class RunStore:
                 {"round": r.round, "attribute": r.attribute, "group": r.group, "metric": r.metric, "value": r.value}
                 for r in rows
             ]
+
+    # -- device registry ----------------------------------------------------------------
+    def enrol_device(self, name: str, node_id: int | str, public_key: str, fingerprint: str,
+                     groups: dict[str, str] | None = None) -> EnrolledDevice:
+        """Record an enrolled device.
+
+        A revoked device's name can be enrolled again (with a new key); the old row is
+        replaced.
+
+        Raises
+        ------
+        ValueError
+            If an active device has that name or that public key already.
+        """
+        with self._session() as s:
+            for row in s.scalars(select(EnrolledDevice).where(
+                    (EnrolledDevice.name == name) | (EnrolledDevice.public_key == public_key))):
+                if row.revoked_at is None:
+                    what = "name" if row.name == name else "public key"
+                    raise ValueError(f"a device with this {what} is enrolled already: {row.name!r}")
+                if row.name == name:
+                    s.delete(row)
+            s.flush()
+            device = EnrolledDevice(name=name, node_id=str(node_id), public_key=public_key,
+                                    fingerprint=fingerprint, groups=dict(groups or {}))
+            s.add(device)
+            s.commit()
+            return device
+
+    def revoke_device(self, name: str) -> EnrolledDevice:
+        """Mark a device revoked (it stays listed, with the time).
+
+        Raises
+        ------
+        KeyError
+            If no active device has that name.
+        """
+        with self._session() as s:
+            row = s.scalar(select(EnrolledDevice).where(EnrolledDevice.name == name,
+                                                        EnrolledDevice.revoked_at.is_(None)))
+            if row is None:
+                raise KeyError(f"no enrolled device named {name!r}")
+            row.revoked_at = _now()
+            s.commit()
+            return row
+
+    def enrolled_devices(self, include_revoked: bool = True) -> list[EnrolledDevice]:
+        """Enrolled devices, oldest first."""
+        with self._session() as s:
+            query = select(EnrolledDevice).order_by(EnrolledDevice.id)
+            if not include_revoked:
+                query = query.where(EnrolledDevice.revoked_at.is_(None))
+            return list(s.scalars(query))
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, run_id: int, server_round: int, payload: dict[str, Any], folder: Path, keep: int = 3) -> Path:

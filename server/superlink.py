@@ -28,15 +28,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
-import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
 import tomllib
 import urllib.error
@@ -47,8 +41,12 @@ from typing import Any, Callable
 
 import tomli_w
 
+from shared_models.processes import (
+    BIN, TAIL_LINES, LogPump, descendants, flower_environment, free_port, terminate_tree,
+)
+
 __all__ = [
-    "BIN", "REPO_ROOT", "LogPump", "FlowerRun", "free_port", "stage_app", "write_flower_config",
+    "BIN", "REPO_ROOT", "TAIL_LINES", "LogPump", "FlowerRun", "free_port", "stage_app", "write_flower_config",
     "flower_environment", "flwr_cli", "json_from", "flower_status", "wait_healthy", "follow_run",
     "descendants", "terminate_tree",
 ]
@@ -59,30 +57,9 @@ log = logging.getLogger("fedaffect.superlink")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _find_bin() -> Path:
-    """The folder of ``flwr`` and ``flower-superlink``: this interpreter's, else PATH's."""
-    here = Path(sys.executable).parent  # the venv's bin when run with the venv's python
-    if (here / "flower-superlink").exists() and (here / "flwr").exists():
-        return here
-    found = shutil.which("flower-superlink")
-    return Path(found).parent if found else here
-
-
-#: Folder of Flower's executables (also flower-superexec, flwr-serverapp, flwr-clientapp,
-#: flwr-simulation, which SuperLinks and SuperNodes start by name from PATH).
-BIN = _find_bin()
-TAIL_LINES = 40
 STARTUP_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 300.0
 _STAGED_SUFFIXES = {".py", ".toml", ".md", ".yaml", ".yml", ".json"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stage_app(dest: Path, root: Path = REPO_ROOT) -> Path:
@@ -133,123 +110,6 @@ def write_flower_config(home: Path, connection: str, address: str, root_certific
     else:
         entry["root-certificates"] = str(Path(root_certificates).resolve())
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": connection, connection: entry}}))
-
-
-def flower_environment(home: Path, tmp: Path | None = None) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry or update check, ``FLWR_HOME`` =
-    ``home``, this venv's Flower executables first on PATH, Ray's files under ``tmp``."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_HOME=str(home),
-        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
-        RAY_USAGE_STATS_ENABLED="0",
-        PYTHONUNBUFFERED="1",
-    )
-    if tmp is not None:
-        env["RAY_TMPDIR"] = str(tmp)
-    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
-    return env
-
-
-def descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc; empty where there is none)."""
-    parents: dict[int, list[int]] = collections.defaultdict(list)
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents[ppid].append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().split(b")")[-1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def terminate_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop ``proc`` (started in its own session), its process group and descendants.
-
-    The SuperLink starts SuperExec in a new session, which starts ``flwr-simulation``,
-    which starts Ray; all of them are descendants, found through /proc before anything
-    is signalled (they would be re-parented once their parents exit).
-    """
-    pids = [proc.pid, *descendants(proc.pid)]
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except OSError:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in groups:
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not any(_alive(p) for p in pids):
-                break
-            time.sleep(0.2)
-        else:
-            continue
-        break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-class LogPump:
-    """Read a process's output line by line into a file, a tail and the logger."""
-
-    def __init__(self, stream, path: Path, tail: collections.deque, prefix: str,
-                 on_line: Callable[[str], None] | None = None) -> None:
-        self._stream, self._path, self._tail, self._prefix = stream, path, tail, prefix
-        self._on_line = on_line
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        with open(self._path, "a", encoding="utf-8") as out:
-            for raw in iter(self._stream.readline, b""):
-                line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
-                out.write(line + "\n")
-                out.flush()
-                if line.strip():
-                    self._tail.append(f"{self._prefix}{line}")
-                    log.debug("%s%s", self._prefix, line)
-                    if self._on_line is not None:
-                        self._on_line(line)
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
 
 
 def flwr_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -393,6 +253,7 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     )
     pump = LogPump(streamer.stdout, log_path, tail, "[run] ", on_line=on_line)
     deadline = t0 + timeout_s
+    unknown = 0
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -409,6 +270,9 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
             status = flower_status(run_id, connection, env, cwd)
             if status.startswith("finished"):
                 break
+            unknown = unknown + 1 if status.startswith("unknown") else 0
+            if unknown >= 10:  # the CLI cannot tell: do not wait for the timeout
+                raise RuntimeError(f"cannot read the status of Flower run {run_id}: {status}")
             if streamer.poll() is not None:  # stream dropped while running: poll
                 time.sleep(min(3.0, max(deadline - time.monotonic(), 0)))
         if streamer.poll() is None:  # give the stream a moment to deliver the last lines

@@ -116,6 +116,12 @@ class RunConfig:
     round_timeout : float
         Seconds the server waits for replies in a round; devices that do not answer in time
         are left out of that round.
+    min_devices : int
+        Deployment: devices that must be connected before the run starts (the coordinator
+        waits up to ``round_timeout`` seconds for them); 0 starts with whoever is there.
+    resume : str
+        Name of a stored run to continue from its last valid checkpoint
+        (``fedaffect train --resume RUN``); rounds stored after that checkpoint are re-run.
     store_url, run_dir, cache_dir, run_name : str
         Run store (SQLAlchemy URL; empty = SQLite file in ``run_dir``), folder for
         checkpoints and reports, feature cache folder, and a unique name for the run.
@@ -198,6 +204,8 @@ class RunConfig:
     fraction_train: float = _opt(_fraction, default=1.0)
     min_train_devices: int = _opt(_positive, default=1)
     round_timeout: float = _opt(_positive, default=600.0)
+    min_devices: int = _opt(_non_negative, default=0)
+    resume: str = ""
     store_url: str = ""
     run_dir: str = "runs"
     cache_dir: str = ".cache/fedaffect"

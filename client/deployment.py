@@ -1,0 +1,247 @@
+"""A device of a real federation: its data directory, key pair and SuperNode.
+
+``fedaffect device init --data-dir DIR``
+    makes the device's SuperNode authentication key pair (EC P-384, OpenSSH format:
+    ``DIR/keys/device`` mode 0600 and ``DIR/keys/device.pub``), its local config
+    (``DIR/device.toml``) and its label queue / pseudo-label store (``DIR/device.db``), and
+    shows the public key to send to the operator (``fedaffect server enrol``).
+``fedaffect device start --data-dir DIR --superlink HOST:PORT --ca ca.crt``
+    runs ``flower-supernode`` in the foreground: TLS verified against the federation's CA
+    only, authenticated with the device's private key, node config
+    ``data-dir=DIR name=NAME role=train``. The ClientApp (:mod:`client.app`) reads the
+    clips listed in ``DIR/manifest.csv``; only weights, counts and statistics leave the
+    device. SIGTERM/SIGINT stop it; a SuperLink that is down is retried until it is back.
+
+Data directory layout::
+
+    manifest.csv     the device's clips (``fedaffect data prepare ... --out DIR/manifest.csv``);
+                     rows without a label form the device's unlabelled pool
+    device.toml      name, role
+    keys/device      private key (never leaves the device)
+    keys/device.pub  public key (goes to the operator)
+    device.db        label queue, answers, pseudo-labels (client/device_store.py)
+    cache/           feature cache
+    logs/            SuperNode logs
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tomli_w
+
+from shared_models.config import ConfigError
+from shared_models.processes import BIN, flower_environment, free_port, run_foreground
+from shared_models.security import check_certificate, fingerprint, make_device_keypair, read_device_public_key
+
+__all__ = ["DeviceConfig", "DevicePaths", "init_device", "supernode_command", "start_device", "DeviceRefused"]
+
+log = logging.getLogger("fedaffect.device")
+
+#: ``flower-supernode`` exit code when the SuperLink refuses to activate the node
+#: (an unregistered or revoked key).
+_EXIT_NOT_ACTIVATED = 305
+
+
+class DeviceRefused(RuntimeError):
+    """The SuperLink refused this device (not enrolled, revoked, or TLS failed)."""
+
+
+@dataclass(frozen=True)
+class DevicePaths:
+    """Where a device keeps everything, under ``root`` (its data directory)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "device.toml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def private_key(self) -> Path:
+        return self.root / "keys" / "device"
+
+    @property
+    def public_key(self) -> Path:
+        return self.root / "keys" / "device.pub"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+@dataclass
+class DeviceConfig:
+    """A device's ``device.toml``.
+
+    Attributes
+    ----------
+    name : str
+        The device's name (the operator enrols it under this name).
+    role : str
+        ``train`` (trains and evaluates) or ``heldout`` (evaluates only).
+    """
+
+    name: str
+    role: str = "train"
+
+    @classmethod
+    def load(cls, path: Path) -> "DeviceConfig":
+        """Read ``device.toml``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the device was never initialised.
+        ConfigError
+            For an unknown key or a bad role (named).
+        """
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `fedaffect device init --data-dir {path.parent}` first")
+        data = tomllib.loads(path.read_text())
+        unknown = sorted(set(data) - {"name", "role"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known: name, role")
+        cfg = cls(**data)
+        if cfg.role not in ("train", "heldout"):
+            raise ConfigError(f"{path}: key 'role' = {cfg.role!r}: must be train or heldout")
+        return cfg
+
+    def save(self, path: Path) -> None:
+        """Write ``device.toml``."""
+        path.write_text(tomli_w.dumps({"name": self.name, "role": self.role}))
+
+
+def init_device(data_dir: Path, name: str | None = None, role: str = "train") -> dict[str, str]:
+    """Initialise a device's data directory (idempotent: existing keys are kept).
+
+    Parameters
+    ----------
+    data_dir : Path
+    name : str, optional
+        Device name (default: the folder's name).
+    role : str
+        ``train`` or ``heldout``.
+
+    Returns
+    -------
+    dict
+        ``name``, ``public-key`` (the line to send to the operator), ``public-key-file``,
+        ``fingerprint``, ``created`` (``"yes"`` when a new key pair was made) and
+        ``manifest`` (``"missing"`` when the device has no clips listed yet).
+
+    Raises
+    ------
+    ValueError
+        For a bad name or role.
+    """
+    paths = DevicePaths(Path(data_dir).expanduser().resolve())
+    name = name or (DeviceConfig.load(paths.config).name if paths.config.exists() else paths.root.name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise ValueError(f"device name {name!r}: use letters, digits, '-', '_' or '.' (at most 100)")
+    if role not in ("train", "heldout"):
+        raise ValueError(f"role {role!r}: must be train or heldout")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    (paths.root / "keys").mkdir(exist_ok=True, mode=0o700)
+    created = not paths.private_key.exists()
+    if created:
+        make_device_keypair(paths.private_key, paths.public_key)
+    DeviceConfig(name=name, role=role).save(paths.config)
+    from client.device_store import DeviceStore
+
+    DeviceStore(paths.root).close()  # the label queue and pseudo-label store
+    line = read_device_public_key(paths.public_key)
+    return {"name": name, "public-key": line, "public-key-file": str(paths.public_key),
+            "fingerprint": fingerprint(line), "created": "yes" if created else "no",
+            "manifest": "ok" if paths.manifest.exists() else "missing"}
+
+
+def supernode_command(data_dir: Path, superlink: str, ca: Path, *, port: int | None = None,
+                      max_wait_s: float | None = None) -> list[str]:
+    """The ``flower-supernode`` command line of a device.
+
+    Parameters
+    ----------
+    data_dir : Path
+        An initialised data directory.
+    superlink : str
+        ``host:port`` of the coordinator.
+    ca : Path
+        The federation's CA certificate (the coordinator's ``certs/ca.crt``).
+    port : int, optional
+        Port of the SuperNode's local ClientApp API (default: a free one, so that several
+        devices can run on one host).
+    max_wait_s : float, optional
+        Give up after this many seconds without the SuperLink (default: retry forever).
+    """
+    paths = DevicePaths(Path(data_dir).expanduser().resolve())
+    cfg = DeviceConfig.load(paths.config)
+    node_config = f'data-dir="{paths.root}" name="{cfg.name}" role="{cfg.role}"'
+    cmd = [
+        str(BIN / "flower-supernode"),
+        "--root-certificates", str(Path(ca).expanduser().resolve()),
+        "--superlink", superlink,
+        "--auth-supernode-private-key", str(paths.private_key),
+        "--node-config", node_config,
+        "--port", str(port or free_port()),
+    ]
+    if max_wait_s is not None:
+        cmd += ["--max-wait-time", str(max_wait_s)]
+    return cmd
+
+
+def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None = None,
+                 max_wait_s: float | None = None, echo: Callable[[str], None] | None = None) -> int:
+    """Run the device's SuperNode in the foreground until it exits or is signalled.
+
+    Checks first that the device is initialised, has a manifest, and that ``ca`` is a
+    valid (unexpired) CA certificate.
+
+    Returns
+    -------
+    int
+        0 after a stop by signal, else the SuperNode's exit code.
+
+    Raises
+    ------
+    FileNotFoundError
+        Device not initialised, or no ``manifest.csv``.
+    CertificateError
+        ``ca`` missing, expired, or not a CA certificate.
+    DeviceRefused
+        The SuperLink refused the device: not enrolled or revoked, or the SuperLink's
+        certificate is not signed by ``ca`` (the message says which is likely).
+    """
+    paths = DevicePaths(Path(data_dir).expanduser().resolve())
+    if not paths.private_key.exists():
+        raise FileNotFoundError(f"{paths.private_key} not found: run `fedaffect device init --data-dir {paths.root}`")
+    if not paths.manifest.exists():
+        raise FileNotFoundError(f"{paths.manifest} not found: list the device's clips there, e.g. "
+                                f"`fedaffect data prepare csv --source my-clips.csv --out {paths.manifest}`")
+    for warning in check_certificate(Path(ca).expanduser(), must_be_ca=True):
+        log.warning(warning)
+    cmd = supernode_command(paths.root, superlink, ca, port=port, max_wait_s=max_wait_s)
+
+    def refused(code: int, tail: collections.deque) -> None:
+        text = "\n".join(tail)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            raise DeviceRefused(f"the SuperLink at {superlink} has a certificate not signed by {ca} (wrong CA, "
+                                "self-signed or expired): get the coordinator's certs/ca.crt")
+        if code == _EXIT_NOT_ACTIVATED or "Failed to activate SuperNode" in text:
+            raise DeviceRefused(f"the SuperLink at {superlink} refused this device: its key is not enrolled or was "
+                                f"revoked (ask the operator to run `fedaffect server enrol --public-key "
+                                f"{paths.public_key.name} ...`), or the SuperLink's TLS certificate is not signed by "
+                                f"{ca}.\nlast lines:\n{text[-1500:]}")
+
+    return run_foreground(cmd, env=flower_environment(paths.root / "flower"), cwd=paths.root,
+                          log_path=paths.logs / "supernode.log", echo=echo, on_exit=refused)

@@ -1,0 +1,570 @@
+"""The coordinator of a real federation: state directory, SuperLink, enrolment, runs.
+
+Built on Flower's Deployment Engine; fedaffect adds the state directory, certificates,
+the device registry and run submission. What ``fedaffect server ...`` and ``fedaffect
+train`` do:
+
+``init``
+    create the state directory: a certificate authority and a TLS server certificate for
+    the coordinator's host names (:mod:`shared_models.security`), ``server.toml``
+    (:class:`ServerConfig`), the run store and the ``flwr`` CLI's connection to the
+    SuperLink;
+``start``
+    run ``flower-superlink`` in the foreground with TLS, SuperNode authentication,
+    ``--disable-runtime-dependency-installation``, its SQLite state
+    (``superlink.db``: nodes and Flower runs) and a rotating log file in the state
+    directory; SIGTERM/SIGINT stop it and everything it started;
+``enrol`` / ``unenrol`` / ``devices``
+    register a device's P-384 public key with the SuperLink (``flwr supernode register``)
+    and record its name and group attributes in the registry (the run store's
+    ``devices`` table); revoke it (``flwr supernode unregister``); list devices with their
+    online status from the SuperLink;
+``train``
+    submit the Flower app (``server.app:app`` + ``client.app:app``) to the SuperLink with
+    a run config, stream the run's progress, and return the run's real status (Flower's
+    and the store's: ``flwr run`` exits 0 on failed runs); ``resume=RUN`` continues a
+    stored run from its last valid checkpoint.
+
+State directory layout::
+
+    server.toml              coordinator config (ServerConfig)
+    certs/ca.crt ca.key      the federation's CA (ca.crt goes to every device)
+    certs/server.crt .key    the SuperLink's TLS certificate
+    superlink.db             Flower's SuperLink state (nodes, runs)
+    logs/superlink.log       SuperLink log (rotated daily, 14 kept)
+    flower/config.toml       FLWR_HOME of the flwr CLI: connection "fedaffect"
+    runs/                    default run store (fedaffect.db), checkpoints, run logs, reports
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import logging
+import socket
+import subprocess
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli_w
+
+from shared_models.config import ConfigError, RunConfig
+from shared_models.security import (
+    check_certificate, fingerprint, make_ca, make_server_certificate, read_device_public_key,
+    write_certificate, write_private_key,
+)
+from server.store import RunStore
+from shared_models.processes import BIN, TAIL_LINES, flower_environment, run_foreground
+from server.superlink import flwr_cli, follow_run, json_from, stage_app, wait_healthy, write_flower_config
+
+__all__ = [
+    "ServerConfig", "StatePaths", "DEFAULT_EMOTIONS", "init_server", "superlink_command", "start_server",
+    "enrol_device", "unenrol_device", "list_devices", "train", "TrainResult",
+]
+
+log = logging.getLogger("fedaffect.deployment")
+
+#: Name of the SuperLink connection in the state directory's Flower config.
+CONNECTION = "fedaffect"
+
+#: Default classes of the categorical head in a real federation (EmoDB's seven): devices
+#: map their labels onto these; other labels count as unlabelled.
+DEFAULT_EMOTIONS = "anger,boredom,disgust,fear,happiness,neutral,sadness"
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Where everything of a coordinator lives, under ``root`` (the state directory)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "server.toml"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.certs / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.certs / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.certs / "server.key"
+
+    @property
+    def superlink_db(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def flower_home(self) -> Path:
+        return self.root / "flower"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+
+@dataclass
+class ServerConfig:
+    """The coordinator's ``server.toml``.
+
+    Attributes
+    ----------
+    host : str
+        Address the SuperLink listens on (``0.0.0.0``: every interface).
+    port : int
+        The SuperLink's one HTTPS port (Fleet, Control and Runtime APIs; default 8000).
+    names : list of str
+        Host names and IP addresses devices reach the coordinator by; each is in the
+        server certificate.
+    store_url : str
+        SQLAlchemy URL of the run store (empty: SQLite in ``runs/fedaffect.db``;
+        PostgreSQL: ``postgresql://user:pass@host/db``).
+    emotions : str
+        Comma-separated classes of the categorical head.
+    run_defaults : dict
+        Run-config defaults for ``fedaffect train`` (e.g. ``{"round-timeout": 300}``).
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    store_url: str = ""
+    emotions: str = DEFAULT_EMOTIONS
+    run_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "ServerConfig":
+        """Read ``server.toml``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the state directory was never initialised.
+        ConfigError
+            For an unknown key (named) or a bad run default.
+        """
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `fedaffect server init --state-dir {path.parent}` first")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        known = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        cfg = cls(**{known[k]: v for k, v in data.items()})
+        RunConfig.from_mapping(cfg.run_defaults)  # names a bad run default now, not at train time
+        return cfg
+
+    def save(self, path: Path) -> None:
+        """Write ``server.toml``."""
+        data = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        path.write_text(tomli_w.dumps(data))
+
+    def store(self, paths: StatePaths) -> RunStore:
+        """The run store (created when missing)."""
+        paths.runs.mkdir(parents=True, exist_ok=True)
+        return RunStore(self.store_url or f"sqlite:///{(paths.runs / 'fedaffect.db').resolve()}")
+
+    def address(self) -> str:
+        """``host:port`` the coordinator's own ``flwr`` CLI connects to."""
+        host = self.names[0] if self.host in ("0.0.0.0", "::") else self.host
+        return f"{host}:{self.port}"
+
+
+def _default_names() -> list[str]:
+    names = ["localhost", "127.0.0.1"]
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = "0.0.0.0", port: int = 8000,
+                store_url: str = "", emotions: str = DEFAULT_EMOTIONS, renew: bool = False,
+                cert_days: int = 825) -> StatePaths:
+    """Create (or renew the server certificate of) a coordinator's state directory.
+
+    Parameters
+    ----------
+    state_dir : Path
+    names : list of str, optional
+        Host names / IP addresses for the server certificate (default: localhost,
+        127.0.0.1 and this machine's host names).
+    host, port : str, int
+        Listening address of the SuperLink.
+    store_url : str
+        Run store URL (empty: SQLite in the state directory).
+    emotions : str
+        Classes of the categorical head.
+    renew : bool
+        Keep the CA, config and registry; make a new server certificate (new names or
+        expiry). Devices keep working: they trust the CA, not the certificate.
+    cert_days : int
+        Validity of the server certificate in days.
+
+    Returns
+    -------
+    StatePaths
+
+    Raises
+    ------
+    FileExistsError
+        If ``state_dir`` holds a coordinator already and ``renew`` is False (re-running
+        init would lock out every enrolled device).
+    """
+    paths = StatePaths(Path(state_dir).expanduser().resolve())
+    if paths.config.exists() and not renew:
+        raise FileExistsError(f"{paths.root} holds a coordinator already; use --renew to make a new server "
+                              "certificate (the CA and the enrolled devices are kept)")
+    if renew:
+        cfg = ServerConfig.load(paths.config)
+        if names:
+            cfg.names = list(dict.fromkeys(names))
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    else:
+        cfg = ServerConfig(host=host, port=port, names=list(dict.fromkeys(names or _default_names())),
+                           store_url=store_url, emotions=emotions)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for folder in (paths.certs, paths.logs, paths.runs):
+            folder.mkdir(parents=True, exist_ok=True)
+        ca, ca_key = make_ca()
+        write_certificate(paths.ca_cert, ca)
+        write_private_key(paths.ca_key, ca_key)
+    cert, key = make_server_certificate(ca, ca_key, cfg.names, days=cert_days)
+    write_certificate(paths.server_cert, cert)
+    write_private_key(paths.server_key, key)
+    cfg.save(paths.config)
+    write_flower_config(paths.flower_home, CONNECTION, cfg.address(), paths.ca_cert)
+    cfg.store(paths)  # creates the run store's tables (and fails now if PostgreSQL is unreachable)
+    return paths
+
+
+def _load(state_dir: Path) -> tuple[StatePaths, ServerConfig]:
+    paths = StatePaths(Path(state_dir).expanduser().resolve())
+    return paths, ServerConfig.load(paths.config)
+
+
+def superlink_command(state_dir: Path) -> list[str]:
+    """The ``flower-superlink`` command line of a coordinator (TLS, SuperNode auth on)."""
+    paths, cfg = _load(state_dir)
+    return [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile", str(paths.ca_cert),
+        "--ssl-certfile", str(paths.server_cert),
+        "--ssl-keyfile", str(paths.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(paths.superlink_db),
+        "--host", cfg.host, "--port", str(cfg.port),
+        "--log-file", str(paths.logs / "superlink.log"),
+        "--log-rotation-interval-hours", "24", "--log-rotation-backup-count", "14",
+    ]
+
+
+def _check_certificates(paths: StatePaths, cfg: ServerConfig) -> list[str]:
+    warnings = check_certificate(paths.ca_cert, must_be_ca=True)
+    warnings += check_certificate(paths.server_cert, ca_path=paths.ca_cert, host=cfg.names[0])
+    return warnings
+
+
+def start_server(state_dir: Path, *, ready: Callable[[str], None] | None = None,
+                 echo: Callable[[str], None] | None = None) -> int:
+    """Run the coordinator's SuperLink in the foreground until it exits or is signalled.
+
+    Checks the certificates first (expired, not signed by the CA: refused with the
+    reason), then starts ``flower-superlink`` (:func:`superlink_command`) in its own
+    session, waits for it to be healthy, and forwards SIGTERM/SIGINT to it and everything
+    it started (SuperExec, ServerApp processes). The run store and Flower's state are on
+    disk, so a stopped (or killed) coordinator loses no stored round.
+
+    Parameters
+    ----------
+    state_dir : Path
+    ready : callable, optional
+        Called with the SuperLink's address once it is healthy.
+    echo : callable, optional
+        Receives every SuperLink log line (console output).
+
+    Returns
+    -------
+    int
+        0 after a clean stop by signal, else the SuperLink's exit code.
+
+    Raises
+    ------
+    CertificateError
+        For a bad certificate.
+    RuntimeError
+        If the SuperLink does not start (e.g. the port is taken).
+    """
+    paths, cfg = _load(state_dir)
+    for warning in _check_certificates(paths, cfg):
+        log.warning(warning)
+
+    def healthy(proc: subprocess.Popen, tail: collections.deque) -> None:
+        wait_healthy(proc, f"https://{cfg.address()}/health", tail, cafile=paths.ca_cert)
+        if ready:
+            ready(cfg.address())
+
+    return run_foreground(superlink_command(paths.root), env=flower_environment(paths.flower_home), cwd=paths.root,
+                          log_path=paths.logs / "superlink.out", ready=healthy, echo=echo)
+
+
+def _flwr(paths: StatePaths, args: list[str], timeout: float = 60) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against the coordinator's SuperLink; its JSON."""
+    env = flower_environment(paths.flower_home)
+    res = flwr_cli([*args, "--format", "json"], env, paths.flower_home, timeout=timeout)
+    try:
+        data = json_from(res.stdout)
+    except ValueError:
+        data = {}
+    if not data.get("success", False):
+        message = data.get("error-message") or (res.stdout + res.stderr).strip()[-500:] or f"exit code {res.returncode}"
+        if "Connection refused" in message or "UNAVAILABLE" in message or "connect" in message.lower():
+            message += " (is `fedaffect server start` running?)"
+        raise RuntimeError(f"flwr {' '.join(args[:2])}: {message}")
+    return data
+
+
+def _parse_groups(groups: dict[str, str] | list[str] | None) -> dict[str, str]:
+    if groups is None:
+        return {}
+    if isinstance(groups, dict):
+        return {str(k): str(v) for k, v in groups.items()}
+    out = {}
+    for item in groups:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"group {item!r} must be attribute=value, e.g. gender=female")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def enrol_device(state_dir: Path, name: str, public_key: Path,
+                 groups: dict[str, str] | list[str] | None = None) -> dict[str, Any]:
+    """Enrol a device: register its public key with the SuperLink and record it.
+
+    Parameters
+    ----------
+    state_dir : Path
+    name : str
+        Unique device name (letters, digits, ``-_.``).
+    public_key : Path
+        The device's ``.pub`` file (EC P-384, OpenSSH; from ``fedaffect device init``).
+    groups : dict or list of "attr=value", optional
+        The device's protected-group attributes (e.g. ``gender=female``); clips of the
+        device whose manifest lacks an attribute take this value.
+
+    Returns
+    -------
+    dict
+        ``name``, ``node-id``, ``fingerprint``, ``groups``.
+
+    Raises
+    ------
+    CertificateError
+        For a key that is not an EC P-384 OpenSSH public key.
+    ValueError
+        For a bad name or group, or a name or key enrolled already.
+    RuntimeError
+        If the SuperLink refuses the key or cannot be reached.
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise ValueError(f"device name {name!r}: use letters, digits, '-', '_' or '.' (at most 100)")
+    paths, cfg = _load(state_dir)
+    key_line = read_device_public_key(public_key)
+    attrs = _parse_groups(groups)
+    store = cfg.store(paths)
+    for row in store.enrolled_devices(include_revoked=False):
+        if row.name == name or row.public_key == key_line:
+            raise ValueError(f"a device with this {'name' if row.name == name else 'public key'} is enrolled "
+                             f"already: {row.name!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "device.pub"
+        key_file.write_text(key_line + "\n")
+        data = _flwr(paths, ["supernode", "register", str(key_file), CONNECTION, "--name", name])
+    node_id = str(data["node-id"])
+    store.enrol_device(name, node_id, key_line, fingerprint(key_line), attrs)
+    return {"name": name, "node-id": node_id, "fingerprint": fingerprint(key_line), "groups": attrs}
+
+
+def unenrol_device(state_dir: Path, name: str) -> dict[str, Any]:
+    """Revoke a device: unregister it from the SuperLink (it is refused from now on) and
+    mark it revoked in the registry.
+
+    Raises
+    ------
+    KeyError
+        If no active device has that name.
+    RuntimeError
+        If the SuperLink cannot be reached (the registry is then left unchanged).
+    """
+    paths, cfg = _load(state_dir)
+    store = cfg.store(paths)
+    rows = [r for r in store.enrolled_devices(include_revoked=False) if r.name == name]
+    if not rows:
+        raise KeyError(f"no enrolled device named {name!r}")
+    _flwr(paths, ["supernode", "unregister", rows[0].node_id, CONNECTION])
+    row = store.revoke_device(name)
+    return {"name": row.name, "node-id": row.node_id, "revoked-at": row.revoked_at.isoformat()}
+
+
+def list_devices(state_dir: Path) -> list[dict[str, Any]]:
+    """Enrolled devices with their status from the SuperLink.
+
+    Returns
+    -------
+    list of dict
+        ``name``, ``node-id``, ``groups``, ``enrolled-at``, ``status`` (``online``,
+        ``offline``, ``registered``: never connected, ``revoked``, or ``unknown`` when the
+        SuperLink cannot be reached), ``last-seen`` (when it last came online, or empty).
+    """
+    paths, cfg = _load(state_dir)
+    store = cfg.store(paths)
+    try:
+        nodes = {str(n["node-id"]): n for n in _flwr(paths, ["supernode", "list", CONNECTION]).get("nodes", [])}
+        reachable = True
+    except RuntimeError as err:
+        log.warning("%s", err)
+        nodes, reachable = {}, False
+    out = []
+    for row in store.enrolled_devices():
+        node = nodes.get(row.node_id, {})
+        if row.revoked_at is not None:
+            status = "revoked"
+        elif not reachable:
+            status = "unknown"
+        else:
+            status = str(node.get("status", "unregistered"))
+        seen = node.get("online-at", "")
+        out.append({
+            "name": row.name, "node-id": row.node_id, "groups": row.groups, "fingerprint": row.fingerprint,
+            "enrolled-at": row.enrolled_at.isoformat(timespec="seconds") if row.enrolled_at else "",
+            "revoked-at": row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
+            "status": status, "last-seen": "" if seen in ("", "N/A") else str(seen),
+        })
+    return out
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes
+    ----------
+    run : str
+        The fedaffect run's name (in the run store).
+    flower_run_id : int
+    flower_status : str
+        Flower's final status (``finished:completed`` when all went well).
+    store_status : str
+        The run store's status (``completed``, ``failed``, ``running`` if the ServerApp
+        died before it could say).
+    error : str
+        Last line of the stored error, if any.
+    seconds : float
+    """
+
+    run: str
+    flower_run_id: int
+    flower_status: str
+    store_status: str
+    error: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when both Flower and the run store say the run completed."""
+        return self.flower_status == "finished:completed" and self.store_status == "completed"
+
+
+def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: str = "",
+          timeout_s: float = 24 * 3600, on_line: Callable[[str], None] | None = None) -> TrainResult:
+    """Submit a federated run to the coordinator's SuperLink and follow it to the end.
+
+    Parameters
+    ----------
+    state_dir : Path
+        An initialised coordinator whose SuperLink is running.
+    overrides : dict, optional
+        Run-config keys (``model``, ``num-server-rounds``, ``strategy``...) over the
+        config's ``run-defaults``.
+    resume : str, optional
+        Name of a stored run to continue from its last valid checkpoint (same run name,
+        same config except the number of rounds; a new Flower run).
+    timeout_s : float
+        Seconds the run may take.
+    on_line : callable, optional
+        Receives the run's log lines (progress).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        For a bad run-config key or value (named).
+    KeyError
+        If ``resume`` names no stored run.
+    RuntimeError
+        If the app cannot be submitted (SuperLink not running).
+    """
+    paths, cfg = _load(state_dir)
+    store = cfg.store(paths)
+    values: dict[str, Any] = {"emotions": cfg.emotions, **cfg.run_defaults, **(overrides or {})}
+    if resume:
+        previous = store.get_run(resume)
+        values = {**previous.config, **{k: v for k, v in (overrides or {}).items() if k == "num-server-rounds"},
+                  "resume": previous.name}
+        name = previous.name
+    else:
+        name = values.get("run-name") or f"train-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    values.update({"run-name": name, "run-dir": str(paths.runs), "store-url": store.url, "manifest": ""})
+    run_cfg = RunConfig.from_mapping(values)
+    run_folder = paths.runs / name
+    run_folder.mkdir(parents=True, exist_ok=True)
+    log_path = run_folder / "flower.log"
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    env = flower_environment(paths.flower_home)
+    with tempfile.TemporaryDirectory(prefix="fedaffect-app-", ignore_cleanup_errors=True) as tmp_name:
+        tmp = Path(tmp_name)
+        app_dir = stage_app(tmp / "app")  # not "fedaffect": flwr takes a folder named like the connection for an app
+        run_config = tmp / "run-config.toml"
+        run_config.write_text(tomli_w.dumps(run_cfg.to_mapping()))
+        result = follow_run(app_dir, CONNECTION, run_config, env, tmp, log_path=log_path, tail=tail,
+                            timeout_s=timeout_s, on_line=on_line)
+    try:
+        run = store.get_run(name)
+        store_status, error = run.status, (run.error or "").strip().splitlines()[-1:]
+    except KeyError:
+        store_status, error = "missing", []
+    return TrainResult(name, result.run_id, result.status, store_status, error[0] if error else "", result.seconds)

@@ -1,0 +1,230 @@
+"""Flower's processes on either side: executables, environment, logs, stopping a tree.
+
+Used by the coordinator (:mod:`server.superlink`, :mod:`server.deployment`) and by devices
+(:mod:`client.deployment`), which must not import ``server``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["BIN", "TAIL_LINES", "LogPump", "flower_environment", "free_port", "descendants", "terminate_tree",
+           "run_foreground"]
+
+log = logging.getLogger("fedaffect.processes")
+
+
+def _find_bin() -> Path:
+    """The folder of ``flwr`` and ``flower-superlink``: this interpreter's, else PATH's."""
+    here = Path(sys.executable).parent  # the venv's bin when run with the venv's python
+    if (here / "flower-superlink").exists() and (here / "flwr").exists():
+        return here
+    found = shutil.which("flower-superlink")
+    return Path(found).parent if found else here
+
+
+#: Folder of Flower's executables (also flower-superexec, flwr-serverapp, flwr-clientapp,
+#: flwr-simulation, which SuperLinks and SuperNodes start by name from PATH).
+BIN = _find_bin()
+TAIL_LINES = 40
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def flower_environment(home: Path, tmp: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry or update check, ``FLWR_HOME`` =
+    ``home``, this venv's Flower executables first on PATH, Ray's files under ``tmp``."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(home),
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    if tmp is not None:
+        env["RAY_TMPDIR"] = str(tmp)
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc; empty where there is none)."""
+    parents: dict[int, list[int]] = collections.defaultdict(list)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents[ppid].append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b")")[-1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def terminate_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop ``proc`` (started in its own session), its process group and descendants.
+
+    The SuperLink starts SuperExec in a new session, which starts ``flwr-simulation``,
+    which starts Ray; all of them are descendants, found through /proc before anything
+    is signalled (they would be re-parented once their parents exit).
+    """
+    pids = [proc.pid, *descendants(proc.pid)]
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except OSError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not any(_alive(p) for p in pids):
+                break
+            time.sleep(0.2)
+        else:
+            continue
+        break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class LogPump:
+    """Read a process's output line by line into a file, a tail and the logger."""
+
+    def __init__(self, stream, path: Path, tail: collections.deque, prefix: str,
+                 on_line: Callable[[str], None] | None = None) -> None:
+        self._stream, self._path, self._tail, self._prefix = stream, path, tail, prefix
+        self._on_line = on_line
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        with open(self._path, "a", encoding="utf-8") as out:
+            for raw in iter(self._stream.readline, b""):
+                line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
+                out.write(line + "\n")
+                out.flush()
+                if line.strip():
+                    self._tail.append(f"{self._prefix}{line}")
+                    log.debug("%s%s", self._prefix, line)
+                    if self._on_line is not None:
+                        self._on_line(line)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+def run_foreground(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
+                   ready: Callable[[subprocess.Popen, collections.deque], None] | None = None,
+                   echo: Callable[[str], None] | None = None,
+                   on_exit: Callable[[int, collections.deque], None] | None = None) -> int:
+    """Run a Flower service (SuperLink, SuperNode) in the foreground until it exits or
+    this process gets SIGTERM/SIGINT, which stop it and everything it started.
+
+    Parameters
+    ----------
+    cmd : list of str
+        The command; it runs in its own session.
+    env, cwd
+        Its environment and working directory.
+    log_path : Path
+        File its output is appended to.
+    ready : callable, optional
+        ``ready(proc, tail)`` waits until the service is up (raises if it is not).
+    echo : callable, optional
+        Receives every output line.
+    on_exit : callable, optional
+        ``on_exit(returncode, tail)`` when the service exits by itself (e.g. to raise a
+        clear error for a known exit code).
+
+    Returns
+    -------
+    int
+        0 after a stop by signal, else the service's exit code.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    pump = LogPump(proc.stdout, log_path, tail, "", on_line=echo)
+    stopping = {"signal": 0}
+
+    def stop(signum, _frame) -> None:
+        stopping["signal"] = signum
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            try:
+                ready(proc, tail)
+            except RuntimeError:
+                if not stopping["signal"]:
+                    raise
+        while proc.poll() is None and not stopping["signal"]:
+            time.sleep(0.2)
+        if stopping["signal"]:
+            log.info("signal %d: stopping %s", stopping["signal"], Path(cmd[0]).name)
+            terminate_tree(proc)
+            return 0
+        pump.join(timeout=5)
+        if on_exit is not None:
+            on_exit(int(proc.returncode), tail)
+        return int(proc.returncode)
+    finally:
+        if proc.poll() is None:
+            terminate_tree(proc)
+        pump.join(timeout=5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
