@@ -3,7 +3,7 @@
 ``fedaffect device init --data-dir DIR``
     makes the device's SuperNode authentication key pair (EC P-384, OpenSSH format:
     ``DIR/keys/device`` mode 0600 and ``DIR/keys/device.pub``), its local config
-    (``DIR/device.toml``) and its label queue / pseudo-label store (``DIR/device.db``), and
+    (``DIR/device.toml``) and its label queue / pseudo-label store (``DIR/cooperative.db``), and
     shows the public key to send to the operator (``fedaffect server enrol``).
 ``fedaffect device start --data-dir DIR --superlink HOST:PORT --ca ca.crt``
     runs ``flower-supernode`` in the foreground: TLS verified against the federation's CA
@@ -19,7 +19,7 @@ Data directory layout::
     device.toml      name, role
     keys/device      private key (never leaves the device)
     keys/device.pub  public key (goes to the operator)
-    device.db        label queue, answers, pseudo-labels (client/device_store.py)
+    cooperative.db   label queue, answers, pseudo-labels (client/device_store.py)
     cache/           feature cache
     logs/            SuperNode logs
 """

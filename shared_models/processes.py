@@ -166,6 +166,17 @@ class LogPump:
         self._thread.join(timeout)
 
 
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM when the parent dies, even by SIGKILL,
+    so a killed ``fedaffect server start`` does not leave an orphaned SuperLink."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_foreground(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
                    ready: Callable[[subprocess.Popen, collections.deque], None] | None = None,
                    echo: Callable[[str], None] | None = None,
@@ -197,7 +208,7 @@ def run_foreground(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     pump = LogPump(proc.stdout, log_path, tail, "", on_line=echo)
     stopping = {"signal": 0}
 

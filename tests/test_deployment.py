@@ -1,0 +1,289 @@
+"""A real federation's parts without processes: certificates, keys, state directory,
+device registry, enrolled groups, resume, and what devices send.
+
+Devices here are data directories (node config ``data-dir``, as in deployment) driven by
+the in-process grid; the end-to-end runs with a real SuperLink and SuperNodes are in
+tests/test_deployment_e2e.py (slow).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from flwr.common.serde import message_to_proto
+
+from client.app import app as client_app
+from client.deployment import DeviceConfig, init_device, supernode_command
+from server.app import run_federation
+from server.deployment import ServerConfig, init_server, superlink_command
+from server.simulation import InProcessGrid
+from server.store import RunStore
+from shared_models.config import ConfigError, RunConfig
+from shared_models.features import FeatureCache
+from shared_models.models import frontend_for
+from shared_models.security import (
+    CertificateError, check_certificate, fingerprint, make_ca, make_server_certificate, read_device_public_key,
+    write_certificate,
+)
+
+EMOTIONS = "anger,boredom,fear,happiness,neutral,sadness"
+
+
+# --------------------------------------------------------------------------- certificates and keys
+
+
+def test_server_certificate_is_checked_against_its_ca_host_and_dates(tmp_path):
+    ca, ca_key = make_ca()
+    write_certificate(tmp_path / "ca.crt", ca)
+    cert, _ = make_server_certificate(ca, ca_key, ["coord.example.org", "10.0.0.5"])
+    write_certificate(tmp_path / "server.crt", cert)
+    assert check_certificate(tmp_path / "server.crt", ca_path=tmp_path / "ca.crt", host="coord.example.org") == []
+    check_certificate(tmp_path / "server.crt", ca_path=tmp_path / "ca.crt", host="10.0.0.5")
+    with pytest.raises(CertificateError, match="not valid for 'other.org'"):
+        check_certificate(tmp_path / "server.crt", ca_path=tmp_path / "ca.crt", host="other.org")
+
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
+    expired, _ = make_server_certificate(ca, ca_key, ["localhost"], days=2, not_before=old)
+    write_certificate(tmp_path / "expired.crt", expired)
+    with pytest.raises(CertificateError, match="expired"):
+        check_certificate(tmp_path / "expired.crt", ca_path=tmp_path / "ca.crt")
+
+    other_ca, other_key = make_ca("someone else's CA")
+    stranger, _ = make_server_certificate(other_ca, other_key, ["localhost"])
+    write_certificate(tmp_path / "stranger.crt", stranger)
+    with pytest.raises(CertificateError, match="not signed by the CA"):
+        check_certificate(tmp_path / "stranger.crt", ca_path=tmp_path / "ca.crt")
+    write_certificate(tmp_path / "self.crt", other_ca)
+    with pytest.raises(CertificateError, match="self-signed"):
+        check_certificate(tmp_path / "self.crt", ca_path=tmp_path / "ca.crt")
+    with pytest.raises(CertificateError, match="not a CA certificate"):
+        check_certificate(tmp_path / "server.crt", must_be_ca=True)
+    soon, _ = make_server_certificate(ca, ca_key, ["localhost"], days=5)
+    write_certificate(tmp_path / "soon.crt", soon)
+    assert "expires in 4 days" in check_certificate(tmp_path / "soon.crt")[0]
+
+
+def test_device_init_makes_a_private_p384_openssh_key_once(tmp_path):
+    info = init_device(tmp_path / "phone-07")
+    keys = tmp_path / "phone-07" / "keys"
+    assert stat.S_IMODE(os.stat(keys / "device").st_mode) == 0o600
+    private = serialization.load_ssh_private_key((keys / "device").read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert info["public-key"].startswith("ecdsa-sha2-nistp384 ") and info["created"] == "yes"
+    assert info["fingerprint"] == fingerprint(read_device_public_key(keys / "device.pub"))
+    assert info["manifest"] == "missing"
+    assert DeviceConfig.load(tmp_path / "phone-07" / "device.toml") == DeviceConfig("phone-07", "train")
+    again = init_device(tmp_path / "phone-07")  # re-running never replaces an enrolled key
+    assert again["public-key"] == info["public-key"] and again["created"] == "no"
+    assert (tmp_path / "phone-07" / "cooperative.db").exists()  # the label queue
+    with pytest.raises(ValueError, match="role"):
+        init_device(tmp_path / "x", role="boss")
+
+
+def test_only_p384_public_keys_can_be_enrolled(tmp_path):
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "rsa.pub").write_bytes(rsa_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(CertificateError, match="P-384"):
+        read_device_public_key(tmp_path / "rsa.pub")
+    init_device(tmp_path / "dev")
+    with pytest.raises(CertificateError, match="PRIVATE key"):
+        read_device_public_key(tmp_path / "dev" / "keys" / "device")
+    (tmp_path / "junk.pub").write_text("hello\n")
+    with pytest.raises(CertificateError, match="not an OpenSSH public key"):
+        read_device_public_key(tmp_path / "junk.pub")
+    with pytest.raises(CertificateError, match="not found"):
+        read_device_public_key(tmp_path / "missing.pub")
+
+
+# --------------------------------------------------------------------------- state directory
+
+
+def test_server_init_keeps_the_ca_on_renew_and_refuses_to_overwrite(tmp_path):
+    paths = init_server(tmp_path / "st", names=["localhost", "127.0.0.1"], port=18555, emotions=EMOTIONS)
+    ca_before = paths.ca_cert.read_bytes()
+    check_certificate(paths.server_cert, ca_path=paths.ca_cert, host="127.0.0.1")
+    with pytest.raises(FileExistsError, match="--renew"):
+        init_server(tmp_path / "st")
+    init_server(tmp_path / "st", names=["localhost", "coord.lan"], renew=True)
+    assert paths.ca_cert.read_bytes() == ca_before  # enrolled devices keep trusting the coordinator
+    check_certificate(paths.server_cert, ca_path=paths.ca_cert, host="coord.lan")
+    cmd = superlink_command(paths.root)
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile",
+                 "--database", "--log-file"):
+        assert flag in cmd
+    assert "--insecure" not in cmd and cmd[cmd.index("--port") + 1] == "18555"
+    assert stat.S_IMODE(os.stat(paths.ca_key).st_mode) == 0o600
+
+
+def test_server_config_names_a_bad_key(tmp_path):
+    paths = init_server(tmp_path / "st", names=["localhost"])
+    text = paths.config.read_text()
+    paths.config.write_text(text.replace("port =", "prot ="))
+    with pytest.raises(ConfigError, match="'prot'"):
+        ServerConfig.load(paths.config)
+    paths.config.write_text(text.replace("[run-defaults]", '[run-defaults]\n"num-server-round" = 3'))
+    with pytest.raises(ConfigError, match="num-server-round"):
+        ServerConfig.load(paths.config)
+
+
+def test_supernode_command_points_at_the_data_dir_and_key(tmp_path):
+    init_device(tmp_path / "dev", name="phone-07", role="heldout")
+    cmd = supernode_command(tmp_path / "dev", "coord:8000", tmp_path / "ca.crt", port=9555)
+    node_config = cmd[cmd.index("--node-config") + 1]
+    assert f'data-dir="{(tmp_path / "dev").resolve()}"' in node_config
+    assert 'name="phone-07"' in node_config and 'role="heldout"' in node_config
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("keys/device")
+    assert "--insecure" not in cmd and cmd[cmd.index("--port") + 1] == "9555"
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_device_registry_enrols_revokes_and_re_enrols(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.enrol_device("phone-07", 123, "ecdsa-sha2-nistp384 AAAA1", "SHA256:x", {"gender": "female"})
+    with pytest.raises(ValueError, match="name"):
+        store.enrol_device("phone-07", 124, "ecdsa-sha2-nistp384 AAAA2", "SHA256:y")
+    with pytest.raises(ValueError, match="public key"):
+        store.enrol_device("phone-08", 125, "ecdsa-sha2-nistp384 AAAA1", "SHA256:x")
+    store.revoke_device("phone-07")
+    with pytest.raises(KeyError):
+        store.revoke_device("phone-07")
+    assert [d.name for d in store.enrolled_devices(include_revoked=False)] == []
+    store.enrol_device("phone-07", 126, "ecdsa-sha2-nistp384 AAAA3", "SHA256:z")  # a new key after revocation
+    (row,) = store.enrolled_devices()
+    assert row.node_id == "126" and row.revoked_at is None and row.groups == {}
+
+
+# --------------------------------------------------------------------------- devices as data directories
+
+
+@pytest.fixture(scope="module")
+def device_dirs(synth_manifest, tmp_path_factory):
+    """Three device data directories made from the synth corpus (one speaker each); the
+    first device's manifest has no gender (its enrolment gives it)."""
+    root = tmp_path_factory.mktemp("devices")
+    manifest = pd.read_csv(synth_manifest, keep_default_na=False)
+    dirs = []
+    for i, speaker in enumerate(sorted(manifest["speaker"].unique())[:3]):
+        rows = manifest[manifest["speaker"] == speaker].copy()
+        if i == 0:
+            rows["gender"] = ""
+        init_device(root / f"dev{i}")
+        rows.to_csv(root / f"dev{i}" / "manifest.csv", index=False)
+        dirs.append(root / f"dev{i}")
+    return dirs
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping the serialised bytes of every message both ways."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[bytes] = []
+
+    def _deliver(self, msg):
+        reply = super()._deliver(msg)
+        self.sent.append(message_to_proto(msg).SerializeToString())
+        self.sent.append(message_to_proto(reply).SerializeToString())
+        return reply
+
+
+def _federation(device_dirs, tmp_path, **overrides):
+    cfg = RunConfig.from_mapping({"emotions": EMOTIONS, "num-server-rounds": 2, "local-epochs": 1,
+                                  "run-dir": str(tmp_path / "runs"), "store-url": f"sqlite:///{tmp_path / 'r.db'}",
+                                  "run-name": "dep", **overrides})
+    node_configs = [{"data-dir": str(d), "name": d.name} for d in device_dirs]
+    grid = RecordingGrid(client_app, node_configs, cfg.to_mapping(), run_id=7)
+    return cfg, grid
+
+
+def _run(grid, cfg, store):
+    from flwr.supercore.task_identity import TaskIdentity  # messages need a run id (server/simulation.py)
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    return run_federation(grid, cfg, store, engine="test")
+
+
+def test_enrolled_groups_reach_the_devices_and_no_clip_data_is_sent(device_dirs, tmp_path):
+    cfg, grid = _federation(device_dirs, tmp_path)
+    store = RunStore(cfg.store_url)
+    first = grid.get_node_ids()[0]  # node of dev0, whose manifest has no gender
+    store.enrol_device("dev0", first, "ecdsa-sha2-nistp384 AAAA", "SHA256:x", {"gender": "female"})
+    summary = _run(grid, cfg, store)
+    groups = {(r["attribute"], r["group"]) for r in store.group_metrics(store.get_run("dep").id)}
+    assert ("gender", "unknown") not in groups and ("gender", "female") in groups
+    assert summary["final"]["uar"] is not None
+
+    # What went over the wire (protobuf bytes of every message both ways) holds no audio,
+    # no features, no file names or paths and no per-clip labels of any device.
+    wire = b"".join(grid.sent)
+    assert len(wire) > 10_000
+    model = cfg.model
+    for d in device_dirs:
+        manifest = pd.read_csv(d / "manifest.csv", keep_default_na=False)
+        for _, row in manifest.head(8).iterrows():
+            path = Path(row["path"])
+            assert path.name.encode() not in wire and str(path.parent).encode() not in wire
+            audio, _ = sf.read(path, dtype="int16")
+            assert audio[4000:4016].tobytes() not in wire
+            feats = np.load(FeatureCache(d / "cache").path_for(path, frontend_for(model)))
+            assert np.asarray(feats, dtype=np.float32).ravel()[10:14].tobytes() not in wire
+            assert np.asarray(feats, dtype=np.float64).ravel()[10:12].tobytes() not in wire
+        assert str(d).encode() not in wire  # not even the data directory's path
+
+
+def test_resume_continues_from_the_last_valid_checkpoint(device_dirs, tmp_path):
+    cfg, grid = _federation(device_dirs, tmp_path, **{"num-server-rounds": 3})
+    store = RunStore(cfg.store_url)
+    _run(grid, cfg, store)
+    run = store.get_run("dep")
+    before = store.rounds(run.id)
+    ckpt = tmp_path / "runs" / "dep" / "checkpoints"
+    (ckpt / "round-0003.pt").write_bytes(b"torn write")  # a crash mid-save: hash mismatch
+    store.finish_run(run.id, "failed", error="killed")
+
+    cfg2, grid2 = _federation(device_dirs, tmp_path, **{"num-server-rounds": 4, "resume": "dep"})
+    _run(grid2, cfg2, store)
+    after = store.rounds(run.id)
+    assert [r["round"] for r in after] == [0, 1, 2, 3, 4]
+    assert after[:3] == before[:3]  # rounds up to the valid checkpoint (2) are kept as they were
+    assert store.get_run("dep").status == "completed"
+    assert not any(m["round"] > 4 for m in store.device_metrics(run.id))
+    assert store.latest_checkpoint(run.id)[0] == 4
+    # one row per (round, device, phase): the re-run round 3 replaced the old one
+    rows = [(m["round"], m["device"], m["phase"]) for m in store.device_metrics(run.id)]
+    assert len(rows) == len(set(rows))
+
+
+def test_resume_of_an_unknown_run_is_refused(device_dirs, tmp_path):
+    cfg, grid = _federation(device_dirs, tmp_path, resume="nope")
+    with pytest.raises(KeyError, match="nope"):
+        _run(grid, cfg, RunStore(cfg.store_url))
+
+
+def test_a_missing_device_is_waited_for_then_refused(device_dirs, tmp_path):
+    cfg, grid = _federation(device_dirs, tmp_path, **{"min-devices": 4, "round-timeout": 1.0})
+    store = RunStore(cfg.store_url)
+    with pytest.raises(RuntimeError, match="only 3 of min-devices=4"):
+        _run(grid, cfg, store)
+    assert store.get_run("dep").status == "failed"
+
+
+def test_train_resume_needs_a_known_run(tmp_path):
+    from server.deployment import train
+
+    init_server(tmp_path / "st", names=["localhost"])
+    with pytest.raises(KeyError):
+        train(tmp_path / "st", resume=f"missing-{uuid.uuid4().hex[:4]}")
