@@ -40,7 +40,8 @@ from shared_models.config import ConfigError
 from shared_models.processes import BIN, flower_environment, free_port, run_foreground
 from shared_models.security import check_certificate, fingerprint, make_device_keypair, read_device_public_key
 
-__all__ = ["DeviceConfig", "DevicePaths", "init_device", "supernode_command", "start_device", "DeviceRefused"]
+__all__ = ["DeviceConfig", "DevicePaths", "init_device", "supernode_command", "probe_superlink", "start_device",
+           "DeviceRefused"]
 
 log = logging.getLogger("fedaffect.device")
 
@@ -200,6 +201,45 @@ def supernode_command(data_dir: Path, superlink: str, ca: Path, *, port: int | N
     return cmd
 
 
+def probe_superlink(superlink: str, ca: Path, timeout_s: float = 5.0) -> str:
+    """Check the coordinator's TLS certificate against the federation's CA before starting.
+
+    Connects to ``https://HOST:PORT/health`` trusting ``ca`` only.
+
+    Returns
+    -------
+    str
+        ``"ok"``, or ``"unreachable: ..."`` when nothing answers (the SuperNode will keep
+        retrying; not an error).
+
+    Raises
+    ------
+    DeviceRefused
+        If the SuperLink's certificate is not accepted: expired, self-signed, signed by
+        another CA, or not issued for ``HOST`` (the message gives OpenSSL's reason).
+    """
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(Path(ca).expanduser()))
+    try:
+        with urllib.request.urlopen(f"https://{superlink}/health", timeout=timeout_s, context=context):
+            return "ok"
+    except urllib.error.HTTPError:
+        return "ok"  # TLS went through; the path does not matter here
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            why = reason.verify_message or str(reason)
+            raise DeviceRefused(f"the SuperLink at {superlink} presented a certificate this device does not trust "
+                                f"({why}): it must be issued for {superlink.rsplit(':', 1)[0]!r}, unexpired, and "
+                                f"signed by the federation's CA {ca} (the coordinator's certs/ca.crt)") from None
+        if isinstance(reason, ssl.SSLError):
+            raise DeviceRefused(f"TLS with the SuperLink at {superlink} failed: {reason}") from None
+        return f"unreachable: {reason}"
+
+
 def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None = None,
                  max_wait_s: float | None = None, echo: Callable[[str], None] | None = None) -> int:
     """Run the device's SuperNode in the foreground until it exits or is signalled.
@@ -230,6 +270,9 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
                                 f"`fedaffect data prepare csv --source my-clips.csv --out {paths.manifest}`")
     for warning in check_certificate(Path(ca).expanduser(), must_be_ca=True):
         log.warning(warning)
+    probe = probe_superlink(superlink, ca)
+    if probe != "ok":
+        log.warning("SuperLink %s %s; the SuperNode keeps trying", superlink, probe)
     cmd = supernode_command(paths.root, superlink, ca, port=port, max_wait_s=max_wait_s)
 
     def refused(code: int, tail: collections.deque) -> None:

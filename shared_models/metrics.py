@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 
 __all__ = [
     "confusion",
@@ -48,6 +47,10 @@ def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
         ``cm[i, j]`` counts clips of true class ``i`` predicted as ``j`` (rows are true classes).
         All zeros when ``N == 0``.
     """
+    # Imported here: scikit-learn takes ~1.5 s to import, paid by every deployed ClientApp
+    # process (one per message in Flower's Deployment Engine).
+    from sklearn.metrics import confusion_matrix
+
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if y_true.size == 0:
         return np.zeros((n_classes, n_classes), dtype=np.int64)

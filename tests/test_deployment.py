@@ -287,3 +287,68 @@ def test_train_resume_needs_a_known_run(tmp_path):
     init_server(tmp_path / "st", names=["localhost"])
     with pytest.raises(KeyError):
         train(tmp_path / "st", resume=f"missing-{uuid.uuid4().hex[:4]}")
+
+
+# --------------------------------------------------------------------------- TLS as a device sees it
+
+
+@pytest.fixture()
+def https_server(tmp_path):
+    """Start an HTTPS server on localhost with a given certificate; yields a starter."""
+    import http.server
+    import ssl
+    import threading
+
+    servers = []
+
+    def start(cert, key) -> int:
+        from shared_models.security import write_private_key
+
+        write_certificate(tmp_path / "srv.crt", cert)
+        write_private_key(tmp_path / "srv.key", key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tmp_path / "srv.crt", tmp_path / "srv.key")
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return httpd.server_address[1]
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("good", None), ("expired", "expired"), ("other-ca", "unable to get local issuer"),
+    ("self-signed", "self-signed"), ("wrong-host", "mismatch"),
+])
+def test_a_device_refuses_a_superlink_it_cannot_trust(tmp_path, https_server, case, reason):
+    from client.deployment import DeviceRefused, probe_superlink
+
+    ca, ca_key = make_ca()
+    write_certificate(tmp_path / "ca.crt", ca)
+    other, other_key = make_ca("another CA")
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
+    cert, key = {
+        "good": lambda: make_server_certificate(ca, ca_key, ["localhost"]),
+        "expired": lambda: make_server_certificate(ca, ca_key, ["localhost"], days=2, not_before=old),
+        "other-ca": lambda: make_server_certificate(other, other_key, ["localhost"]),
+        "self-signed": lambda: (other, other_key),
+        "wrong-host": lambda: make_server_certificate(ca, ca_key, ["coord.example.org"]),
+    }[case]()
+    port = https_server(cert, key)
+    if reason is None:
+        assert probe_superlink(f"localhost:{port}", tmp_path / "ca.crt") == "ok"
+    else:
+        with pytest.raises(DeviceRefused, match=reason):
+            probe_superlink(f"localhost:{port}", tmp_path / "ca.crt")
+
+
+def test_an_unreachable_superlink_is_not_an_error(tmp_path):
+    from client.deployment import probe_superlink
+    from shared_models.processes import free_port
+
+    ca, _ = make_ca()
+    write_certificate(tmp_path / "ca.crt", ca)
+    assert probe_superlink(f"localhost:{free_port()}", tmp_path / "ca.crt").startswith("unreachable")

@@ -1,0 +1,226 @@
+"""A real federation on localhost, with real processes (slow): ``fedaffect server init``,
+``server start`` (TLS SuperLink, SuperNode authentication), ``device init``, ``server
+enrol``, three ``device start`` SuperNodes on synth-corpus devices, ``fedaffect train``.
+
+The run store is a real PostgreSQL (tests/pg.py starts a private cluster, installing
+PostgreSQL when missing and running as root); where PostgreSQL cannot be had, SQLite.
+
+Faults: an unenrolled and a revoked key are refused; a device killed (SIGKILL) mid-run
+does not stop the run and rejoins when restarted; a coordinator killed (SIGKILL, the
+whole process tree) mid-run is restarted and ``train --resume`` finishes the run without
+losing a stored round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from server.store import RunStore
+from shared_models.processes import descendants, free_port
+
+pytestmark = pytest.mark.slow
+
+FEDAFFECT = str(Path(sys.executable).parent / "fedaffect")
+EMOTIONS = "anger,boredom,fear,happiness,neutral,sadness"
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200"}
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([FEDAFFECT, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def spawn(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([FEDAFFECT, *args], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=ENV,
+                            start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything it started: a crash, nothing is cleaned up."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Federation:
+    """A coordinator and its devices, all real processes."""
+
+    def __init__(self, root: Path, store_url: str, manifest: Path) -> None:
+        self.root, self.state, self.port = root, root / "state", free_port()
+        self.store_url = store_url
+        res = cli("server", "init", "--state-dir", str(self.state), "--port", str(self.port), "--host", "localhost",
+                  "--host", "127.0.0.1", "--store-url", store_url, "--emotions", EMOTIONS)
+        assert res.returncode == 0, res.stdout + res.stderr
+        self.ca = self.state / "certs" / "ca.crt"
+        self.server: subprocess.Popen | None = None
+        self.devices: dict[str, subprocess.Popen] = {}
+        self.start_server()
+        clips = pd.read_csv(manifest, keep_default_na=False)
+        self.speakers = sorted(clips["speaker"].unique())
+        for i, speaker in enumerate(self.speakers):
+            rows = clips[clips["speaker"] == speaker].copy()
+            gender = rows["gender"].iloc[0]
+            if i == 0:
+                rows["gender"] = ""  # this device's gender comes from its enrolment
+            data = root / f"dev{i}"
+            assert cli("device", "init", "--data-dir", str(data), "--name", f"dev{i}").returncode == 0
+            rows.to_csv(data / "manifest.csv", index=False)
+            if i < 3:  # dev3 is never enrolled
+                res = cli("server", "enrol", "--state-dir", str(self.state), "--name", f"dev{i}", "--public-key",
+                          str(data / "keys" / "device.pub"), "--group", f"gender={gender}")
+                assert res.returncode == 0, res.stdout + res.stderr
+        for i in range(3):
+            self.start_device(f"dev{i}")
+        wait_for(lambda: self.online() >= {"dev0", "dev1", "dev2"}, 120, "3 devices online")
+
+    def start_server(self) -> None:
+        self.server = spawn("server", "start", "--state-dir", str(self.state), log=self.root / "server.log")
+        import ssl
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.ca))
+
+        def healthy() -> bool:
+            assert self.server.poll() is None, (self.root / "server.log").read_text()
+            try:
+                with urllib.request.urlopen(f"https://localhost:{self.port}/health", timeout=2, context=context) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 60, "the SuperLink", every=0.5)
+
+    def start_device(self, name: str, *extra: str) -> subprocess.Popen:
+        proc = spawn("device", "start", "--data-dir", str(self.root / name), "--superlink", f"localhost:{self.port}",
+                     "--ca", str(self.ca), *extra, log=self.root / f"{name}.log")
+        self.devices[name] = proc
+        return proc
+
+    def devices_status(self) -> dict[str, dict]:
+        res = cli("server", "devices", "--state-dir", str(self.state), "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        return {d["name"]: d for d in json.loads(res.stdout)}
+
+    def online(self) -> set[str]:
+        return {n for n, d in self.devices_status().items() if d["status"] == "online"}
+
+    def train(self, *args: str) -> subprocess.Popen:
+        return spawn("train", "--state-dir", str(self.state), "--set", "local-epochs=1", "--set",
+                     "round-timeout=150", *args, log=self.root / "train.log")
+
+    def store(self) -> RunStore:
+        return RunStore(self.store_url)
+
+    def stored_rounds(self, run: str) -> list[dict]:
+        try:
+            return self.store().rounds(self.store().get_run(run).id)
+        except KeyError:
+            return []
+
+    def close(self) -> None:
+        for proc in [*self.devices.values(), self.server]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.devices.values(), self.server]:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    kill_tree(proc)
+
+
+@pytest.fixture(scope="module")
+def federation(request, tmp_path_factory, synth_manifest):
+    try:
+        store_url = request.getfixturevalue("postgres_url")
+    except pytest.skip.Exception:
+        store_url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'fedaffect.db'}"
+    fed = Federation(tmp_path_factory.mktemp("federation"), store_url, synth_manifest)
+    yield fed
+    fed.close()
+
+
+def test_an_unenrolled_device_is_refused(federation):
+    proc = federation.start_device("dev3", "--max-wait", "30")
+    assert proc.wait(timeout=90) == 3
+    assert "refused this device" in (federation.root / "dev3.log").read_text()
+    assert "dev3" not in federation.devices_status()
+
+
+def test_train_two_rounds_on_three_devices(federation):
+    proc = federation.train("--rounds", "2", "--min-devices", "3", "--run-name", "two")
+    assert proc.wait(timeout=600) == 0, (federation.root / "train.log").read_text()[-3000:]
+    store = federation.store()
+    run = store.get_run("two")
+    assert run.status == "completed" and run.engine == "flower"
+    rounds = store.rounds(run.id)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["train_devices"] == 3 and rounds[2]["uar"] > rounds[0]["uar"]
+    devices = store.device_metrics(run.id)
+    assert {(d["device"], d["phase"]) for d in devices if d["round"] == 2} == {
+        (f"dev{i}", phase) for i in range(3) for phase in ("train", "evaluate")}
+    groups = {(g["attribute"], g["group"]) for g in store.group_metrics(run.id)}
+    assert ("gender", "unknown") not in groups  # dev0's clips took its enrolled gender
+    assert {("gender", "female"), ("gender", "male")} <= groups
+    assert store.latest_checkpoint(run.id)[0] == 2
+
+
+def test_a_device_killed_mid_run_does_not_stop_the_run_and_rejoins(federation):
+    proc = federation.train("--rounds", "2", "--run-name", "dropout")
+    wait_for(lambda: len(federation.stored_rounds("dropout")) >= 1, 300, "round 0 of run dropout")
+    kill_tree(federation.devices["dev2"])  # crash during round 1
+    assert proc.wait(timeout=900) == 0, (federation.root / "train.log").read_text()[-3000:]
+    rounds = federation.stored_rounds("dropout")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[1]["train_devices"] + rounds[1]["train_failures"] == 3 and rounds[1]["train_devices"] >= 2
+    assert rounds[2]["train_devices"] == 2  # dev2 is offline for the next round
+    federation.start_device("dev2")
+    wait_for(lambda: "dev2" in federation.online(), 120, "dev2 to rejoin")
+
+
+def test_a_coordinator_killed_mid_run_resumes_without_losing_a_round(federation):
+    proc = federation.train("--rounds", "2", "--run-name", "crash")
+    wait_for(lambda: federation.stored_rounds("crash") and federation.store().latest_checkpoint(
+        federation.store().get_run("crash").id), 300, "round 0 of run crash and its checkpoint")
+    kill_tree(federation.server)  # SuperLink, SuperExec, ServerApp: all SIGKILLed
+    stored = federation.stored_rounds("crash")
+    assert proc.wait(timeout=300) != 0  # `fedaffect train` reports the lost run
+    federation.start_server()
+    wait_for(lambda: federation.online() >= {"dev0", "dev1", "dev2"}, 180, "devices to reconnect")
+    proc = federation.train("--resume", "crash")
+    assert proc.wait(timeout=600) == 0, (federation.root / "train.log").read_text()[-3000:]
+    rounds = federation.stored_rounds("crash")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[: len(stored)] == stored  # nothing stored before the crash was lost or changed
+    assert federation.store().get_run("crash").status == "completed"
+
+
+def test_a_revoked_device_is_refused(federation):
+    res = cli("server", "unenrol", "dev1", "--state-dir", str(federation.state))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert federation.devices_status()["dev1"]["status"] == "revoked"
+    federation.devices["dev1"].send_signal(signal.SIGTERM)
+    federation.devices["dev1"].wait(timeout=60)
+    proc = federation.start_device("dev1", "--max-wait", "30")
+    assert proc.wait(timeout=90) == 3
