@@ -241,8 +241,11 @@ def runs(
     """List stored runs with their status and final UAR / CCC."""
     from server.store import RunStore, default_store_url
 
-    store = RunStore(store_url or default_store_url(run_dir))
-    table = Table(title=f"Runs in {store.url}")
+    try:
+        store = RunStore(store_url or default_store_url(run_dir))
+    except ConnectionError as err:
+        _fail(str(err))
+    table = Table(title=f"Runs in {store.shown_url}")
     for c in ("id", "name", "status", "model", "rounds", "uar", "ccc_arousal", "ccc_valence"):
         table.add_column(c)
     for run in store.list_runs():
@@ -264,11 +267,11 @@ def report(
     from server.report import write_report
     from server.store import RunStore, default_store_url
 
-    store = RunStore(store_url or default_store_url(run_dir))
     try:
+        store = RunStore(store_url or default_store_url(run_dir))
         name = store.get_run(run).name
         page = write_report(store, run, out_dir or run_dir / name / "report")
-    except KeyError as err:
+    except (KeyError, ConnectionError) as err:
         _fail(str(err.args[0]))
     out.print(f"report: [bold]{page}[/]")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -513,5 +514,7 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     cfg = RunConfig.from_mapping(context.run_config)
-    store = RunStore(cfg.store_url or default_store_url(cfg.run_dir))
+    # Deployment: `fedaffect server start` passes the run store's URL in the environment
+    # when it holds a password (server/deployment.py).
+    store = RunStore(cfg.store_url or os.environ.get("FEDAFFECT_STORE_URL") or default_store_url(cfg.run_dir))
     run_federation(grid, cfg, store, engine="flower")

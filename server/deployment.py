@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import tomli_w
+from sqlalchemy.engine import make_url
 
 from shared_models.config import ConfigError, RunConfig
 from shared_models.security import (
@@ -332,7 +333,11 @@ def start_server(state_dir: Path, *, ready: Callable[[str], None] | None = None,
         if ready:
             ready(cfg.address())
 
-    return run_foreground(superlink_command(paths.root), env=flower_environment(paths.flower_home), cwd=paths.root,
+    env = flower_environment(paths.flower_home)
+    # The ServerApp runs under the SuperLink and inherits this: the run store's URL (and its
+    # password) need not travel in run configs, which Flower keeps in superlink.db.
+    env["FEDAFFECT_STORE_URL"] = cfg.store(paths).url
+    return run_foreground(superlink_command(paths.root), env=env, cwd=paths.root,
                           log_path=paths.logs / "superlink.out", ready=healthy, echo=echo)
 
 
@@ -548,7 +553,10 @@ def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: s
         name = previous.name
     else:
         name = values.get("run-name") or f"train-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    values.update({"run-name": name, "run-dir": str(paths.runs), "store-url": store.url, "manifest": ""})
+    # A URL with a password stays out of the run config (Flower stores run configs): the
+    # ServerApp gets it from FEDAFFECT_STORE_URL, set by `server start`.
+    url = "" if make_url(store.url).password else store.url
+    values.update({"run-name": name, "run-dir": str(paths.runs), "store-url": url, "manifest": ""})
     run_cfg = RunConfig.from_mapping(values)
     run_folder = paths.runs / name
     run_folder.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,11 @@ class RunStore:
             self.engine.dispose()
             raise ConnectionError(f"cannot open the run store {self._shown}: {err.orig}".strip()) from None
 
+    @property
+    def shown_url(self) -> str:
+        """The store's URL with the password hidden (for messages and tables)."""
+        return self._shown
+
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 

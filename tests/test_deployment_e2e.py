@@ -68,7 +68,7 @@ class Federation:
 
     def __init__(self, root: Path, store_url: str, manifest: Path) -> None:
         self.root, self.state, self.port = root, root / "state", free_port()
-        self.store_url = store_url
+        self.store_url, self._store = store_url, None
         res = cli("server", "init", "--state-dir", str(self.state), "--port", str(self.port), "--host", "localhost",
                   "--host", "127.0.0.1", "--store-url", store_url, "--emotions", EMOTIONS)
         assert res.returncode == 0, res.stdout + res.stderr
@@ -130,7 +130,9 @@ class Federation:
                      "round-timeout=150", *args, log=self.root / "train.log")
 
     def store(self) -> RunStore:
-        return RunStore(self.store_url)
+        if self._store is None:  # one store (one connection pool) for all the polling
+            self._store = RunStore(self.store_url)
+        return self._store
 
     def stored_rounds(self, run: str) -> list[dict]:
         try:
