@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,9 @@ import tomli_w
 
 from shared_models.config import ConfigError
 from shared_models.processes import BIN, flower_environment, free_port, run_foreground
-from shared_models.security import check_certificate, fingerprint, make_device_keypair, read_device_public_key
+from shared_models.security import (
+    check_certificate, check_device_name, fingerprint, make_device_keypair, read_device_public_key,
+)
 
 __all__ = ["DeviceConfig", "DevicePaths", "init_device", "supernode_command", "probe_superlink", "start_device",
            "DeviceRefused"]
@@ -148,8 +149,7 @@ def init_device(data_dir: Path, name: str | None = None, role: str = "train") ->
     """
     paths = DevicePaths(Path(data_dir).expanduser().resolve())
     name = name or (DeviceConfig.load(paths.config).name if paths.config.exists() else paths.root.name)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-        raise ValueError(f"device name {name!r}: use letters, digits, '-', '_' or '.' (at most 100)")
+    check_device_name(name)
     if role not in ("train", "heldout"):
         raise ValueError(f"role {role!r}: must be train or heldout")
     paths.root.mkdir(parents=True, exist_ok=True)

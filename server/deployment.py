@@ -55,7 +55,7 @@ from sqlalchemy.engine import make_url
 
 from shared_models.config import ConfigError, RunConfig
 from shared_models.security import (
-    check_certificate, fingerprint, make_ca, make_server_certificate, read_device_public_key,
+    check_certificate, check_device_name, fingerprint, make_ca, make_server_certificate, read_device_public_key,
     write_certificate, write_private_key,
 )
 from server.store import RunStore
@@ -189,8 +189,9 @@ class ServerConfig:
         return RunStore(self.store_url or f"sqlite:///{(paths.runs / 'fedaffect.db').resolve()}")
 
     def address(self) -> str:
-        """``host:port`` the coordinator's own ``flwr`` CLI connects to."""
-        host = self.names[0] if self.host in ("0.0.0.0", "::") else self.host
+        """``host:port`` the coordinator's own ``flwr`` CLI connects to: ``localhost``
+        (always in the certificate) when the SuperLink listens on every interface."""
+        host = "localhost" if self.host in ("0.0.0.0", "::", "127.0.0.1") else self.host
         return f"{host}:{self.port}"
 
 
@@ -202,6 +203,11 @@ def _default_names() -> list[str]:
     return names
 
 
+def _with_local(names: list[str]) -> list[str]:
+    """``names`` then localhost and 127.0.0.1 (the coordinator's own CLI connects locally)."""
+    return list(dict.fromkeys([*names, "localhost", "127.0.0.1"]))
+
+
 def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = "0.0.0.0", port: int = 8000,
                 store_url: str = "", emotions: str = DEFAULT_EMOTIONS, renew: bool = False,
                 cert_days: int = 825) -> StatePaths:
@@ -211,8 +217,8 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = 
     ----------
     state_dir : Path
     names : list of str, optional
-        Host names / IP addresses for the server certificate (default: localhost,
-        127.0.0.1 and this machine's host names).
+        Host names / IP addresses devices use, for the server certificate (default: this
+        machine's host names); localhost and 127.0.0.1 are always added.
     host, port : str, int
         Listening address of the SuperLink.
     store_url : str
@@ -242,14 +248,14 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = 
     if renew:
         cfg = ServerConfig.load(paths.config)
         if names:
-            cfg.names = list(dict.fromkeys(names))
+            cfg.names = _with_local(names)
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     else:
-        cfg = ServerConfig(host=host, port=port, names=list(dict.fromkeys(names or _default_names())),
+        cfg = ServerConfig(host=host, port=port, names=_with_local(names or _default_names()),
                            store_url=store_url, emotions=emotions)
         paths.root.mkdir(parents=True, exist_ok=True)
         for folder in (paths.certs, paths.logs, paths.runs):
@@ -400,10 +406,7 @@ def enrol_device(state_dir: Path, name: str, public_key: Path,
     RuntimeError
         If the SuperLink refuses the key or cannot be reached.
     """
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-        raise ValueError(f"device name {name!r}: use letters, digits, '-', '_' or '.' (at most 100)")
+    check_device_name(name)
     paths, cfg = _load(state_dir)
     key_line = read_device_public_key(public_key)
     attrs = _parse_groups(groups)

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CertificateError", "make_ca", "make_server_certificate", "write_private_key", "write_certificate",
-    "make_device_keypair", "read_device_public_key", "fingerprint", "check_certificate",
+    "make_device_keypair", "read_device_public_key", "fingerprint", "check_certificate", "check_device_name",
 ]
 
 
@@ -148,6 +148,22 @@ def write_certificate(path: Path, cert: x509.Certificate) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def check_device_name(name: str) -> str:
+    """A device name as the registry and the SuperNode's node config take it.
+
+    Raises
+    ------
+    ValueError
+        Unless it is 1-100 letters, digits, ``-``, ``_`` or ``.``, starting with a letter
+        or digit.
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name or ""):
+        raise ValueError(f"device name {name!r}: use letters, digits, '-', '_' or '.' (at most 100)")
+    return name
 
 
 def make_device_keypair(private_path: Path, public_path: Path) -> str:
