@@ -23,6 +23,7 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ from client.deployment import init_device
 from server.deployment import CONNECTION, ServerConfig, StatePaths, enrol_device, init_server, train
 from server.simulation import simulate
 from server.store import RunStore
-from server.superlink import flwr_cli, json_from
+from server.superlink import flwr_cli, json_from, wait_healthy
 from shared_models.config import RunConfig
 from shared_models.federation import plan_federation
 from shared_models.manifest import read_manifest
@@ -90,7 +91,8 @@ def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
                               stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT)
     devices = []
     try:
-        time.sleep(5)
+        wait_healthy(server, f"https://localhost:{ServerConfig.load(paths.config).port}/health",
+                     collections.deque(maxlen=5), cafile=paths.ca_cert, timeout_s=120, name="fedaffect server start")
         for plan in plans:
             data = work / plan.name.split()[0]
             init_device(data)
