@@ -176,7 +176,7 @@ def main() -> None:
             row["ratio"] = row["deploy_round_s"] / row["sim_round_s"]
             results.append(row)
             print(json.dumps(row), flush=True)
-    path = save(f"deployment{args.tag}", {"results": results})
+            path = save(f"deployment{args.tag}", {"results": results})  # after every row: long runs
     print(f"saved {path}")
 
 
