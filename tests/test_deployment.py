@@ -352,3 +352,46 @@ def test_an_unreachable_superlink_is_not_an_error(tmp_path):
     ca, _ = make_ca()
     write_certificate(tmp_path / "ca.crt", ca)
     assert probe_superlink(f"localhost:{free_port()}", tmp_path / "ca.crt").startswith("unreachable")
+
+
+# --------------------------------------------------------------------------- the coordinator's process
+
+
+def test_server_start_serves_tls_and_stops_cleanly_on_sigterm(tmp_path):
+    """A real `fedaffect server start`: healthy over HTTPS with the federation's CA, and
+    SIGTERM stops it and every process it started (exit code 0)."""
+    import signal
+    import ssl
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from shared_models.processes import descendants, free_port
+
+    port = free_port()
+    paths = init_server(tmp_path / "st", names=["localhost"], port=port)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fedaffect"), "server", "start", "--state-dir",
+                             str(paths.root)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    context = ssl.create_default_context(cafile=str(paths.ca_cert))
+    deadline, healthy = time.monotonic() + 90, False
+    while time.monotonic() < deadline and not healthy and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"https://localhost:{port}/health", timeout=2, context=context) as res:
+                healthy = res.status == 200
+        except OSError:
+            time.sleep(0.5)
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert healthy, output
+    assert proc.returncode == 0, output
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert children and not any(running(pid) for pid in children)
+    assert (paths.logs / "superlink.log").exists() and paths.superlink_db.exists()
