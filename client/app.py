@@ -62,7 +62,7 @@ from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import build_model, frontend_for
 from shared_models.training import LocalData, evaluate_local, train_local
-from client.cooperative import attach as attach_cooperative
+from client.cooperative import attach as attach_cooperative, faireg_of
 
 __all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod"]
 
@@ -283,7 +283,7 @@ def train(msg: Message, context: Context) -> Message:
     round_cfg = msg.content["config"]
     server_round = int(round_cfg.get("server-round", 0))
     model = _model(cfg, device, msg)
-    faireg = _faireg(round_cfg)
+    faireg = faireg_of(round_cfg)
     extra = _pre_stats(cfg, device, model, round_cfg, faireg)
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
     data = coop.before_training(model, device.data, round_cfg, server_round) if coop else device.data
@@ -315,7 +315,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     device = load_device(context.run_config, _node_config(context, msg))
     model = _model(cfg, device, msg)
-    faireg = _faireg(msg.content["config"]) if "config" in msg.content else None
+    faireg = faireg_of(msg.content["config"]) if "config" in msg.content else None
     result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
                             av_map=faireg.denormalise if faireg else None)
     metrics = MetricRecord(
@@ -338,12 +338,6 @@ def device_info(msg: Message, context: Context) -> Message:
 
 
 # --------------------------------------------------------------------------- fairness (strategies/fair.py, FaiReg)
-
-
-def _faireg(round_cfg) -> FaiRegParams | None:
-    """The round's FaiReg parameters (JSON entry ``faireg`` of the round config), if any."""
-    text = round_cfg.get("faireg", "") if round_cfg is not None else ""
-    return FaiRegParams.from_json(str(text)) if text else None
 
 
 def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,

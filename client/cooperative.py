@@ -419,8 +419,8 @@ def av_quadrant(av: np.ndarray) -> np.ndarray:
 def faireg_of(round_cfg: Mapping[str, Any] | None) -> FaiRegParams | None:
     """The round's FaiReg parameters (JSON under the round config's key ``faireg``), or None.
 
-    Read as :func:`client.app._faireg` reads them for training and evaluation; the server
-    sends them with every round when ``faireg = "on"`` (``server/app.py``).
+    The ClientApp reads them this way for training and evaluation too; the server sends
+    them with every round when ``faireg = "on"`` (``server/app.py``).
     """
     text = round_cfg.get("faireg", "") if round_cfg is not None else ""
     return FaiRegParams.from_json(str(text)) if text else None
@@ -1143,6 +1143,16 @@ class CoopTracker:
             self.last[str(d["name"])] = {"n_clips": n, "labelled": lab, "human_labels": lab, "pseudo_total": 0,
                                          "pseudo_correct": 0, "pseudo_checked": 0, "pool": int(d.get("n-pool", 0)),
                                          "rater_answers_total": 0, "queries_total": 0}
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Each device's last report (saved with every checkpoint, so a resumed run keeps
+        its cumulative counts)."""
+        return {name: dict(counts) for name, counts in self.last.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore :meth:`state_dict` (devices not in ``state`` keep their start values)."""
+        for name, counts in state.items():
+            self.last[str(name)] = dict(counts)
 
     def update(self, device_records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         """Round metrics from this round's train replies' ``device`` records.

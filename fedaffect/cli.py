@@ -336,7 +336,11 @@ def device_label(
     data_dir: Path = typer.Option(..., help="the device's data directory (node config data-dir)"),
     play: bool = typer.Option(True, "--play/--no-play", help="offer to play clips (aplay, paplay, ffplay or play)"),
 ) -> None:
-    """Label the clips the device's model is least certain about, one at a time (q quits)."""
+    """Label the clips the device's model is least certain about, one at a time (q quits).
+
+    Answer with an emotion (`happy`), arousal and valence in [-1, 1] (`a=0.6 v=0.2`), or
+    both (`happy a=0.6 v=0.2`), as the run's task asks; a bad answer is asked again.
+    """
     _setup_logging(False)
     from client.labelling import label_session
 

@@ -415,7 +415,7 @@ def run_federation(
         coop = CoopTracker(info[n] for n in train_ids)  # cooperative learning counts per round
         if resumed:
             arrays = ArrayRecord(resumed[1]["state_dict"])
-            coop.last.update(resumed[1].get("coop", {}))
+            coop.load_state_dict(resumed[1].get("coop", {}))
         strategy = build_strategy(cfg, len(train_ids))
         train_grid = NodeSubset(grid, train_ids)
         round_extra = _faireg_config(grid, cfg, train_ids)
@@ -461,7 +461,7 @@ def run_federation(
                 run.id,
                 server_round,
                 {"round": server_round, "model": cfg.model, "emotions": emotions,
-                 "state_dict": arrays.to_torch_state_dict(), "config": cfg.to_mapping(), "coop": coop.last},
+                 "state_dict": arrays.to_torch_state_dict(), "config": cfg.to_mapping(), "coop": coop.state_dict()},
                 ckpt_dir,
             )
             if on_round:
