@@ -266,6 +266,11 @@ def test_tracker_aggregates_and_remembers_devices_not_sampled():
     m2 = tracker.update([])  # nobody sampled: totals stay, per-round counts are 0
     assert (m2["coop_human_labels"], m2["coop_rater_answers"]) == (10, 0)
 
+    # a resumed run (server/app.py) restores the counts from the checkpoint
+    restored = CoopTracker([{"name": "a", "n-clips": 10, "n-labelled": 2}, {"name": "b", "n-clips": 10, "n-labelled": 3}])
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.update([]) == tracker.update([])
+
 
 # -- transfer learning ---------------------------------------------------------------------------
 def test_freeze_trains_only_the_heads():
