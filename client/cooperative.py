@@ -73,7 +73,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ from shared_models.fairness import FaiRegParams, faireg_group_keys
 from shared_models.features import collate
 from shared_models.training import LocalData
 
-from .device_store import DeviceStore
+if TYPE_CHECKING:  # imported when first used: SQLAlchemy costs every ClientApp process ~0.4 s
+    from .device_store import DeviceStore
 
 __all__ = [
     "MODES",
@@ -795,6 +796,8 @@ class CoopState:
     @property
     def store(self) -> DeviceStore:
         if self._store is None:
+            from .device_store import DeviceStore
+
             self._store = DeviceStore(self.data_dir)
         return self._store
 
