@@ -150,6 +150,18 @@ class Federation:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     kill_tree(proc)
+        # A ClientApp process started just before its SuperNode was killed can outlive it:
+        # end every process still working in this federation's folders.
+        for pid in os.listdir("/proc"):
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if pid.isdigit() and cwd.startswith(str(self.root)):
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
 
 
 @pytest.fixture(scope="module")
