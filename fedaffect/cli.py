@@ -94,18 +94,31 @@ def data_prepare(
     )
 
 
+def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Run-config values: the experiment file, then the options given, then ``--set`` items.
+
+    Raises
+    ------
+    ConfigError
+        For a ``--set`` item that is not ``key=value``.
+    """
+    from shared_models.config import ConfigError, load_config_file
+
+    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _parse_value(raw.strip())
+    return values
+
+
 def _build_config(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]):
-    from shared_models.config import ConfigError, RunConfig, load_config_file
+    from shared_models.config import ConfigError, RunConfig
 
     try:
-        values: dict[str, Any] = load_config_file(config_file) if config_file else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        for item in sets:
-            if "=" not in item:
-                raise ConfigError(f"--set expects key=value, got {item!r}")
-            key, raw = item.split("=", 1)
-            values[key.strip()] = _parse_value(raw.strip())
-        return RunConfig.from_mapping(values)
+        return RunConfig.from_mapping(_config_values(config_file, overrides, sets))
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
 
@@ -497,17 +510,15 @@ def train(
 ) -> None:
     """Submit a federated run to the coordinator's devices, follow it, exit with its status."""
     _setup_logging(False)
-    from shared_models.config import ConfigError, load_config_file
+    from shared_models.config import ConfigError
     from server.deployment import train as run_train
 
-    values: dict[str, Any] = load_config_file(config) if config else {}
-    values.update({k: v for k, v in {"model": model, "task": task, "num-server-rounds": rounds, "strategy": strategy,
-                                     "min-devices": min_devices, "run-name": run_name}.items() if v is not None})
-    for item in set_:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            _fail(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = _parse_value(raw.strip())
+    try:
+        values = _config_values(config, {"model": model, "task": task, "num-server-rounds": rounds,
+                                         "strategy": strategy, "min-devices": min_devices, "run-name": run_name},
+                                set_)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
 
     def on_line(line: str) -> None:
         if "fedaffect." in line or "ERROR" in line or "rror" in line:
