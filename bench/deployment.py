@@ -40,7 +40,6 @@ from common import ROOT, corpus_manifest, save
 from client.deployment import init_device
 from server.deployment import CONNECTION, ServerConfig, StatePaths, enrol_device, init_server, train
 from server.simulation import simulate
-from server.store import RunStore
 from server.superlink import flwr_cli, json_from, wait_healthy
 from shared_models.config import RunConfig
 from shared_models.federation import plan_federation
@@ -86,12 +85,13 @@ def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
     state = work / "state"
     init_server(state, names=["localhost", "127.0.0.1"], port=free_port(), emotions=cfg.emotions)
     paths = StatePaths(state.resolve())
+    server_cfg = ServerConfig.load(paths.config)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     server = subprocess.Popen([FEDAFFECT, "server", "start", "--state-dir", str(state)], env=env,
                               stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT)
     devices = []
     try:
-        wait_healthy(server, f"https://localhost:{ServerConfig.load(paths.config).port}/health",
+        wait_healthy(server, f"https://localhost:{server_cfg.port}/health",
                      collections.deque(maxlen=5), cafile=paths.ca_cert, timeout_s=120, name="fedaffect server start")
         for plan in plans:
             data = work / plan.name.split()[0]
@@ -100,7 +100,7 @@ def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
             enrol_device(state, data.name, data / "keys" / "device.pub")
             devices.append(subprocess.Popen(
                 [FEDAFFECT, "device", "start", "--data-dir", str(data), "--superlink",
-                 f"localhost:{ServerConfig.load(paths.config).port}", "--ca",
+                 f"localhost:{server_cfg.port}", "--ca",
                  str(paths.ca_cert)], env=env, stdout=open(work / f"{data.name}.log", "wb"),
                 stderr=subprocess.STDOUT))
         memory = PeakMemory(server.pid)
@@ -113,7 +113,7 @@ def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
         memory.done.set()
         if not result.ok:
             raise RuntimeError(f"deployed run failed: {result}")
-        store = RunStore(f"sqlite:///{paths.runs / 'fedaffect.db'}")
+        store = server_cfg.store(paths)
         rounds = store.rounds(store.get_run("bench").id)
         res = flwr_cli(["list", CONNECTION, "--run-id", str(result.flower_run_id), "--format", "json"],
                        flower_environment(paths.flower_home), paths.flower_home)

@@ -183,10 +183,14 @@ class ServerConfig:
         data = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
         path.write_text(tomli_w.dumps(data))
 
+    def url(self, paths: StatePaths) -> str:
+        """The run store's URL: ``store_url``, or SQLite in the state directory's ``runs/``."""
+        return self.store_url or f"sqlite:///{(paths.runs / 'fedaffect.db').resolve()}"
+
     def store(self, paths: StatePaths) -> RunStore:
         """The run store (created when missing)."""
         paths.runs.mkdir(parents=True, exist_ok=True)
-        return RunStore(self.store_url or f"sqlite:///{(paths.runs / 'fedaffect.db').resolve()}")
+        return RunStore(self.url(paths))
 
     def address(self) -> str:
         """``host:port`` the coordinator's own ``flwr`` CLI connects to: ``localhost``
@@ -342,7 +346,7 @@ def start_server(state_dir: Path, *, ready: Callable[[str], None] | None = None,
     env = flower_environment(paths.flower_home)
     # The ServerApp runs under the SuperLink and inherits this: the run store's URL (and its
     # password) need not travel in run configs, which Flower keeps in superlink.db.
-    env["FEDAFFECT_STORE_URL"] = cfg.store(paths).url
+    env["FEDAFFECT_STORE_URL"] = cfg.url(paths)
     return run_foreground(superlink_command(paths.root), env=env, cwd=paths.root,
                           log_path=paths.logs / "superlink.out", ready=healthy, echo=echo)
 
@@ -411,10 +415,7 @@ def enrol_device(state_dir: Path, name: str, public_key: Path,
     key_line = read_device_public_key(public_key)
     attrs = _parse_groups(groups)
     store = cfg.store(paths)
-    for row in store.enrolled_devices(include_revoked=False):
-        if row.name == name or row.public_key == key_line:
-            raise ValueError(f"a device with this {'name' if row.name == name else 'public key'} is enrolled "
-                             f"already: {row.name!r}")
+    store.check_enrolable(name, key_line)  # before the SuperLink registers the key
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "device.pub"
         key_file.write_text(key_line + "\n")

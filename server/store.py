@@ -332,11 +332,7 @@ class RunStore:
             If an active device has that name or that public key already.
         """
         with self._session() as s:
-            for row in s.scalars(select(EnrolledDevice).where(
-                    (EnrolledDevice.name == name) | (EnrolledDevice.public_key == public_key))):
-                if row.revoked_at is None:
-                    what = "name" if row.name == name else "public key"
-                    raise ValueError(f"a device with this {what} is enrolled already: {row.name!r}")
+            for row in self._enrolment_rows(s, name, public_key):
                 if row.name == name:
                     s.delete(row)
             s.flush()
@@ -345,6 +341,28 @@ class RunStore:
             s.add(device)
             s.commit()
             return device
+
+    def check_enrolable(self, name: str, public_key: str) -> None:
+        """Refuse a name or key an active device holds (before anything is registered).
+
+        Raises
+        ------
+        ValueError
+            If an active device has that name or that public key already.
+        """
+        with self._session() as s:
+            self._enrolment_rows(s, name, public_key)
+
+    @staticmethod
+    def _enrolment_rows(s: Session, name: str, public_key: str) -> list[EnrolledDevice]:
+        """Revoked rows with this name or key; raises ValueError for an active one."""
+        rows = list(s.scalars(select(EnrolledDevice).where(
+            (EnrolledDevice.name == name) | (EnrolledDevice.public_key == public_key))))
+        for row in rows:
+            if row.revoked_at is None:
+                what = "name" if row.name == name else "public key"
+                raise ValueError(f"a device with this {what} is enrolled already: {row.name!r}")
+        return rows
 
     def revoke_device(self, name: str) -> EnrolledDevice:
         """Mark a device revoked (it stays listed, with the time).
