@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -60,7 +60,7 @@ from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats,
 from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
-from shared_models.models import build_model, frontend_for
+from shared_models.models import build_model, clippable_update, frontend_for
 from shared_models.training import LocalData, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of
 
@@ -251,9 +251,10 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     Flower's ``fixedclipping_mod`` clips; it answers with an error when the key is missing
     (any run without ``dp = "client"``) and wants exactly one ConfigRecord, so it is applied
     only when asked and is shown the round config alone (a message may also carry the
-    coordinator's ``enrolment`` record); the handler still gets the whole message. Integer
-    arrays (BatchNorm's ``num_batches_tracked``) go back as received: they are not learnt,
-    would use up the clipping norm and would tell how many batches the device trained on.
+    coordinator's ``enrolment`` record); the handler still gets the whole message. The
+    reply's arrays pass :func:`shared_models.models.clippable_update` first (integer arrays go
+    back as received; an exactly-zero update, which Flower's clipping cannot divide by, moves
+    one weight by one ulp).
     """
     config = msg.content.config_records.get("config")
     if config is None or KEY_CLIPPING_NORM not in config:
@@ -265,10 +266,10 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     def handle(_view: Message, ctx: Context) -> Message:
         reply = call_next(msg, ctx)
         if sent is not None and not reply.has_error():
+            reference = {k: a.numpy() for k, a in sent.items()}
             for name, record in list(reply.content.array_records.items()):
-                reply.content[name] = ArrayRecord(
-                    {k: (sent[k] if k in sent and np.issubdtype(a.numpy().dtype, np.integer) else a)
-                     for k, a in record.items()})
+                arrays = clippable_update({k: a.numpy() for k, a in record.items()}, reference)
+                reply.content[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
         return reply
 
     out = fixedclipping_mod(view, context, handle)

@@ -46,6 +46,7 @@ __all__ = [
     "count_parameters",
     "get_weights",
     "set_weights",
+    "clippable_update",
     "masked_mean",
 ]
 
@@ -241,3 +242,42 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
             w = np.rint(w)
         new[key] = torch.as_tensor(w).to(ref.dtype)
     model.load_state_dict(new, strict=True)
+
+
+def clippable_update(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A device's weights made ready for DP clipping of ``arrays - reference`` (same keys).
+
+    * Integer arrays (BatchNorm's ``num_batches_tracked``) are replaced by ``reference``'s:
+      they are not learnt, would use up the clipping norm (a counter grows by the number of
+      local batches) and would tell how many batches the device trained on.
+    * An update that is exactly zero (a device with nothing to learn from, or a saturated
+      model whose gradients are all zero) gets its first float entry moved by one ulp: Flower's
+      flat clipping (``flwr.supercore.differential_privacy.clip_inputs_inplace``, Andrew et
+      al., arXiv:1710.06963) divides by the update's norm and raises ``ZeroDivisionError`` on
+      a zero update. One ulp (about ``1e-8`` relative) is far below the clipping norm and
+      below what the noise and float32 averaging keep.
+
+    Parameters
+    ----------
+    arrays, reference : dict of str to np.ndarray
+        Named arrays (an ArrayRecord's ``{key: array.numpy()}``); keys missing from
+        ``reference`` are kept as they are.
+
+    Returns
+    -------
+    dict of str to np.ndarray
+        New arrays, ``arrays`` unchanged.
+    """
+    out = {}
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.integer) and key in reference:
+            value = np.asarray(reference[key])
+        out[key] = value
+    floats = [k for k, v in out.items() if np.issubdtype(v.dtype, np.floating) and v.size and k in reference]
+    if floats and all(np.array_equal(out[k], reference[k]) for k in floats):
+        first = out[floats[0]].copy()
+        flat = first.reshape(-1)
+        flat[0] = np.nextafter(flat[0], np.inf, dtype=flat.dtype)
+        out[floats[0]] = first
+    return out

@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import (
 )
 
 from shared_models.config import DP_MODES, RunConfig
+from shared_models.models import clippable_update
 
 __all__ = [
     "DP_MODES",
@@ -149,15 +150,11 @@ def num_sampled_devices(cfg: RunConfig, num_train_devices: int) -> int:
     return max(1, min(num_train_devices, max(int(num_train_devices * cfg.fraction_train), min_train)))
 
 
-def _keep_integer_arrays(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """``record`` with its integer arrays replaced by ``reference``'s (same keys)."""
-    out = {}
-    for key, arr in record.items():
-        value = arr.numpy()
-        if np.issubdtype(value.dtype, np.integer) and key in reference:
-            value = reference[key].numpy()
-        out[key] = Array(np.asarray(value))
-    return ArrayRecord(out)
+def _clippable(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``record`` made ready for Flower's clipping (:func:`shared_models.models.clippable_update`)."""
+    arrays = clippable_update({k: a.numpy() for k, a in record.items()},
+                              {k: a.numpy() for k, a in reference.items()})
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
 class _DeviceLevelDP:
@@ -190,7 +187,7 @@ class ServerSideFixedClipping(_DeviceLevelDP, DifferentialPrivacyServerSideFixed
         for reply in replies:
             if not reply.has_error():
                 for name, record in list(reply.content.array_records.items()):
-                    reply.content[name] = _keep_integer_arrays(record, self.current_arrays)
+                    reply.content[name] = _clippable(record, self.current_arrays)
         return super().aggregate_train(server_round, replies)
 
 

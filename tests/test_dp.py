@@ -146,6 +146,36 @@ def test_server_side_wrapper_clips_weighs_equally_and_keeps_counters(task_identi
     assert metrics["train_loss"] == pytest.approx(1.0)
 
 
+def test_a_device_that_did_not_move_still_counts(task_identity):
+    # A zero update (nothing to learn from, or a saturated model) made Flower's flat clipping
+    # divide by zero and the round fail (CI, session 2). It is kept: it pulls the mean towards
+    # no change, as it should, and the other update is clipped as usual.
+    C = 0.1
+    strategy = build_strategy(RunConfig(dp="server", dp_clipping_norm=C, dp_noise_multiplier=0.0), 2)
+    glob = _arrays(np.ones((2, 2)), np.zeros(2), count=5)
+    list(strategy.configure_train(1, glob, ConfigRecord({}), _Grid()))
+    still = _arrays(np.ones((2, 2)), np.zeros(2), count=7)
+    moved = _arrays(np.ones((2, 2)), np.array([0.0, 4.0]), count=9)
+    arrays, _ = strategy.aggregate_train(1, [_reply(still, 10, 1), _reply(moved, 10, 2)])
+    np.testing.assert_allclose(arrays["b"].numpy(), [0.0, C / 2], rtol=1e-5)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)), rtol=1e-6)
+
+
+def test_client_mod_passes_a_zero_update(task_identity):
+    from client.app import dp_clipping_mod
+
+    def unchanged(msg, ctx):
+        out = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 0})})
+        return Message(out, reply_to=msg)
+
+    context = Context(run_id=13, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = dp_clipping_mod(_received({"clipping_norm": 0.5}), context, unchanged)
+    assert not reply.has_error()
+    w, b = reply.content["arrays"]["w"].numpy(), reply.content["arrays"]["b"].numpy()
+    update = np.concatenate([(w - 1.0).ravel(), b.ravel()])
+    assert 0 < np.linalg.norm(update) < 1e-6
+
+
 def test_client_side_wrapper_sends_the_clipping_norm(task_identity):
     strategy = build_strategy(RunConfig(dp="client", dp_clipping_norm=0.25), 2)
     messages = list(strategy.configure_train(1, _arrays(np.zeros((2, 2)), np.zeros(2)), ConfigRecord({}), _Grid()))
