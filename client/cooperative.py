@@ -21,6 +21,10 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
       views is at most ``pseudo-max-std`` (view agreement);
     - it is among the ``pseudo-per-class`` most confident new clips of its class this round
       (0 = no cap);
+    - with ``pseudo-global-view = 1`` (default), the global model as the device received it
+      this round, before local training, is one more view that must agree: the local model
+      has just fitted a handful of labels and is confidently wrong more often (co-training
+      with the federation's model, in the spirit of Blum and Mitchell, COLT 1998);
 
     for arousal/valence the uncertainty is the std of the views' predictions (both
     dimensions at most ``av-max-std``), and the per-class cap applies to the four
@@ -163,6 +167,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
     dict
         ``coop-mode``, ``pseudo-threshold`` (this round's, :func:`threshold_schedule`),
         ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
+        ``pseudo-global-view``,
         ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
         ``query-per-round``, ``query-total``, ``rater-reliability``, ``agreement-min``,
         ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
@@ -176,6 +181,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         "pseudo-per-class": int(cfg.pseudo_per_class),
         "pseudo-keep": float(cfg.pseudo_keep),
         "pseudo-recheck": int(cfg.pseudo_recheck),
+        "pseudo-global-view": int(cfg.pseudo_global_view),
         "pseudo-views": int(cfg.pseudo_views),
         "view-noise": float(cfg.view_noise),
         "uncertainty": cfg.uncertainty,
@@ -788,6 +794,8 @@ class CoopState:
     _store: DeviceStore | None = field(default=None, repr=False)
     _t_train: float = field(default=0.0, repr=False)
     _index_cache: dict | None = field(default=None, repr=False)
+    _meta_written: bool = field(default=False, repr=False)
+    _global_view: tuple | None = field(default=None, repr=False)
 
     @property
     def simulated(self) -> bool:
@@ -848,6 +856,10 @@ class CoopState:
         settings = _settings(self.cfg, round_cfg, server_round)
         if settings["freeze"]:
             freeze_frontend(model, True)
+        self._global_view = None
+        if settings["coop-mode"] in SELF_LABELLING and settings["pseudo-global-view"]:
+            # The received global model's clean predictions: one more view for the step.
+            self._global_view = view_predictions(model, list(data.x), views=1, noise=0.0)
         train = self.training_data(data)
         if settings["upsample"]:
             train = upsample(train)
@@ -877,10 +889,12 @@ class CoopState:
         step = {"mode": mode, "added": 0, "added_correct": 0, "dropped": 0, "queries": 0,
                 "rater_answers": 0, "skipped": 0, "train_seconds": t0 - self._t_train if self._t_train else 0.0}
         if mode != "supervised":
-            if self.store.get_meta("emotions") != list(self.emotions):
-                self.store.set_meta("emotions", list(self.emotions))  # the answers the person may give
-            if self.store.get_meta("task") != self.cfg.task:
-                self.store.set_meta("task", self.cfg.task)  # which answers (labels, arousal/valence) it uses
+            if not self._meta_written:  # what `fedaffect device label` offers the person
+                if self.store.get_meta("emotions") != list(self.emotions):
+                    self.store.set_meta("emotions", list(self.emotions))  # the answers the person may give
+                if self.store.get_meta("task") != self.cfg.task:
+                    self.store.set_meta("task", self.cfg.task)  # which answers (labels, arousal/valence) it uses
+                self._meta_written = True
             answered = set(self.store.answers())
             pool = ~self.labelled0 & np.array([p not in answered for p in self.paths], dtype=bool)
             if not pool.any():
@@ -902,6 +916,13 @@ class CoopState:
         if faireg is not None:  # everything below (re-check, queue, selection) works on the label scale
             keys = faireg_group_keys(data.groups, faireg.attributes, len(data))[pool_idx]
             av = av_to_label_scale(av, faireg, keys)
+        sel_probs, sel_av = probs, av  # the views that pseudo-labels are chosen and re-checked with
+        if self._global_view is not None:
+            g_probs, g_av = (a[:, pool_idx] for a in self._global_view)
+            if faireg is not None:
+                g_av = av_to_label_scale(g_av, faireg, keys)
+            sel_probs, sel_av = np.concatenate([probs, g_probs]), np.concatenate([av, g_av])
+            self._global_view = None
         clips = [self.paths[i] for i in pool_idx]
         pos = {c: j for j, c in enumerate(clips)}
         mode = settings["coop-mode"]
@@ -909,7 +930,7 @@ class CoopState:
         # 1. re-check the machine labels in force; 2. queue the least certain clips for a
         # human; 3. machine-label the confident clips among the rest.
         if mode in SELF_LABELLING and settings["pseudo-recheck"] and active:
-            self._recheck(probs, av, pos, active, settings, server_round, step)
+            self._recheck(sel_probs, sel_av, pos, active, settings, server_round, step)
             active = self.store.active_pseudo()
         if mode in ACTIVE:
             queued = self.store.queued_clips()
@@ -932,10 +953,12 @@ class CoopState:
                                      if task in ("av", "both") else None),
                     })
                 step["queries"] = self.store.enqueue(server_round, items)
+                queued |= {it["clip"] for it in items}
         if mode in SELF_LABELLING:
-            queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
+            if mode not in ACTIVE:
+                queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
             free = np.array([c not in active and c not in queued for c in clips], dtype=bool)
-            items = self._select(probs, av, free, clips, settings, task)
+            items = self._select(sel_probs, sel_av, free, clips, settings, task)
             step["added"] = self.store.add_pseudo(server_round, items)
             if self.simulated:
                 step["added_correct"] = sum(self._correct(it) for it in items)

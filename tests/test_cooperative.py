@@ -233,6 +233,15 @@ def test_device_step_adds_then_drops_when_the_model_changes_its_mind(tmp_path):
     assert history[0]["round_dropped"] == 2 and history[0]["reason"] == "model changed its mind"
 
 
+@pytest.mark.parametrize("global_view, global_cls, added", [(1, 1, 0), (1, 0, 4), (0, 1, 4)])
+def test_the_received_global_model_must_agree_with_a_pseudo_label(tmp_path, global_view, global_cls, added):
+    cfg, data, state = _coop_state(tmp_path)
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "pseudo-global-view": global_view}
+    state.before_training(_biased(global_cls), data, round_cfg, 1)  # the model as received
+    report = state.after_training(_biased(0), data, round_cfg, 1)  # the model after local training
+    assert report["added"] == added
+
+
 def test_device_step_queries_the_least_certain_and_the_oracle_answers(tmp_path):
     cfg, data, state = _coop_state(tmp_path, mode="active")
     model = _biased(0)
