@@ -796,6 +796,7 @@ class CoopState:
     _index_cache: dict | None = field(default=None, repr=False)
     _meta_written: bool = field(default=False, repr=False)
     _global_view: tuple | None = field(default=None, repr=False)
+    _t_global: float = field(default=0.0, repr=False)
 
     @property
     def simulated(self) -> bool:
@@ -852,14 +853,16 @@ class CoopState:
         Arousal/valence in the returned set are on the label scale; with FaiReg the caller
         normalises them (``client/app.py`` ``train``).
         """
-        self._t_train = time.perf_counter()
+        t0 = time.perf_counter()
         settings = _settings(self.cfg, round_cfg, server_round)
-        if settings["freeze"]:
-            freeze_frontend(model, True)
         self._global_view = None
         if settings["coop-mode"] in SELF_LABELLING and settings["pseudo-global-view"]:
             # The received global model's clean predictions: one more view for the step.
             self._global_view = view_predictions(model, list(data.x), views=1, noise=0.0)
+        self._t_train = time.perf_counter()
+        self._t_global = self._t_train - t0  # part of the cooperative step's time
+        if settings["freeze"]:
+            freeze_frontend(model, True)
         train = self.training_data(data)
         if settings["upsample"]:
             train = upsample(train)
@@ -879,7 +882,8 @@ class CoopState:
         dict
             Counts reported to the coordinator (see :meth:`_counts`) plus ``added``,
             ``dropped``, ``queries``, ``rater_answers`` (this round), ``skipped`` (1 when the
-            pool was empty and the step skipped), ``seconds`` (the step) and
+            pool was empty and the step skipped), ``seconds`` (the step, with the global
+            model's view taken before training) and
             ``train_seconds`` (local training).
         """
         t0 = time.perf_counter()
@@ -904,7 +908,8 @@ class CoopState:
                 self._step(model, data, settings, server_round, np.flatnonzero(pool), step, faireg_of(round_cfg))
             if self.simulated and mode in ACTIVE:
                 self._oracle(settings, server_round, step)
-        step["seconds"] = time.perf_counter() - t0
+        step["seconds"] = time.perf_counter() - t0 + self._t_global
+        self._t_global = 0.0
         return {**self._counts(), **step}
 
     def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:
