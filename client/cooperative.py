@@ -14,8 +14,9 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
     when (Semi-FedSER, Feng and Narayanan, Interspeech 2022):
 
     - the mean probability of its predicted class is at least the round's threshold, which
-      rises over the rounds: cosine (FedSTAR, Tsouvalas et al., ACM TECS 2022,
-      ``c = 0.9 - 0.2 (1 + cos(pi r / R))``, i.e. 0.5 -> 0.9) or linear
+      rises over the rounds: cosine (FedSTAR, Tsouvalas et al., ACM TECS 2022:
+      ``c = 0.9 - 0.2 (1 + cos(pi r / R))``, i.e. 0.5 -> 0.9; fedaffect's defaults run the
+      same shape from 0.9 to 0.98, see :class:`shared_models.config.RunConfig`) or linear
       (:func:`threshold_schedule`);
     - every view predicts the same class and the std of that class's probability across
       views is at most ``pseudo-max-std`` (view agreement);

@@ -52,8 +52,8 @@ def test_linear_schedule(r, expected):
 
 
 def test_round_settings_carry_the_schedule_and_budgets():
-    cfg = RunConfig(num_server_rounds=4, mode="cooperative", pseudo_schedule="linear", freeze_rounds=1,
-                    query_per_round=3, rater_reliability="0.9,0.7")
+    cfg = RunConfig(num_server_rounds=4, mode="cooperative", pseudo_schedule="linear", pseudo_start=0.5,
+                    pseudo_end=0.9, freeze_rounds=1, query_per_round=3, rater_reliability="0.9,0.7")
     r1, r2 = round_settings(cfg, 1), round_settings(cfg, 2)
     assert r1["pseudo-threshold"] == pytest.approx(0.6) and r2["pseudo-threshold"] == pytest.approx(0.7)
     assert (r1["freeze"], r2["freeze"]) == (1, 0)
