@@ -57,8 +57,7 @@ bias averaged over the groups (the biased group's labels are in the pooled mean 
 so in label space FaiReg can remove at most what the per-group normalisation keeps out of
 the model *and* the mapping does not put back.
 
-    python bench/fairness.py --corpora synth --folds 5 --run-folds 4 --rounds 10 \\
-        --strategies fedavg,fair --tag synth
+    python bench/fairness.py --corpora synth --folds 4 --rounds 10 --strategies fedavg,fair,qfedavg --tag synth
     python bench/fairness.py --corpora synth --rounds 3 --run-folds 1 --tag small   # smoke run
 """
 
