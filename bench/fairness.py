@@ -159,7 +159,7 @@ def heldout_arousal(cfg: RunConfig) -> dict:
                 dev = load_device(mapping, {"partition-id": plan.partition_id})
                 parts.append(label_stats(dev.data.av, faireg_group_keys(dev.data.groups, run_cfg.protected_list,
                                                                         len(dev.data))))
-        params = faireg_params(pool_label_stats(parts), run_cfg.protected_list)
+        params = faireg_params(pool_label_stats(parts), run_cfg.protected_list, reference=run_cfg.faireg_reference)
     model = build_model(run_cfg.model, max(len(ckpt["emotions"]), 1))
     model.load_state_dict(ckpt["state_dict"])
     manifest = read_manifest(run_cfg.manifest)
@@ -239,6 +239,8 @@ def main() -> None:
     p.add_argument("--faireg", default="off,on")
     p.add_argument("--faireg-strategies", default="fedavg", help="strategies also run with FaiReg on")
     p.add_argument("--faireg-scenarios", default="balanced,bias", help="scenarios also run with FaiReg on")
+    p.add_argument("--faireg-reference", default="",
+                   help="FaiReg group whose statistics map predictions back (default: all training labels pooled)")
     p.add_argument("--model", default="egemaps-mlp")
     p.add_argument("--task", default="both")
     p.add_argument("--folds", type=int, default=5)
@@ -273,7 +275,8 @@ def main() -> None:
                 cfg = RunConfig(manifest=str(manifest), model=args.model, task=args.task, folds=args.folds,
                                 fold=fold, num_server_rounds=args.rounds, local_epochs=args.local_epochs,
                                 strategy=strategy, fair_beta=args.fair_beta, qffl_q=args.qffl_q,
-                                faireg=faireg, seed=args.seed, run_dir="runs/bench",
+                                faireg=faireg, faireg_reference=args.faireg_reference if faireg == "on" else "",
+                                seed=args.seed, run_dir="runs/bench",
                                 run_name=f"fair-{corpus}-{scenario}-{strategy}-{faireg}-f{fold}-{stamp}")
                 per_fold.append(simulate(cfg, all_folds=False, progress=False))
                 if scenario in ("balanced", "bias") and "bias" in args.scenarios.split(","):

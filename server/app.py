@@ -276,7 +276,7 @@ def _faireg_config(grid: Grid, cfg: RunConfig, train_ids: list[int]) -> dict[str
     pooled = pool_label_stats(parts)
     if not pooled:
         raise RuntimeError("faireg is on but no training device has arousal/valence labels")
-    params = faireg_params(pooled, cfg.protected_list)
+    params = faireg_params(pooled, cfg.protected_list, reference=cfg.faireg_reference)
     log.info("FaiReg: %d devices, groups %s", len(parts),
              {g: np.round(v, 3).tolist() for g, v in params.groups.items()})
     return {"faireg": params.to_json()}

@@ -185,6 +185,13 @@ class RunConfig:
         arousal/valence standardised per protected group (the intersection of the
         ``protected`` attributes) and predictions are mapped back to the label scale;
         ``off`` (default). Needs task ``av`` or ``both``.
+    faireg_reference : str
+        The FaiReg group whose label statistics define the label scale that predictions are
+        mapped back to (e.g. ``male``; a group of several attributes is their values joined
+        as the group keys are, see :func:`shared_models.fairness.faireg_group_keys`). Empty
+        (default): the pooled statistics of all training labels, which carry any group's
+        labelling bias, averaged over the groups, onto every prediction; with the reference
+        of a group labelled without bias they carry none (docs/BENCHMARKS.md, fairness).
     dp, dp_clipping_norm, dp_noise_multiplier, dp_delta : str, float, float, float
         Differential privacy of the model updates (:mod:`strategies.dp`, user-level: one
         device): ``off``, ``server`` (the coordinator clips each update) or ``client`` (each
@@ -248,6 +255,7 @@ class RunConfig:
     fair_beta: float = _opt(_non_negative, default=1.0)
     fair_attribute: str = "gender"
     faireg: str = _opt(_choice(("off", "on")), default="off")
+    faireg_reference: str = ""
     dp: str = _opt(_choice(DP_MODES), default="off")
     dp_clipping_norm: float = _opt(_positive, default=1.0)
     dp_noise_multiplier: float = _opt(_non_negative, default=1.0)

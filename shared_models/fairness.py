@@ -460,7 +460,8 @@ class FaiRegParams:
 
 
 def faireg_params(pooled_stats: Mapping[str, Mapping[str, Sequence[float]]], attributes: Sequence[str], *,
-                  min_labels: int = MIN_GROUP_LABELS, scale: float = FAIREG_SCALE) -> FaiRegParams:
+                  min_labels: int = MIN_GROUP_LABELS, scale: float = FAIREG_SCALE,
+                  reference: str = "") -> FaiRegParams:
     """Per-group means and standard deviations from pooled :func:`label_stats`.
 
     Parameters
@@ -472,10 +473,20 @@ def faireg_params(pooled_stats: Mapping[str, Mapping[str, Sequence[float]]], att
     min_labels : int
         A group with fewer labels of a dimension takes the pooled statistics of that dimension.
     scale : float
+    reference : str
+        Empty: ``pooled`` (the label scale predictions are mapped back to, and the statistics
+        of unseen groups) is that of all training labels. A group key: that group's
+        statistics instead, so that a labelling bias in other groups does not reach the
+        label scale.
 
     Returns
     -------
     FaiRegParams
+
+    Raises
+    ------
+    ValueError
+        When ``reference`` names a group without training labels (the known groups are listed).
     """
     total = {d: np.sum([np.asarray(v[d], dtype=np.float64) for v in pooled_stats.values()], axis=0)
              if pooled_stats else np.zeros(3) for d in DIMENSIONS}
@@ -494,6 +505,11 @@ def faireg_params(pooled_stats: Mapping[str, Mapping[str, Sequence[float]]], att
                 if std > _MIN_STD:
                     table[i] = (mean, std)
         groups[str(g)] = table
+    if reference:
+        if reference not in groups:
+            raise ValueError(f"faireg-reference {reference!r} is not a group with arousal/valence labels; "
+                             f"known: {', '.join(sorted(groups)) or 'none'}")
+        pooled = groups[reference].copy()
     return FaiRegParams(tuple(attributes), groups, pooled, float(scale))
 
 
