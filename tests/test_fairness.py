@@ -275,14 +275,20 @@ def test_faireg_statistics_pool_exactly_and_invert():
     assert small.pooled[1, 1] == 1.0  # no valence at all: centring only, no division by zero
 
 
-def test_faireg_removes_an_injected_per_group_affine_label_bias():
-    rng = np.random.default_rng(1)
+def _biased_arousal(seed: int):
+    """True labels ``y`` (2000, 2), alternating genders, and labels whose women's arousal was
+    rated compressed and higher (``0.5 y + 0.4``); returns y, gender, biased, female mask, keys."""
+    rng = np.random.default_rng(seed)
     y = rng.uniform(-0.8, 0.8, (2000, 2))
     gender = np.where(np.arange(2000) % 2 == 0, "female", "male")
     biased = y.copy()
     f = gender == "female"
-    biased[f, 0] = 0.5 * y[f, 0] + 0.4  # annotators rate the women's arousal compressed and higher
-    keys = faireg_group_keys({"gender": gender}, ["gender"], 2000)
+    biased[f, 0] = 0.5 * y[f, 0] + 0.4
+    return y, gender, biased, f, faireg_group_keys({"gender": gender}, ["gender"], 2000)
+
+
+def test_faireg_removes_an_injected_per_group_affine_label_bias():
+    y, gender, biased, f, keys = _biased_arousal(1)
     params = faireg_params(label_stats(biased, keys), ["gender"])
     restored = params.denormalise(params.normalise(biased, keys))
 
@@ -297,13 +303,7 @@ def test_faireg_removes_an_injected_per_group_affine_label_bias():
 
 
 def test_faireg_reference_group_keeps_the_bias_off_the_label_scale():
-    rng = np.random.default_rng(2)
-    y = rng.uniform(-0.8, 0.8, (2000, 2))
-    gender = np.where(np.arange(2000) % 2 == 0, "female", "male")
-    biased = y.copy()
-    f = gender == "female"
-    biased[f, 0] = 0.5 * y[f, 0] + 0.4
-    keys = faireg_group_keys({"gender": gender}, ["gender"], 2000)
+    y, gender, biased, f, keys = _biased_arousal(2)
     stats = label_stats(biased, keys)
     pooled = faireg_params(stats, ["gender"])
     reference = faireg_params(stats, ["gender"], reference="male")
