@@ -140,7 +140,7 @@ class RunConfig:
         0.5 -> 0.9: with a few labels per device the models are confidently wrong often, and
         on synth (egemaps-mlp, 10 % labels, 20 rounds, 4 folds) FedSTAR's range gave
         pseudo-labels of precision .55 that cost 1.2 UAR points against supervised-only
-        training, the strict ones precision .68 and +0.7 points (docs/BENCHMARKS.md).
+        training, the strict ones precision .68 and +0.5 points (docs/BENCHMARKS.md).
     pseudo_views, view_noise, pseudo_max_std : int, float, float
         Augmented views per clip (feature noise of std ``view-noise``, in standardised units),
         and the largest std of the chosen class's probability across views (view agreement;
