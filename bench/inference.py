@@ -4,11 +4,12 @@ RTF = (front-end + forward time) / audio duration, for a 4 s clip (a typical act
 within every front-end's crop), one thread, median
 of 5 runs after a warm-up. Target RTF <= 0.01.
 
-    python bench/inference.py
+    python bench/inference.py [--models egemaps-mlp,logmel-crnn] [--seconds 4] [--runs 5] [--tag NAME]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -21,17 +22,26 @@ from shared_models.models import MODELS, build_model, count_parameters, frontend
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+    p.add_argument("--seconds", type=float, default=4.0, help="clip duration in seconds")
+    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (the median is kept)")
+    p.add_argument("--tag", default="", help="suffix of the result file name (default: overwrite inference.json)")
+    args = p.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    seconds = 4.0
+    seconds = args.seconds
     t = np.arange(int(seconds * 16000)) / 16000
     wave = (0.3 * np.sin(2 * np.pi * 160 * t * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t)))
             + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
     rows = []
-    for name in MODELS:
+    for name in args.models.split(","):
         frontend, model = frontend_for(name), build_model(name, 6).eval()
         times = []
-        for i in range(6):
+        for i in range(args.runs + 1):
             t0 = time.perf_counter()
             with torch.no_grad():
                 x, lengths = collate([frontend(wave)])
@@ -41,7 +51,7 @@ def main() -> None:
         rtf = statistics.median(times) / seconds
         rows.append({"model": name, "parameters": count_parameters(model), "rtf": rtf})
         print(f"{name}: {count_parameters(model):,} parameters, RTF {rtf:.4f} (one thread)")
-    save("inference", {"rows": rows})
+    print("results:", save("inference" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "rows": rows}))
 
 
 if __name__ == "__main__":
