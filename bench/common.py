@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +16,14 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 DATA = ROOT / "data"
 RESULTS = ROOT / "bench" / "results"
+
+
+def quiet_flower() -> None:
+    """Keep Flower's INFO lines (several per round) out of a benchmark's output: one line per run.
+    Call after Flower is imported (its logger sets its own level on import)."""
+    import flwr  # noqa: F401  (configures the "flwr" logger)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 def corpus_manifest(name: str) -> Path:

@@ -21,11 +21,10 @@ to a round's wall time.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 import numpy as np
-from common import corpus_manifest, save
+from common import corpus_manifest, quiet_flower, save
 
 from server.simulation import simulate
 from shared_models.config import RunConfig
@@ -90,7 +89,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # one line per run, not two per round
+    quiet_flower()
     manifest = corpus_manifest(args.corpus)
     folds = range(args.run_folds or args.folds)
     settings = [("supervised", float(f)) for f in args.fractions.split(",")]

@@ -64,12 +64,11 @@ the model *and* the mapping does not put back.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, corpus_manifest, save
+from common import DATA, corpus_manifest, quiet_flower, save
 
 from client.app import load_device
 from server.simulation import simulate
@@ -256,7 +255,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's INFO lines, several per round
+    quiet_flower()
     out_dir = DATA / "fairness"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, notes, heldout, verdicts = [], {}, {}, []

@@ -13,7 +13,7 @@ import argparse
 import time
 
 import numpy as np
-from common import corpus_manifest, save
+from common import corpus_manifest, quiet_flower, save
 
 from server.simulation import centralised_baseline, simulate
 from shared_models.config import RunConfig
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
+    quiet_flower()
     manifest = corpus_manifest(args.corpus)
     rows = []
     for model in args.models.split(","):

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from common import corpus_manifest, save
+from common import corpus_manifest, quiet_flower, save
 
 from client.app import load_device
 from server.simulation import prepare_run, simulate
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="measure peak RSS with --devices devices")
     p.add_argument("--devices", type=int, default=200)
     args = p.parse_args()
+    quiet_flower()
     manifest = corpus_manifest(args.corpus)
     base = RunConfig(manifest=str(manifest), model=args.model, task="both", folds=4, fold=0,
                      num_server_rounds=args.rounds, run_dir="runs/bench", local_epochs=2)
