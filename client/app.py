@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import build_model, clippable_update, frontend_for
 from shared_models.training import LocalData, evaluate_local, train_local
-from client.cooperative import attach as attach_cooperative, faireg_of
+from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
 __all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod"]
 
@@ -285,9 +286,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_cfg.get("server-round", 0))
     model = _model(cfg, device, msg)
     faireg = faireg_of(round_cfg)
-    extra = _pre_stats(cfg, device, model, round_cfg, faireg)
+    held = _validation_mask(cfg, device) if round_cfg.get("pre-stats", False) else None
+    extra = _pre_stats(cfg, device, model, round_cfg, faireg, held)
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
-    data = coop.before_training(model, device.data, round_cfg, server_round) if coop else device.data
+    data = device.data if held is None else _without_labels(device.data, held)  # before any upsampling
+    data = coop.before_training(model, data, round_cfg, server_round) if coop else data
     result = train_local(
         model,
         data if faireg is None else normalise_data(data, faireg),
@@ -342,14 +345,37 @@ def device_info(msg: Message, context: Context) -> Message:
 
 
 def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,
-               faireg: FaiRegParams | None) -> dict[str, str]:
+               faireg: FaiRegParams | None, held: np.ndarray | None = None) -> dict[str, str]:
     """``{"pre-stats": JSON}``: statistics of the round's global model on this device's clips
-    before local training, when the round config asks (strategy ``fair``); else ``{}``."""
+    (only the ``held`` ones, when given) before local training, when the round config asks
+    (strategy ``fair``); else ``{}``."""
     if not round_cfg.get("pre-stats", False):
         return {}
-    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
+    data = device.data if held is None else device.data.subset(np.flatnonzero(held))
+    result = evaluate_local(model, data, task=cfg.task, n_classes=len(device.emotions),
                             av_map=faireg.denormalise if faireg else None)
     return {"pre-stats": device_statistics(result)}
+
+
+def _validation_mask(cfg: RunConfig, device: Device) -> np.ndarray | None:
+    """Labelled clips kept out of training for the ``pre-stats`` (``fair-validation``): a
+    seeded stratified fraction (:func:`client.cooperative.label_split`), the same every round;
+    None when ``fair-validation`` is 0 or the device has fewer than 2 labelled clips."""
+    data = device.data
+    labelled = (data.emotion >= 0) | np.isfinite(data.av).all(axis=1)
+    if cfg.fair_validation <= 0 or labelled.sum() < 2:
+        return None
+    strata = [str(e) if e >= 0 else ("av" if ok else None) for e, ok in zip(data.emotion, labelled)]
+    seed = (cfg.seed, zlib.crc32(device.name.encode()), 23)
+    held = label_split(strata, cfg.fair_validation, seed)
+    return held if held.sum() < labelled.sum() else None  # keep something to train on
+
+
+def _without_labels(data: LocalData, held: np.ndarray) -> LocalData:
+    """``data`` with the labels of the ``held`` rows removed (features shared)."""
+    emotion, av = data.emotion.copy(), data.av.copy()
+    emotion[held], av[held] = -1, np.nan
+    return LocalData(data.x, emotion, av, data.groups)
 
 
 @app.query("label_stats")

@@ -59,6 +59,10 @@ def _probability(value: Any) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
+def _half_open_unit(value: Any) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
 def _open_unit(value: Any) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
@@ -180,6 +184,14 @@ class RunConfig:
         Strategy ``fair`` (:mod:`strategies.fair`): step size of the fairness-normalised
         weights (0 = FedAvg) and the protected attribute (one of ``protected``) whose groups
         it balances.
+    fair_validation : float
+        Strategy ``fair``: the fraction of each device's labelled clips (seeded, stratified by
+        emotion, at least one clip) kept out of local training and used for the device's
+        ``pre-stats``, so that the group gaps the strategy reacts to come from clips the model
+        has not been trained on. 0 (default): ``pre-stats`` on all the device's clips, as in
+        FairFed's local metrics (the global model has trained on them). Measured with 0.2
+        (docs/BENCHMARKS.md): it did not help on synth or hedgewars (4 folds): 7-14 clips per
+        device make a noisy gap signal and the clips are missing from training.
     faireg : str
         ``on``: FaiReg label normalisation (:mod:`shared_models.fairness`): devices train on
         arousal/valence standardised per protected group (the intersection of the
@@ -254,6 +266,7 @@ class RunConfig:
     protected: str = "gender"
     fair_beta: float = _opt(_non_negative, default=1.0)
     fair_attribute: str = "gender"
+    fair_validation: float = _opt(_half_open_unit, default=0.0)
     faireg: str = _opt(_choice(("off", "on")), default="off")
     faireg_reference: str = ""
     dp: str = _opt(_choice(DP_MODES), default="off")

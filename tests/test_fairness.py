@@ -242,6 +242,34 @@ def test_fair_strategy_tolerates_dropped_devices_and_missing_pre_stats(task_iden
 # --------------------------------------------------------------------------- FaiReg
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_fair_validation_clips_give_the_pre_stats_and_are_not_trained_on(tone_manifest, tmp_path, task_identity,
+                                                                          fraction):
+    from flwr.app import Context
+
+    from client.app import app as client_app
+    from client.app import load_device
+
+    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=1, strategy="fair", fair_validation=fraction,
+                                   run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")), progress=False)
+    node = {"partition-id": 0, "num-partitions": n}
+    device = load_device(cfg.to_mapping(), node)
+    labelled = int((device.data.emotion >= 0).sum())
+    model = build_model(cfg.model, len(device.emotions))
+    msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "config": ConfigRecord({"server-round": 1, "pre-stats": True})}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)
+    context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_mapping())
+    reply = client_app(msg, context)
+    assert not reply.has_error()
+    pre = json.loads(reply.content["device"]["pre-stats"])["num_examples"]
+    trained = int(reply.content["metrics"]["num-examples"])
+    if fraction == 0:
+        assert pre == trained == labelled  # FairFed's local metric: the clips it trains on
+    else:
+        assert pre == round(fraction * labelled) and trained == labelled - pre  # disjoint, every clip used once
+
+
 def test_faireg_statistics_pool_exactly_and_invert():
     rng = np.random.default_rng(0)
     av = rng.uniform(-0.9, 0.9, (200, 2))
