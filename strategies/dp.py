@@ -31,6 +31,10 @@ Two details keep that sensitivity true in fedaffect:
   grows by the number of local batches) nor tell the coordinator how many batches a device
   trained on.
 
+A round in which any sampled device's reply is an error is not aggregated: Flower's wrappers
+skip it (the noise is calibrated for ``m`` updates), the global model stays as it was, and
+the round still counts in epsilon. With devices that drop out often, sample fewer per round.
+
 Privacy spent: :func:`privacy_spent` gives the device-level epsilon after ``T`` rounds at
 ``dp-delta``; each round's metrics get ``dp_epsilon`` (every round that sampled devices
 counts, whether or not its aggregate was released; with ``dp-noise-multiplier = 0`` it is
