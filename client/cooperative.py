@@ -796,7 +796,7 @@ class CoopState:
     _t_train: float = field(default=0.0, repr=False)
     _index_cache: dict | None = field(default=None, repr=False)
     _meta_written: bool = field(default=False, repr=False)
-    _global_view: tuple | None = field(default=None, repr=False)
+    _global_view: tuple | None = field(default=None, repr=False)  # (clip rows, probs, av)
     _t_global: float = field(default=0.0, repr=False)
 
     @property
@@ -858,8 +858,11 @@ class CoopState:
         settings = _settings(self.cfg, round_cfg, server_round)
         self._global_view = None
         if settings["coop-mode"] in SELF_LABELLING and settings["pseudo-global-view"]:
-            # The received global model's clean predictions: one more view for the step.
-            self._global_view = view_predictions(model, list(data.x), views=1, noise=0.0)
+            # The received global model's clean predictions of the clips without a label at
+            # the start (the pool is among them): one more view for the step.
+            unlabelled = np.flatnonzero(~self.labelled0)
+            self._global_view = (unlabelled, *view_predictions(model, [data.x[i] for i in unlabelled],
+                                                               views=1, noise=0.0))
         self._t_train = time.perf_counter()
         self._t_global = self._t_train - t0  # part of the cooperative step's time
         if settings["freeze"]:
@@ -924,7 +927,9 @@ class CoopState:
             av = av_to_label_scale(av, faireg, keys)
         sel_probs, sel_av = probs, av  # the views that pseudo-labels are chosen and re-checked with
         if self._global_view is not None:
-            g_probs, g_av = (a[:, pool_idx] for a in self._global_view)
+            unlabelled, g_probs, g_av = self._global_view
+            at = np.searchsorted(unlabelled, pool_idx)  # the pool is a subset of the unlabelled clips
+            g_probs, g_av = g_probs[:, at], g_av[:, at]
             if faireg is not None:
                 g_av = av_to_label_scale(g_av, faireg, keys)
             sel_probs, sel_av = np.concatenate([probs, g_probs]), np.concatenate([av, g_av])
