@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -267,10 +267,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     def handle(_view: Message, ctx: Context) -> Message:
         reply = call_next(msg, ctx)
         if sent is not None and not reply.has_error():
-            reference = {k: a.numpy() for k, a in sent.items()}
             for name, record in list(reply.content.array_records.items()):
-                arrays = clippable_update({k: a.numpy() for k, a in record.items()}, reference)
-                reply.content[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+                reply.content[name] = clippable_update(record, sent)
         return reply
 
     out = fixedclipping_mod(view, context, handle)

@@ -25,7 +25,7 @@ order, as a list of numpy arrays (:func:`get_weights` / :func:`set_weights`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .features import FrontEnd, get_frontend
+
+if TYPE_CHECKING:  # flwr is imported where a record is built (centralised training needs none)
+    from flwr.app import ArrayRecord
 
 __all__ = [
     "AffectModel",
@@ -244,8 +247,8 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict(new, strict=True)
 
 
-def clippable_update(arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A device's weights made ready for DP clipping of ``arrays - reference`` (same keys).
+def clippable_update(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """A device's weights made ready for DP clipping of ``record - reference`` (same keys).
 
     * Integer arrays (BatchNorm's ``num_batches_tracked``) are replaced by ``reference``'s:
       they are not learnt, would use up the clipping norm (a counter grows by the number of
@@ -259,20 +262,23 @@ def clippable_update(arrays: dict[str, np.ndarray], reference: dict[str, np.ndar
 
     Parameters
     ----------
-    arrays, reference : dict of str to np.ndarray
-        Named arrays (an ArrayRecord's ``{key: array.numpy()}``); keys missing from
+    record, reference : flwr.app.ArrayRecord
+        The device's weights and the global weights it started from; keys missing from
         ``reference`` are kept as they are.
 
     Returns
     -------
-    dict of str to np.ndarray
-        New arrays, ``arrays`` unchanged.
+    flwr.app.ArrayRecord
+        A new record, ``record`` unchanged.
     """
+    from flwr.app import Array, ArrayRecord
+
+    reference = {k: a.numpy() for k, a in reference.items()}
     out = {}
-    for key, value in arrays.items():
-        value = np.asarray(value)
+    for key, arr in record.items():
+        value = arr.numpy()
         if np.issubdtype(value.dtype, np.integer) and key in reference:
-            value = np.asarray(reference[key])
+            value = reference[key]
         out[key] = value
     floats = [k for k, v in out.items() if np.issubdtype(v.dtype, np.floating) and v.size and k in reference]
     if floats and all(np.array_equal(out[k], reference[k]) for k in floats):
@@ -280,4 +286,4 @@ def clippable_update(arrays: dict[str, np.ndarray], reference: dict[str, np.ndar
         flat = first.reshape(-1)
         flat[0] = np.nextafter(flat[0], np.inf, dtype=flat.dtype)
         out[floats[0]] = first
-    return out
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})

@@ -49,8 +49,7 @@ import logging
 import math
 from collections.abc import Iterable
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -154,13 +153,6 @@ def num_sampled_devices(cfg: RunConfig, num_train_devices: int) -> int:
     return max(1, min(num_train_devices, max(int(num_train_devices * cfg.fraction_train), min_train)))
 
 
-def _clippable(record: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """``record`` made ready for Flower's clipping (:func:`shared_models.models.clippable_update`)."""
-    arrays = clippable_update({k: a.numpy() for k, a in record.items()},
-                              {k: a.numpy() for k, a in reference.items()})
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-
-
 class _DeviceLevelDP:
     """What fedaffect adds to Flower's fixed-clipping wrappers: equal weights, the sampling
     rate and delta for accounting, and :meth:`epsilon`."""
@@ -191,7 +183,7 @@ class ServerSideFixedClipping(_DeviceLevelDP, DifferentialPrivacyServerSideFixed
         for reply in replies:
             if not reply.has_error():
                 for name, record in list(reply.content.array_records.items()):
-                    reply.content[name] = _clippable(record, self.current_arrays)
+                    reply.content[name] = clippable_update(record, self.current_arrays)
         return super().aggregate_train(server_round, replies)
 
 
