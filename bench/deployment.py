@@ -18,6 +18,7 @@ Measured:
   summed) while the run is in flight.
 
     python bench/deployment.py --devices 3 10 --models egemaps-mlp logmel-crnn --rounds 3
+    python bench/deployment.py ... --plain-flower   # devices on Flower's own SuperNode (before)
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def model_bytes(model: str, n_classes: int) -> int:
     return sum(t.numel() * t.element_size() for t in build_model(model, n_classes).state_dict().values())
 
 
-def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
+def deployed(work: Path, cfg: RunConfig, n: int, device_args: tuple[str, ...] = ()) -> dict:
     """Run the rounds on a localhost federation of ``n`` SuperNodes."""
     manifest = read_manifest(cfg.manifest)
     plans = plan_federation(manifest, partition="iid", num_devices=n, folds=1, seed=cfg.seed)
@@ -101,7 +102,7 @@ def deployed(work: Path, cfg: RunConfig, n: int) -> dict:
             devices.append(subprocess.Popen(
                 [FEDAFFECT, "device", "start", "--data-dir", str(data), "--superlink",
                  f"localhost:{server_cfg.port}", "--ca",
-                 str(paths.ca_cert)], env=env, stdout=open(work / f"{data.name}.log", "wb"),
+                 str(paths.ca_cert), *device_args], env=env, stdout=open(work / f"{data.name}.log", "wb"),
                 stderr=subprocess.STDOUT))
         memory = PeakMemory(server.pid)
         memory.start()
@@ -146,6 +147,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["egemaps-mlp", "logmel-crnn"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--plain-flower", action="store_true",
+                        help="devices run Flower's own flower-supernode (`device start --plain-flower`)")
+    parser.add_argument("--device-threads", type=int, default=1,
+                        help="torch threads per device (`device start --threads`; 0: torch's default). N devices "
+                             "share this machine's cores; more threads than cores make OpenMP spin")
     args = parser.parse_args()
     manifest = corpus_manifest("synth")
     emotions = ",".join(sorted(e for e in pd.read_csv(manifest, keep_default_na=False)["emotion"].unique() if e))
@@ -158,13 +164,14 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="fedaffect-bench-") as tmp:
                 work = Path(tmp)
                 sim = simulated(work, cfg)
-                dep = deployed(work / "dep", cfg, n)
+                device_args = ("--threads", str(args.device_threads)) if args.device_threads else ()
+                dep = deployed(work / "dep", cfg, n, device_args + (("--plain-flower",) if args.plain_flower else ()))
             size = model_bytes(model, len(cfg.emotion_list))
             # The model goes down with every train (rounds 1..R) and evaluate (rounds 0..R) message,
             # and up with every train reply; everything else is config, metrics and statistics.
             down, up = n * (2 * args.rounds + 1) * size, n * args.rounds * size
             row = {
-                "model": model, "devices": n, "rounds": args.rounds, "model_float32_bytes": size,
+                "model": model, "devices": n, "rounds": args.rounds, "plain_flower": args.plain_flower, "device_threads": args.device_threads, "model_float32_bytes": size,
                 "sim_round_s": per_round(sim["rounds"]), "deploy_round_s": per_round(dep["rounds"]),
                 "deploy_total_s": dep["seconds"], "sim_total_s": sim["seconds"],
                 "bytes_to_devices_per_device_round": dep["traffic"]["outbound-bytes"] / (n * args.rounds),

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -61,7 +61,7 @@ from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats,
 from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
-from shared_models.models import build_model, clippable_update, frontend_for
+from shared_models.models import build_model, clippable_update, frontend_for, load_record, to_record
 from shared_models.training import LocalData, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
@@ -117,6 +117,11 @@ class Device:
 
 
 _DEVICES: dict[tuple, Device] = {}
+
+#: Modules imported lazily on first use that a warm SuperExec imports ahead of the messages
+#: (client/supernode.py): ``torch._dynamo`` (~5 s) on the first ``torch.optim`` optimiser,
+#: scikit-learn (~4 s) on the first confusion matrix.
+WARM_MODULES = ("torch._dynamo", "torch.optim", "sklearn.metrics")
 
 
 def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Device:
@@ -238,7 +243,7 @@ def device_statistics(result: dict[str, Any]) -> str:
 
 def _model(cfg: RunConfig, device: Device, msg: Message) -> torch.nn.Module:
     model = build_model(cfg.model, max(len(device.emotions), 1))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_record(model, msg.content["arrays"])
     return model
 
 
@@ -306,7 +311,7 @@ def train(msg: Message, context: Context) -> Message:
         {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
     )
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "device": _reply_config(device, **extra)}
+        {"arrays": to_record(model), "metrics": metrics, "device": _reply_config(device, **extra)}
     )
     return Message(content=content, reply_to=msg)
 

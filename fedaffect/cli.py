@@ -568,15 +568,26 @@ def device_start(
     ca: Path = typer.Option(..., help="the federation's CA certificate (the coordinator's certs/ca.crt)"),
     port: Optional[int] = typer.Option(None, help="local port of the SuperNode's ClientApp API (default: free)"),
     max_wait: Optional[float] = typer.Option(None, help="give up after this many seconds without the SuperLink"),
+    poll: float = typer.Option(0.5, min=0.05, help="seconds between an idle device's polls of the SuperLink "
+                               "(Flower's default is 3: fewer requests, slower rounds)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for training (default: one per core); "
+                                          "1 when several devices share a machine"),
+    plain_flower: bool = typer.Option(False, "--plain-flower", help="run Flower's own flower-supernode: a fresh "
+                                      "ClientApp process that imports torch for every message, 3 s polls"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="echo the SuperNode's log"),
 ) -> None:
-    """Run the device's SuperNode in the foreground; Ctrl-C or SIGTERM stops it."""
+    """Run the device's SuperNode in the foreground; Ctrl-C or SIGTERM stops it.
+
+    By default each ClientApp message is forked from a process that imported torch once
+    (client/supernode.py), which saves seconds per message.
+    """
     _setup_logging(True)
     from client.deployment import DeviceRefused, start_device
 
     console.print(f"device {data_dir}: connecting to {superlink} (TLS, CA {ca}); audio stays here")
     try:
         code = start_device(data_dir, superlink, ca, port=port, max_wait_s=max_wait,
+                            poll_s=None if plain_flower else poll, threads=threads,
                             echo=(lambda line: console.print(line, markup=False, highlight=False)) if verbose else None)
     except DeviceRefused as err:
         _fail(str(err), code=3)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["BIN", "TAIL_LINES", "LogPump", "flower_environment", "free_port", "descendants", "terminate_tree",
-           "run_foreground"]
+           "run_foreground", "PULL_BACKOFF_S", "shorten_object_pull_backoff"]
 
 log = logging.getLogger("fedaffect.processes")
 
@@ -239,3 +239,32 @@ def run_foreground(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: 
         pump.join(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: First wait (seconds) before a Flower process asks again for a message object that is not
+#: there yet (Flower 1.41: 1 s, then doubling up to 10 s).
+PULL_BACKOFF_S = 0.05
+
+
+def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S) -> None:
+    """Make this process's Flower object pulls retry after ``initial_s`` seconds, not 1 s.
+
+    A Flower message travels as a message plus its objects (one per array), pushed one after
+    the other: a SuperNode can see a message before the ServerApp has uploaded its objects, a
+    ClientApp before its SuperNode has downloaded them, and a ServerApp a reply before its
+    objects. Each miss costs 1 s, then 2 s (``flwr.supercore.inflatable.inflatable_utils``),
+    seconds a round that are pure waiting. The retries still double up to Flower's cap.
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release no longer has the keyword defaults changed here.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = pull.__kwdefaults__ or {}
+        if "initial_backoff" not in defaults:
+            raise RuntimeError(f"flwr {pull.__name__} has no initial_backoff keyword any more: "
+                               "update shared_models.processes.shorten_object_pull_backoff")
+        defaults["initial_backoff"] = initial_s

@@ -90,3 +90,58 @@ def test_weights_round_trip_includes_buffers():
         set_weights(b, w[:-1])
     with pytest.raises(ValueError, match="shape"):
         set_weights(b, [np.zeros((1,))] + w[1:])
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+def test_a_model_travels_as_one_flat_array_without_integer_buffers():
+    from flwr.app import ArrayRecord
+
+    from shared_models.models import PACKED_KEY, load_record, to_record
+
+    torch.manual_seed(0)
+    sent = build_model("logmel-crnn", 6)
+    counters_sent = [v for v in sent.state_dict().values() if not v.is_floating_point()]
+    assert counters_sent  # BatchNorm's num_batches_tracked
+    for v in counters_sent:
+        v.fill_(7)
+    record = to_record(sent)
+    assert list(record.keys()) == [PACKED_KEY]
+    floats = [v for v in sent.state_dict().values() if v.is_floating_point()]
+    assert record[PACKED_KEY].numpy().shape == (sum(v.numel() for v in floats),)
+
+    torch.manual_seed(1)
+    received = build_model("logmel-crnn", 6)
+    counters = {k: v.clone() for k, v in received.state_dict().items() if not v.is_floating_point()}
+    load_record(received, record)
+    for key, value in received.state_dict().items():
+        expected = sent.state_dict()[key] if value.is_floating_point() else counters[key]
+        assert torch.equal(value, expected), key  # floats arrive exactly, counters stay local
+
+    # a per-tensor record (older tools) still loads
+    other = build_model("logmel-crnn", 6)
+    load_record(other, ArrayRecord(sent.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), sent.state_dict().values()))
+
+
+def test_averaging_packed_records_averages_every_tensor():
+    from flwr.app import Array, ArrayRecord
+
+    from shared_models.models import PACKED_KEY, load_record, to_record
+
+    torch.manual_seed(0)
+    a, b = build_model("egemaps-mlp", 4), build_model("egemaps-mlp", 4)
+    mean = (to_record(a)[PACKED_KEY].numpy() + to_record(b)[PACKED_KEY].numpy()) / 2
+    out = build_model("egemaps-mlp", 4)
+    load_record(out, ArrayRecord({PACKED_KEY: Array(mean)}))
+    for key, value in out.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (a.state_dict()[key] + b.state_dict()[key]) / 2), key
+
+
+def test_a_record_of_another_model_is_refused_with_both_sizes():
+    from shared_models.models import load_record, to_record
+
+    with pytest.raises(ValueError, match="classes"):
+        load_record(build_model("egemaps-mlp", 4), to_record(build_model("egemaps-mlp", 6)))

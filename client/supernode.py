@@ -1,0 +1,288 @@
+"""The device's Flower processes: a SuperNode that answers sooner, and a warm SuperExec.
+
+Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, which starts
+a fresh ``flwr-clientapp`` process for *every* message; that process imports torch, openSMILE
+and the app before it can train, 4-5 s on a laptop core and far more on a Raspberry Pi, paid
+twice a round (a train and an evaluate message). The SuperNode also sleeps 3 s whenever it
+finds no message, and its SuperExec polls for tasks every second.
+
+``fedaffect device start`` therefore runs (both started from :func:`main`)::
+
+    python -m client.supernode supernode --poll P -- <flower-supernode arguments>
+        Flower's own SuperNode (``--isolation process``), with its idle sleep capped at P s,
+        which starts:
+    python -m client.supernode superexec --poll P --runtime-api-address 127.0.0.1:PORT
+        Flower's own SuperExec loop (task acquisition, tokens, the Runtime API) with a
+        :class:`ForkExecutor`: the process imports the ClientApp's third-party dependencies
+        once (:func:`warm_imports`) and forks a child per message that runs Flower's
+        ``run_clientapp`` with the task's token, exactly what ``flwr-clientapp`` runs.
+
+Each message still runs in a fresh process that exits afterwards (Flower's isolation: state
+lives only in the Context), and the app's own code is still loaded from the run's FAB, not from
+the device's installed copy: :func:`warm_imports` imports the app to learn its dependencies and
+then forgets fedaffect's own modules. Only the interpreter start and the imports are saved.
+
+Depends on Flower internals (``flwr.supercore.superexec.run_superexec.get_executor``,
+``flwr.supernode.start_client_internal.time``); ``tests/test_supernode.py`` fails when a Flower
+release moves them. POSIX only (``os.fork``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from types import SimpleNamespace
+
+from shared_models.processes import shorten_object_pull_backoff
+
+__all__ = ["OWN_PACKAGES", "DEFAULT_POLL_S", "warm_imports", "run_clientapp_task", "ForkExecutor", "patch_supernode_poll",
+           "superexec_command", "main"]
+
+log = logging.getLogger("fedaffect.supernode")
+
+#: fedaffect's top-level packages: never kept warm, so that a run's FAB supplies them.
+OWN_PACKAGES = ("client", "server", "shared_models", "strategies", "fedaffect", "bench")
+
+#: Seconds between polls of an idle SuperNode (Flower: 3) and of its SuperExec (Flower: 1).
+DEFAULT_POLL_S = 0.5
+
+
+def warm_imports(app: str = "client.app") -> list[str]:
+    """Import the third-party modules that ``app`` imports, but not fedaffect's own.
+
+    Imports ``app`` (a module name, or ``module:attribute``) and the modules it names in its
+    ``WARM_MODULES`` (those imported lazily on first use), then removes every module of
+    :data:`OWN_PACKAGES` from ``sys.modules``, so that a later import (Flower loading the
+    ClientApp from the run's FAB directory) reads fedaffect's code afresh while torch,
+    torchaudio, openSMILE, NumPy, SQLAlchemy and Flower stay imported. Imports only: no
+    torch operation runs (its thread pools would not survive a fork).
+
+    Returns
+    -------
+    list of str
+        The names of the modules kept warm (newly imported, not fedaffect's).
+    """
+    before = set(sys.modules)
+    module = importlib.import_module(app.partition(":")[0])
+    for name in getattr(module, "WARM_MODULES", ()):
+        importlib.import_module(name)
+    own = [name for name in sys.modules if name.partition(".")[0] in OWN_PACKAGES]
+    for name in own:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    return sorted(set(sys.modules) - before)
+
+
+class ForkExecutor:
+    """A SuperExec executor that forks each ClientApp task from this (warm) process.
+
+    Implements the executor protocol of ``flwr.supercore.superexec.executor`` (Flower 1.41).
+    ClientApp tasks run ``run(spec)`` in a forked child that exits when it returns; any other
+    task type is handed to ``fallback`` (Flower's ``SubprocessExecutor``).
+
+    Parameters
+    ----------
+    fallback : executor
+        Runs task types other than ``flwr-clientapp``.
+    run : callable, optional
+        ``run(spec)`` in the child (default: :func:`run_clientapp_task`).
+
+    Notes
+    -----
+    The child drops the parent's Flower exit handlers and signal handlers before running,
+    so that its exit closes nothing of the parent's. Torch must not have run an operation in
+    the parent (its thread pools do not survive a fork); :func:`warm_imports` only imports.
+    """
+
+    def __init__(self, fallback, run=None) -> None:
+        self.fallback = fallback
+        self.run = run or run_clientapp_task
+        self.children: set[int] = set()
+
+    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+        """Every supported task type can start at once (one process per task)."""
+        return set(supported_task_types), set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+        """No capacity gate."""
+
+    def launch(self, spec):
+        """Fork a child that runs the ClientApp task ``spec`` (an ``ExecutionSpec``)."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self.fallback.launch(spec)
+        try:
+            pid = os.fork()
+        except OSError as err:
+            return LaunchResult.failed(f"fork failed: {err}")
+        if pid == 0:  # the child
+            code, started = 0, time.perf_counter()
+            try:
+                _forget_parent_handlers()
+                self.run(spec)
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            except BaseException:  # noqa: BLE001 - report, never return into the parent's loop
+                traceback.print_exc()
+                code = 1
+            finally:
+                log.info("task %d: ClientApp process %d done in %.2f s (exit %s)", spec.task_id, os.getpid(),
+                         time.perf_counter() - started, code)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap children that have exited (no zombies)."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
+
+    def close(self) -> None:
+        """Stop running children (SIGTERM: Flower's handler pushes their status) and the fallback."""
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self.reconcile()
+            time.sleep(0.05)
+        self.fallback.close()
+
+
+def _forget_parent_handlers() -> None:
+    """In a forked child: drop the SuperExec's Flower exit handlers and signal handlers."""
+    from flwr.supercore.exit import exit_handler
+
+    with exit_handler._lock_handlers:  # noqa: SLF001 - the registry is module state in Flower
+        exit_handler.registered_exit_handlers.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def run_clientapp_task(spec) -> None:
+    """What ``flwr-clientapp --token T`` does: pull the task, run the ClientApp, push the reply.
+
+    One change: object pulls retry sooner (:func:`shorten_object_pull_backoff`). The
+    SuperNode offers the task before it has pulled the message's objects from the SuperLink;
+    a ``flwr-clientapp`` that spent 4 s importing never noticed, a forked one asks at once
+    and would wait 1 + 2 s.
+    """
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    shorten_object_pull_backoff()
+
+    run_clientapp(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=spec.runtime_dependency_install,
+    )
+
+
+def patch_supernode_poll(poll_s: float) -> None:
+    """Cap the sleeps of Flower's SuperNode loop at ``poll_s`` seconds.
+
+    ``flwr.supernode.start_client_internal`` sleeps 3 s after each empty pull from the
+    SuperLink and 0.5 s while waiting for the ClientApp's reply; with ``poll_s`` = 0.5 a
+    message is noticed 1.25 s sooner on average, for one more small request per second to the
+    SuperLink per idle device.
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release no longer sleeps through that module's ``time``.
+    """
+    import flwr.supernode.start_client_internal as loop
+
+    if getattr(loop, "time", None) is not time and not isinstance(getattr(loop, "time", None), SimpleNamespace):
+        raise RuntimeError("flwr.supernode.start_client_internal no longer uses `time`: "
+                           "fedaffect's SuperNode poll patch needs updating for this Flower release")
+    loop.time = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    loop.time.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
+
+
+def superexec_command(runtime_api_address: str, poll_s: float, parent_pid: int | None = None) -> list[str]:
+    """The command line of the warm SuperExec for a SuperNode's Runtime API address."""
+    cmd = [sys.executable, "-m", "client.supernode", "superexec", "--poll", str(poll_s),
+           "--runtime-api-address", runtime_api_address]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
+def _supernode(poll_s: float, flower_args: list[str]) -> None:
+    """Flower's SuperNode in this process (process isolation) plus the warm SuperExec."""
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", default="9094")
+    known, _ = parser.parse_known_args(flower_args)
+    patch_supernode_poll(poll_s)
+    shorten_object_pull_backoff()
+    # Started before the SuperNode serves its Runtime API: Flower's HTTP client retries.
+    subprocess.Popen(superexec_command(f"{known.host}:{known.port}", poll_s, os.getpid()))  # noqa: S603
+    sys.argv = ["flower-supernode", *flower_args, "--isolation", "process"]
+    flower_supernode()
+
+
+def _superexec(poll_s: float, runtime_api_address: str, parent_pid: int | None) -> None:
+    """Flower's SuperExec loop with a :class:`ForkExecutor`, after :func:`warm_imports`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    warm = warm_imports()
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(poll_s)
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    if not hasattr(superexec, "get_executor"):
+        raise RuntimeError("flwr.supercore.superexec.run_superexec.get_executor is gone: "
+                           "fedaffect's warm SuperExec needs updating for this Flower release")
+    superexec.get_executor = lambda *args, **kwargs: ForkExecutor(SubprocessExecutor())
+    log.info("warm SuperExec: %d modules imported once for every ClientApp task", len(warm))
+    superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=True, parent_pid=parent_pid)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m client.supernode {supernode,superexec} ...`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m client.supernode")
+    sub = parser.add_subparsers(dest="process", required=True)
+    node = sub.add_parser("supernode", help="Flower's SuperNode, process isolation, warm SuperExec")
+    node.add_argument("--poll", type=float, default=DEFAULT_POLL_S)
+    node.add_argument("flower_args", nargs=argparse.REMAINDER)
+    execp = sub.add_parser("superexec", help="Flower's SuperExec with a fork executor")
+    execp.add_argument("--poll", type=float, default=DEFAULT_POLL_S)
+    execp.add_argument("--runtime-api-address", required=True)
+    execp.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.poll <= 0:
+        parser.error("--poll must be > 0 seconds")
+    if args.process == "supernode":
+        flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+        _supernode(args.poll, flower_args)
+    else:
+        _superexec(args.poll, args.runtime_api_address, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

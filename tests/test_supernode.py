@@ -1,0 +1,194 @@
+"""The device's warm SuperExec and faster polls (client/supernode.py) and the ServerApp's
+PollingGrid: what they keep of Flower's behaviour, and the Flower internals they rely on.
+
+The end-to-end deployment tests (tests/test_deployment_e2e.py) run whole federations through
+them; these check the parts one by one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
+
+from client.supernode import ForkExecutor, patch_supernode_poll, superexec_command
+from server.app import PollingGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(task_type=TaskType.CLIENT_APP, token="tok") -> ExecutionSpec:
+    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:1", token=token, insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=os.getpid(),
+                         suppress_output=True, task_id=1)
+
+
+class _Fallback:
+    def __init__(self):
+        self.launched, self.closed = [], False
+
+    def launch(self, spec):
+        self.launched.append(spec)
+        from flwr.supercore.superexec.executor.types import LaunchResult
+        return LaunchResult.accepted()
+
+    def close(self):
+        self.closed = True
+
+
+def _wait_reaped(executor: ForkExecutor, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while executor.children and time.monotonic() < deadline:
+        executor.reconcile()
+        time.sleep(0.02)
+    assert not executor.children, "forked children were not reaped"
+
+
+def test_warm_imports_keep_dependencies_and_forget_fedaffect():
+    # In a fresh interpreter: warm_imports edits sys.modules.
+    code = ("import json, sys; from client.supernode import warm_imports; kept = warm_imports(); "
+            "print(json.dumps({'kept': kept, 'own': [m for m in sys.modules if m.split('.')[0] in "
+            "('client', 'server', 'shared_models', 'strategies', 'fedaffect')]}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # the app's imports, and what it imports only on first use (client.app.WARM_MODULES)
+    assert {"torch", "numpy", "flwr.clientapp", "torch._dynamo", "sklearn.metrics"} <= set(result["kept"])
+    assert not any(m.split(".")[0] == "client" for m in result["kept"])
+    assert result["own"] == []  # the run's FAB supplies fedaffect's code
+
+
+def test_fork_executor_runs_clientapp_tasks_in_a_child_and_hands_others_on(tmp_path):
+    seen = tmp_path / "seen.json"
+
+    def run(spec):
+        seen.write_text(json.dumps({"pid": os.getpid(), "token": spec.token,
+                                    "warm": "flwr.supercore.constant" in sys.modules}))
+        raise SystemExit(0)  # what Flower's run_clientapp ends with
+
+    fallback = _Fallback()
+    executor = ForkExecutor(fallback, run=run)
+    assert executor.launch(_spec(token="abc")).status == LaunchResultStatus.ACCEPTED
+    _wait_reaped(executor)
+    child = json.loads(seen.read_text())
+    assert child["pid"] != os.getpid() and child["token"] == "abc" and child["warm"]
+    assert fallback.launched == []
+
+    server_task = _spec(TaskType.SERVER_APP)
+    executor.launch(server_task)
+    assert fallback.launched == [server_task] and not executor.children
+
+
+def test_a_failing_child_leaves_the_executor_running(tmp_path):
+    marks = tmp_path / "marks"
+
+    def run(spec):
+        with open(marks, "a") as f:
+            f.write(spec.token + "\n")
+        if spec.token == "bad":
+            raise RuntimeError("the ClientApp crashed")
+
+    executor = ForkExecutor(_Fallback(), run=run)
+    for token in ("bad", "good"):
+        executor.launch(_spec(token=token))
+        _wait_reaped(executor)
+    assert marks.read_text().split() == ["bad", "good"]
+    executor.close()
+    assert executor.fallback.closed
+
+
+def test_the_child_does_not_run_the_parents_flower_exit_handlers(tmp_path):
+    from flwr.supercore.exit import exit_handler
+    from flwr.supercore.exit.exit_handler import add_exit_handler, trigger_exit_handlers
+
+    ran = tmp_path / "parent-handler-ran"
+    before = list(exit_handler.registered_exit_handlers)
+    add_exit_handler(lambda: ran.write_text("yes"))
+    try:
+        def run(spec):  # what Flower's flwr_exit does at the end of a task
+            trigger_exit_handlers(run_before_force_exit=False)
+
+        executor = ForkExecutor(_Fallback(), run=run)
+        executor.launch(_spec())
+        _wait_reaped(executor)
+        assert not ran.exists()
+    finally:
+        exit_handler.registered_exit_handlers[:] = before
+
+
+def test_supernode_poll_patch_caps_flowers_sleeps(monkeypatch):
+    import flwr.supernode.start_client_internal as loop
+
+    source = inspect.getsource(loop.start_client_internal)
+    assert "time.sleep(3)" in source, "Flower's idle sleep moved: update client/supernode.py"
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    patch_supernode_poll(0.25)
+    loop.time.sleep(3)
+    loop.time.sleep(0.1)
+    assert slept == [0.25, 0.1]
+    assert loop.time.time is time.time
+
+
+def test_flower_still_exposes_what_the_warm_superexec_replaces():
+    import flwr.supercore.superexec.run_superexec as superexec
+
+    assert callable(superexec.get_executor)
+    assert "get_executor(" in inspect.getsource(superexec.run_superexec)
+    cmd = superexec_command("127.0.0.1:9094", 0.5, parent_pid=42)
+    assert cmd[1:4] == ["-m", "client.supernode", "superexec"] and cmd[-2:] == ["--parent-pid", "42"]
+
+
+def test_object_pulls_retry_sooner_in_patched_processes(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    from shared_models.processes import PULL_BACKOFF_S, shorten_object_pull_backoff
+
+    functions = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
+    for fn in functions:  # restored after the test
+        monkeypatch.setitem(fn.__kwdefaults__, "initial_backoff", fn.__kwdefaults__["initial_backoff"])
+    assert all(fn.__kwdefaults__["initial_backoff"] == 1 for fn in functions)  # Flower 1.41's wait
+    shorten_object_pull_backoff()
+    assert all(fn.__kwdefaults__["initial_backoff"] == PULL_BACKOFF_S for fn in functions)
+    # the ClientApp's pull goes through the patched function and passes the default on
+    from flwr.supernode.runtime import run_clientapp
+    assert run_clientapp.pull_and_inflate_object_from_tree is pulls.pull_and_inflate_object_from_tree
+    assert "initial_backoff=initial_backoff" in inspect.getsource(pulls.pull_and_inflate_object_from_tree)
+
+
+class _SlowGrid:
+    """Replies to every pushed message after ``lag`` pulls; records pulls."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag, self.pulls, self.pushed = lag, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.pushed)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if self.pulls < self.lag:
+            return []
+        from types import SimpleNamespace
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+
+def test_polling_grid_collects_every_reply_and_honours_the_timeout():
+    grid = _SlowGrid(lag=3)
+    replies = PollingGrid(grid, poll_s=0.01).send_and_receive(["a", "b"], timeout=30)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"] and grid.pulls == 3
+
+    never = _SlowGrid(lag=10**9)
+    assert PollingGrid(never, poll_s=0.01).send_and_receive(["a"], timeout=0.1) == []
+    assert never.pulls >= 2
+    with pytest.raises(ValueError, match="poll_s"):
+        PollingGrid(grid, poll_s=0)
