@@ -116,12 +116,17 @@ class EgemapsMLP(AffectModel):
 
 
 class _ConvGRU(AffectModel):
-    """Shared body of the sequence models: masked Conv1d blocks (conv, batch norm, ReLU,
-    max-pool), then a (Bi)GRU over the valid frames and a length-masked mean.
+    """Shared body of the sequence models: masked Conv1d blocks (conv, batch norm, max-pool,
+    ReLU), then a (Bi)GRU over the valid frames and a length-masked mean.
 
     ``blocks`` is a list of ``(in_channels, out_channels, kernel, pool)``; the input is
     (B, T, C_in) or, for ``C_in == 1``, a waveform (B, T). ``lengths`` are in input frames or
     samples and are divided through every pool.
+
+    ReLU comes after the max-pool: ``relu(maxpool(x)) == maxpool(relu(x))`` exactly (ReLU is
+    monotonic), on ``pool`` times fewer values. A batch without padding (one clip on a device,
+    or clips of one length) skips the masks and the packing of the GRU input, which change
+    nothing there.
     """
 
     def __init__(self, n_classes, blocks, gru_hidden, bidirectional, dropout=0.2):
@@ -129,7 +134,7 @@ class _ConvGRU(AffectModel):
         self.pools = [pool for *_, pool in blocks]
         self.convs = nn.ModuleList(
             nn.Sequential(nn.ConstantPad1d(((k - 1) // 2, k // 2), 0.0), nn.Conv1d(cin, cout, k),
-                          nn.BatchNorm1d(cout), nn.ReLU())  # "same" length
+                          nn.BatchNorm1d(cout))  # "same" length
             for cin, cout, k, _ in blocks)
         self.gru = nn.GRU(blocks[-1][1], gru_hidden, batch_first=True, bidirectional=bidirectional)
         self.min_steps = int(np.prod(self.pools))
@@ -141,19 +146,24 @@ class _ConvGRU(AffectModel):
         lengths = lengths.to(torch.int64).cpu()
         if x.shape[-1] < self.min_steps:  # too short for the pools: zero-pad
             x = nn.functional.pad(x, (0, self.min_steps - x.shape[-1]))
-        x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
-        for conv, pool in zip(self.convs, self.pools):
-            x = nn.functional.max_pool1d(conv(x), pool)
-            lengths = (lengths // pool).clamp(min=1)
+        padded = bool((lengths < x.shape[-1]).any())
+        if padded:
             x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+        for conv, pool in zip(self.convs, self.pools):
+            x = torch.relu(nn.functional.max_pool1d(conv(x), pool))
+            lengths = (lengths // pool).clamp(min=1)
+            if padded:
+                x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+        if not padded and bool((lengths == x.shape[-1]).all()):
+            return self.gru(x.transpose(1, 2))[0].mean(dim=1)
         packed = pack_padded_sequence(x.transpose(1, 2), lengths, batch_first=True, enforce_sorted=False)
         h, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True)
         return masked_mean(h, lengths.to(h.device))
 
 
 class LogMelCRNN(_ConvGRU):
-    """CRNN on log-Mel (B, T, 64): Conv1d(64->32, k5)+BN+ReLU+max-pool 2, Conv1d(32->64, k5)+
-    BN+ReLU+max-pool 2, BiGRU(64), masked mean -> heads (after FedAudio's CRNN)."""
+    """CRNN on log-Mel (B, T, 64): Conv1d(64->32, k5)+BN+max-pool 2+ReLU, Conv1d(32->64, k5)+
+    BN+max-pool 2+ReLU, BiGRU(64), masked mean -> heads (after FedAudio's CRNN)."""
 
     def __init__(self, n_classes: int, n_mels: int = 64, dropout: float = 0.2) -> None:
         super().__init__(n_classes, [(n_mels, 32, 5, 2), (32, 64, 5, 2)], 64, True, dropout)
@@ -161,8 +171,8 @@ class LogMelCRNN(_ConvGRU):
 
 class WaveCNNGRU(_ConvGRU):
     """End-to-end model on the raw waveform (B, T) at 16 kHz (Tzirakis et al., ICASSP 2018):
-    Conv1d(1->64, k8)+BN+ReLU+max-pool 10, Conv1d(64->128, k6)+BN+ReLU+max-pool 8,
-    Conv1d(128->256, k6)+BN+ReLU+max-pool 8 (one frame per 40 ms), GRU(``gru_hidden``),
+    Conv1d(1->64, k8)+BN+max-pool 10+ReLU, Conv1d(64->128, k6)+BN+max-pool 8+ReLU,
+    Conv1d(128->256, k6)+BN+max-pool 8+ReLU (one frame per 40 ms), GRU(``gru_hidden``),
     masked mean -> heads."""
 
     def __init__(self, n_classes: int, gru_hidden: int = 64, dropout: float = 0.2) -> None:
