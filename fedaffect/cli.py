@@ -363,6 +363,46 @@ def device_label(
         _fail(str(err))
 
 
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., help="a run's checkpoint (runs/<run>/checkpoints/round-NNNN.pt) or a "
+                                                "`fedaffect pretrain` one"),
+    clips: list[Path] = typer.Argument(..., help="audio files (wav, flac, ogg, ...)"),
+    data_dir: Optional[Path] = typer.Option(None, help="the device's data directory: its manifest's clips give the "
+                                                        "standardisation statistics"),
+    reference: Optional[Path] = typer.Option(None, help="a manifest of the device's clips, for the statistics "
+                                                        "(default: the clips given, at least 5)"),
+    cache_dir: Path = typer.Option(Path(".cache/fedaffect"), help="feature cache"),
+    top: int = typer.Option(3, min=1, help="classes shown per clip"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the predictions as JSON"),
+) -> None:
+    """What a trained model hears in clips: emotion probabilities, arousal and valence (on this device)."""
+    _setup_logging(False)
+    import json
+
+    from client.inference import predict_clips, reference_clips
+    from shared_models.manifest import ManifestError
+
+    try:
+        ref = reference_clips(data_dir, reference) if (data_dir or reference) else None
+        preds = predict_clips(checkpoint, clips, reference=ref, cache_dir=cache_dir, progress=True)
+    except (ValueError, FileNotFoundError, ManifestError) as err:
+        _fail(str(err))
+    table = Table(title=f"{checkpoint.name}: {len(preds)} clips")
+    for col in ("clip", "emotion", f"top {top}", "arousal", "valence"):
+        table.add_column(col)
+    for p in preds:
+        if p.skipped:
+            table.add_row(Path(p.path).name, f"[yellow]skipped: {p.skipped}[/]", "", "", "")
+        else:
+            table.add_row(Path(p.path).name, p.emotion or "-", ", ".join(f"{e} {v:.2f}" for e, v in p.top(top)),
+                          f"{p.arousal:+.2f}", f"{p.valence:+.2f}")
+    out.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([p.as_dict() for p in preds], indent=2))
+        out.print(f"wrote {json_out}")
+
 # --------------------------------------------------------------------------- real federation (issue 5)
 
 

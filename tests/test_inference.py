@@ -1,0 +1,72 @@
+"""``fedaffect predict``: a checkpoint's model on a device's clips (client/inference.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from client.inference import MIN_REFERENCE_CLIPS, predict_clips, reference_clips
+from fedaffect.cli import app as cli
+
+
+@pytest.fixture(scope="module")
+def pretrained(tone_manifest, tmp_path_factory):
+    """An egemaps-mlp checkpoint trained on the tone corpus (anger vs sadness), and its cache."""
+    root = tmp_path_factory.mktemp("predict")
+    ckpt, cache = root / "pre.pt", root / "cache"
+    res = CliRunner().invoke(cli, ["pretrain", "--manifest", str(tone_manifest), "--model", "egemaps-mlp",
+                                   "--out", str(ckpt), "--epochs", "20", "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    return ckpt, cache
+
+
+def test_predictions_follow_the_training_labels_and_skip_bad_clips(pretrained, tone_manifest, tmp_path):
+    ckpt, cache = pretrained
+    table = pd.read_csv(tone_manifest)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    clips = [*table["path"], str(silent), str(tmp_path / "gone.wav")]
+    preds = predict_clips(ckpt, clips, reference=reference_clips(manifest=tone_manifest), cache_dir=cache)
+
+    assert [p.path for p in preds] == [str(c) for c in clips]
+    assert preds[-2].skipped == "silent" and preds[-1].skipped == "missing" and preds[-1].emotion is None
+    good = preds[:-2]
+    for p in good:
+        assert set(p.probabilities) == {"anger", "sadness"}
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert -1 <= p.arousal <= 1 and -1 <= p.valence <= 1
+        assert p.top(1)[0][0] == p.emotion
+    accuracy = np.mean([p.emotion == e for p, e in zip(good, table["emotion"])])
+    assert accuracy >= 0.8  # the clips it was trained on, standardised as on the devices
+
+
+def test_statistics_need_enough_clips(pretrained, tone_manifest):
+    ckpt, cache = pretrained
+    one = pd.read_csv(tone_manifest)["path"][:1].tolist()
+    with pytest.raises(ValueError, match=f"at least {MIN_REFERENCE_CLIPS}.*--data-dir"):
+        predict_clips(ckpt, one, cache_dir=cache)
+    with pytest.raises(ValueError, match="not both"):
+        reference_clips(data_dir="x", manifest="y")
+
+
+def test_cli_prints_a_table_and_writes_json(pretrained, tone_manifest, tmp_path):
+    ckpt, cache = pretrained
+    data_dir = tmp_path / "device"
+    data_dir.mkdir()
+    pd.read_csv(tone_manifest).to_csv(data_dir / "manifest.csv", index=False)
+    clip = pd.read_csv(tone_manifest)["path"][0]
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(cli, ["predict", str(ckpt), clip, "--data-dir", str(data_dir), "--cache-dir", str(cache),
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "arousal" in res.output and "anger" in res.output
+    rows = json.loads(out.read_text())
+    assert rows[0]["path"] == clip and rows[0]["emotion"] in ("anger", "sadness")
+
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "none.pt"), clip])
+    assert res.exit_code == 2 and "not found" in res.output
