@@ -26,14 +26,17 @@ Two details keep that sensitivity true in fedaffect:
   :data:`DP_WEIGHT_KEY`, set to 1 on every reply): FedAvg's ``num-examples`` weights would
   let one device with many clips move the mean by more than ``C / m``. Strategies that are
   not a mean of updates (``qfedavg``, ``fair``) are refused by :class:`RunConfig`;
-* integer arrays (BatchNorm's ``num_batches_tracked`` counters) are not learnt: they are
-  kept at the global model's value, so that they neither use up the clipping norm (a counter
-  grows by the number of local batches) nor tell the coordinator how many batches a device
-  trained on.
-
-A round in which any sampled device's reply is an error is not aggregated: Flower's wrappers
-skip it (the noise is calibrated for ``m`` updates), the global model stays as it was, and
-the round still counts in epsilon. With devices that drop out often, sample fewer per round.
+* integer arrays (BatchNorm's ``num_batches_tracked`` counters) are not learnt: they stay on
+  the devices (a model travels as its floating-point entries, :func:`shared_models.models.to_record`;
+  a per-tensor record has them kept at the global model's value), so that they neither use
+  up the clipping norm (a counter grows by the number of local batches) nor tell the
+  coordinator how many batches a device trained on;
+* a sampled device that fails or does not answer counts as a **zero update** (the mean is
+  always over the ``m`` sampled devices, the fixed denominator of DP-FedAvg). Flower's
+  wrappers alone skip a round with any error reply, and average over the replies that came
+  when some are missing, which puts noise for ``m`` devices on a mean of fewer: sensitivity
+  ``C / m'`` under noise ``z C / m``. A round in which no device answered is not aggregated
+  (and still counts in epsilon).
 
 Privacy spent: :func:`privacy_spent` gives the device-level epsilon after ``T`` rounds at
 ``dp-delta``; each round's metrics get ``dp_epsilon`` (every round that sampled devices
@@ -49,7 +52,8 @@ import logging
 import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -165,11 +169,44 @@ class _DeviceLevelDP:
         """Epsilon spent after ``rounds`` rounds (:func:`privacy_spent`)."""
         return privacy_spent(self.noise_multiplier, self.sampling_rate, rounds, self.delta)
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        """Flower's, remembering the global arrays a zero update stands for."""
+        self.round_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
     def _equal_weights(self, replies: list[Message]) -> None:
         for reply in replies:
             if not reply.has_error():
                 for record in reply.content.metric_records.values():
                     record[DP_WEIGHT_KEY] = 1
+
+    def _with_zero_updates(self, replies: list[Message]) -> list[Message]:
+        """The successful replies, plus one zero update for every sampled device that failed or
+        did not answer, up to ``num_sampled_clients``; ``replies`` as they are when none
+        succeeded (nothing to release) or none is missing.
+
+        A zero update is the global arrays of the round; its metrics are the mean of the
+        successful replies' (so that e.g. ``train_loss`` is not pulled towards 0), weight 1.
+        """
+        good = [r for r in replies if not r.has_error()]
+        missing = self.num_sampled_clients - len(good)
+        if not good or missing <= 0:
+            return replies
+        log.info("DP: %d of %d sampled devices failed or did not answer; they count as zero updates",
+                 missing, self.num_sampled_clients)
+        template = good[0].content
+        metrics = {}
+        for name, record in template.metric_records.items():
+            metrics[name] = MetricRecord({
+                key: sum(float(g.content[name][key]) for g in good) / len(good)
+                for key, value in record.items() if isinstance(value, (int, float))})
+            metrics[name][DP_WEIGHT_KEY] = 1
+        stand_ins = [
+            Message(RecordDict({**{name: _copy_record(self.round_arrays) for name in template.array_records},
+                                **{name: MetricRecord(dict(m)) for name, m in metrics.items()}}),
+                    dst_node_id=0, message_type=MessageType.TRAIN)
+            for _ in range(missing)]
+        return good + stand_ins
 
 
 class ServerSideFixedClipping(_DeviceLevelDP, DifferentialPrivacyServerSideFixedClipping):
@@ -180,7 +217,8 @@ class ServerSideFixedClipping(_DeviceLevelDP, DifferentialPrivacyServerSideFixed
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._equal_weights(replies)
-        for reply in replies:
+        replies = self._with_zero_updates(replies)
+        for reply in replies:  # zero updates included: Flower's clipping divides by the norm
             if not reply.has_error():
                 for name, record in list(reply.content.array_records.items()):
                     reply.content[name] = clippable_update(record, self.current_arrays)
@@ -195,7 +233,12 @@ class ClientSideFixedClipping(_DeviceLevelDP, DifferentialPrivacyClientSideFixed
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._equal_weights(replies)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_train(server_round, self._with_zero_updates(replies))
+
+
+def _copy_record(record: ArrayRecord) -> ArrayRecord:
+    """A new ArrayRecord with copies of ``record``'s arrays (same keys)."""
+    return ArrayRecord({k: Array(np.array(a.numpy(), copy=True)) for k, a in record.items()})
 
 
 def wrap_dp(strategy: Strategy, cfg: RunConfig, num_train_devices: int) -> Strategy:

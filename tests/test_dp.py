@@ -161,6 +161,35 @@ def test_a_device_that_did_not_move_still_counts(task_identity):
     np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dp", ["server", "client"])
+@pytest.mark.parametrize("failure", ["error", "missing"])
+def test_a_failed_or_missing_device_counts_as_a_zero_update(dp, failure, task_identity):
+    # Flower's wrappers alone skip a round with an error reply, and average a round with a
+    # missing reply over fewer devices than the noise is calibrated for. The mean stays over
+    # the m sampled devices, the failed one contributing no change.
+    from flwr.app import Error
+
+    C = 10.0
+    strategy = build_strategy(RunConfig(dp=dp, dp_clipping_norm=C, dp_noise_multiplier=0.0), 2)
+    glob = _arrays(np.ones((2, 2)), np.zeros(2), count=5)
+    list(strategy.configure_train(1, glob, ConfigRecord({}), _Grid()))
+    moved = _arrays(np.ones((2, 2)), np.array([0.0, 4.0]), count=9)  # within the clipping norm
+    replies = [_reply(moved, 10, 1)]
+    if failure == "error":
+        replies.append(Message(Error(code=0, reason="device went away"), reply_to=_reply(glob, 0, 2)))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None, "the round was skipped"
+    np.testing.assert_allclose(arrays["b"].numpy(), [0.0, 2.0], rtol=1e-5)  # (4 + 0) / 2
+    np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)), rtol=1e-6)
+    assert metrics["train_loss"] == pytest.approx(1.0)  # the stand-in does not pull it to 0
+
+
+def test_a_round_where_no_device_answered_is_not_released(task_identity):
+    strategy = build_strategy(RunConfig(dp="server", dp_clipping_norm=1.0, dp_noise_multiplier=1.0), 2)
+    list(strategy.configure_train(1, _arrays(np.ones((2, 2)), np.zeros(2)), ConfigRecord({}), _Grid()))
+    assert strategy.aggregate_train(1, []) == (None, None)
+
+
 def test_client_mod_passes_a_zero_update(task_identity):
     from client.app import dp_clipping_mod
 
