@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from client.transfer import load_checkpoint
 from shared_models.audio import ClipError, load_audio
@@ -136,8 +135,7 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
                          "device's data directory (--data-dir) or a manifest of its clips (--reference)")
     scaler = Standardiser.for_frontend(frontend).fit(ref_feats)
     x = [scaler.transform(f) for f in usable]
-    with torch.no_grad():
-        probs, av = predict(model, LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan)))
+    probs, av = predict(model, LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan)))
     out, row = [], 0
     for path, f in zip(paths, feats):
         if f is None:
