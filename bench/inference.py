@@ -2,9 +2,11 @@
 
 RTF = (front-end + forward time) / audio duration, for a 4 s clip (a typical acted utterance,
 within every front-end's crop), one thread, median
-of 5 runs after a warm-up. Target RTF <= 0.01.
+of 5 runs after a warm-up, with the model as ``fedaffect predict`` runs it
+(:func:`shared_models.models.for_inference`: batch norms folded into the convolutions;
+``--no-fuse`` for the training model). Target RTF <= 0.01.
 
-    python bench/inference.py [--models egemaps-mlp,logmel-crnn] [--seconds 4] [--runs 5] [--tag NAME]
+    python bench/inference.py [--models egemaps-mlp,logmel-crnn] [--seconds 4] [--runs 5] [--no-fuse] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from common import save
 
 from shared_models.features import collate
-from shared_models.models import MODELS, build_model, count_parameters, frontend_for
+from shared_models.models import MODELS, build_model, count_parameters, for_inference, frontend_for
 
 
 def main() -> None:
@@ -26,6 +28,8 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
     p.add_argument("--seconds", type=float, default=4.0, help="clip duration in seconds")
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (the median is kept)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="time the training model (batch norms not folded into the convolutions)")
     p.add_argument("--tag", default="", help="suffix of the result file name (default: overwrite inference.json)")
     args = p.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -39,7 +43,8 @@ def main() -> None:
             + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
     rows = []
     for name in args.models.split(","):
-        frontend, model = frontend_for(name), build_model(name, 6).eval()
+        frontend, trained = frontend_for(name), build_model(name, 6).eval()
+        model = trained if args.no_fuse else for_inference(trained)  # what `fedaffect predict` runs
         times = []
         for i in range(args.runs + 1):
             t0 = time.perf_counter()
@@ -49,8 +54,8 @@ def main() -> None:
             if i:
                 times.append(time.perf_counter() - t0)
         rtf = statistics.median(times) / seconds
-        rows.append({"model": name, "parameters": count_parameters(model), "rtf": rtf})
-        print(f"{name}: {count_parameters(model):,} parameters, RTF {rtf:.4f} (one thread)")
+        rows.append({"model": name, "parameters": count_parameters(trained), "rtf": rtf})
+        print(f"{name}: {count_parameters(trained):,} parameters, RTF {rtf:.4f} (one thread)")
     print("results:", save("inference" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "rows": rows}))
 
 

@@ -23,7 +23,7 @@ from client.transfer import load_checkpoint
 from shared_models.audio import ClipError, load_audio
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
-from shared_models.models import build_model, frontend_for
+from shared_models.models import build_model, for_inference, frontend_for
 from shared_models.training import LocalData, predict
 
 __all__ = ["MIN_REFERENCE_CLIPS", "Prediction", "predict_clips", "reference_clips"]
@@ -118,7 +118,7 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
     emotions = list(ckpt["emotions"])
     model = build_model(ckpt["model"], max(len(emotions), 1))
     model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model = for_inference(model)  # batch norms folded into the convolutions
     frontend = frontend_for(ckpt["model"])
     paths = [str(Path(c).expanduser()) for c in clips]
     feats, _ = extract_features(paths, frontend, cache_dir, progress=progress, description="clips")

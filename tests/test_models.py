@@ -145,3 +145,24 @@ def test_a_record_of_another_model_is_refused_with_both_sizes():
 
     with pytest.raises(ValueError, match="classes"):
         load_record(build_model("egemaps-mlp", 4), to_record(build_model("egemaps-mlp", 6)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_copy_folds_batch_norm_and_gives_the_same_outputs(name):
+    from shared_models.models import for_inference
+
+    torch.manual_seed(0)
+    model = build_model(name, n_classes=5).eval()
+    for m in model.modules():  # statistics other than the initial 0/1, so that folding matters
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    fast = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) == (name != "egemaps-mlp")
+    assert not any(p.requires_grad for p in fast.parameters()) and model.training is False
+    with torch.no_grad():
+        batch = collate(clips(name))
+        ref, out = model(*batch), fast(*batch)
+    for head in ("emotion", "av"):
+        torch.testing.assert_close(out[head], ref[head], atol=1e-5, rtol=1e-4)
