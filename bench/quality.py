@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--task", default="both")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=0, help="0: each model's default (RunConfig.local_batch_size)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     quiet_flower()

@@ -48,7 +48,7 @@ def reference_seconds(cfg: RunConfig) -> float:
         for d in train:
             model.load_state_dict(state)
             res = train_local(model, d.data, task=cfg.task, epochs=cfg.local_epochs, lr=cfg.lr,
-                              batch_size=cfg.batch_size, seed=0)
+                              batch_size=cfg.local_batch_size, seed=0)
             updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             weights.append(res["num_examples"])
         w = np.asarray(weights, float) / sum(weights)
@@ -88,7 +88,7 @@ def main() -> None:
     resolved, n = prepare_run(cfg, extract=False)
     devices = [load_device(resolved.to_mapping(), {"partition-id": i, "num-partitions": n}) for i in range(n)]
     train_local(build_model(cfg.model, len(resolved.emotion_list)), devices[0].data, task=cfg.task, epochs=1,
-                lr=cfg.lr, batch_size=cfg.batch_size, seed=0)
+                lr=cfg.lr, batch_size=cfg.local_batch_size, seed=0)
     t0 = time.perf_counter()
     summary = simulate(cfg, engine=args.engine, all_folds=False, progress=False)
     sim = time.perf_counter() - t0

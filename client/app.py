@@ -300,7 +300,7 @@ def train(msg: Message, context: Context) -> Message:
         task=cfg.task,
         epochs=int(round_cfg.get("local-epochs", cfg.local_epochs)),
         lr=float(round_cfg.get("lr", cfg.lr)),
-        batch_size=cfg.batch_size,
+        batch_size=cfg.local_batch_size,
         seed=cfg.seed * 100_003 + server_round * 1_009 + max(device.partition_id, 0),
         proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
     )

@@ -346,7 +346,7 @@ def centralised_baseline(cfg: RunConfig, *, progress: bool = False) -> dict[str,
     for r in range(1, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         result = train_local(model, pooled, task=cfg.task, epochs=cfg.local_epochs, lr=cfg.lr,
-                             batch_size=cfg.batch_size, seed=cfg.seed * 100_003 + r)
+                             batch_size=cfg.local_batch_size, seed=cfg.seed * 100_003 + r)
         seconds += time.perf_counter() - t0
         rounds.append({"round": r, "train_loss": result["train_loss"], **evaluate()})
     return {"rounds": rounds, "final": rounds[-1], "train_seconds": seconds}

@@ -76,6 +76,15 @@ def _reliabilities(value: Any) -> str | None:
     return None if ok else "must be comma-separated probabilities in (0, 1], one per rater"
 
 
+#: Local batch size of each model when ``batch-size`` is 0 (the default). A device holds tens
+#: of clips, so a batch of 32 gives it a handful of optimiser steps an epoch; the sequence
+#: models need more steps (docs/BENCHMARKS.md, quality: with 8 on both sides logmel-crnn's
+#: federated-centralised gap on synth goes from +8.3 to 0.0 points and its hedgewars UAR from
+#: .255 to .285), while egemaps-mlp loses 2.6-5.3 points of UAR with 8.
+MODEL_BATCH_SIZES = {"egemaps-mlp": 32, "logmel-crnn": 8, "wave-cnn-gru": 8}
+DEFAULT_BATCH_SIZE = 32
+
+
 def _opt(check, **kw):
     return field(metadata={"check": check}, **kw)
 
@@ -98,7 +107,8 @@ class RunConfig:
     num_server_rounds : int
         Federated rounds.
     local_epochs, lr, batch_size : int, float, int
-        Local training on each device per round (Adam).
+        Local training on each device per round (Adam). ``batch_size`` 0 (default): the
+        model's own (:data:`MODEL_BATCH_SIZES`), see :attr:`local_batch_size`.
     strategy : str
         Aggregation strategy: ``fedavg``, ``fedprox``, ``qfedavg`` or ``fair``.
     proximal_mu, qffl_q, qffl_lipschitz : float
@@ -219,7 +229,7 @@ class RunConfig:
     num_server_rounds: int = _opt(_positive, default=10)
     local_epochs: int = _opt(_positive, default=2)
     lr: float = _opt(_positive, default=3e-3)
-    batch_size: int = _opt(_positive, default=32)
+    batch_size: int = _opt(_non_negative, default=0)
     strategy: str = _opt(_choice(STRATEGIES), default="fedavg")
     proximal_mu: float = _opt(_non_negative, default=0.01)
     qffl_q: float = _opt(_non_negative, default=0.1)
@@ -325,6 +335,11 @@ class RunConfig:
     def to_mapping(self) -> dict[str, Any]:
         """Hyphenated run-config mapping (what Flower's ``run_config`` carries)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def local_batch_size(self) -> int:
+        """The batch size devices train with: ``batch_size``, or the model's default when 0."""
+        return self.batch_size or MODEL_BATCH_SIZES.get(self.model, DEFAULT_BATCH_SIZE)
 
     @property
     def emotion_list(self) -> list[str]:

@@ -51,3 +51,15 @@ def test_keys_match_the_flower_app_config():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert set(pyproject["tool"]["flwr"]["app"]["config"]) == set(RunConfig.keys())
     RunConfig.from_mapping(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+def test_batch_size_zero_means_the_models_own():
+    from shared_models.config import MODEL_BATCH_SIZES
+
+    assert RunConfig(model="logmel-crnn").local_batch_size == 8 == MODEL_BATCH_SIZES["wave-cnn-gru"]
+    assert RunConfig(model="egemaps-mlp").local_batch_size == 32
+    # resolved when used, so that changing the model changes the batch too
+    assert RunConfig(model="egemaps-mlp").replace(model="logmel-crnn").local_batch_size == 8
+    assert RunConfig(model="logmel-crnn", batch_size=16).local_batch_size == 16
+    with pytest.raises(ConfigError, match="'batch-size'"):
+        RunConfig(batch_size=-1)
