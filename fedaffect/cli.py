@@ -29,6 +29,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from client.supernode import DEFAULT_POLL_S
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
@@ -378,8 +380,6 @@ def predict(
 ) -> None:
     """What a trained model hears in clips: emotion probabilities, arousal and valence (on this device)."""
     _setup_logging(False)
-    import json
-
     from client.inference import predict_clips, reference_clips
     from shared_models.manifest import ManifestError
 
@@ -608,7 +608,7 @@ def device_start(
     ca: Path = typer.Option(..., help="the federation's CA certificate (the coordinator's certs/ca.crt)"),
     port: Optional[int] = typer.Option(None, help="local port of the SuperNode's ClientApp API (default: free)"),
     max_wait: Optional[float] = typer.Option(None, help="give up after this many seconds without the SuperLink"),
-    poll: float = typer.Option(0.5, min=0.05, help="seconds between an idle device's polls of the SuperLink "
+    poll: float = typer.Option(DEFAULT_POLL_S, min=0.05, help="seconds between an idle device's polls of the SuperLink "
                                "(Flower's default is 3: fewer requests, slower rounds)"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for training (default: one per core); "
                                           "1 when several devices share a machine"),

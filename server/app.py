@@ -69,13 +69,14 @@ class NodeSubset(Grid):
     ----------
     grid : Grid
         The real grid (messages still go through it).
-    node_ids : iterable of int
-        The nodes the strategy may use.
+    node_ids : iterable of int, optional
+        The nodes the strategy may use; None: every node of ``grid`` (a view that only
+        changes how messages travel, as :class:`EnrolmentGrid` and :class:`PollingGrid`).
     """
 
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    def __init__(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
         self._grid = grid
-        self._ids = list(node_ids)
+        self._ids = None if node_ids is None else list(node_ids)
 
     def set_run(self, run) -> None:  # noqa: D102 - delegated
         self._grid.set_run(run)
@@ -88,7 +89,9 @@ class NodeSubset(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> list[int]:
-        """The node ids of this subset that are still connected."""
+        """The node ids of this subset that are still connected (every node's without a subset)."""
+        if self._ids is None:
+            return list(self._grid.get_node_ids())
         connected = set(self._grid.get_node_ids())
         return [i for i in self._ids if i in connected]
 
@@ -120,11 +123,8 @@ class PollingGrid(NodeSubset):
     def __init__(self, grid: Grid, poll_s: float = 0.2) -> None:
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0 seconds, got {poll_s}")
-        super().__init__(grid, [])
+        super().__init__(grid)
         self.poll_s = poll_s
-
-    def get_node_ids(self) -> list[int]:  # noqa: D102 - every node of the grid
-        return list(self._grid.get_node_ids())
 
     def send_and_receive(self, messages, *, timeout=None):
         """Push ``messages``; pull replies every ``poll_s`` until all came or ``timeout`` s passed."""
@@ -368,7 +368,7 @@ class EnrolmentGrid(NodeSubset):
     """
 
     def __init__(self, grid: Grid, groups: dict[int, dict[str, str]]) -> None:
-        super().__init__(grid, [])
+        super().__init__(grid)
         self._groups = groups
 
     @classmethod
@@ -376,9 +376,6 @@ class EnrolmentGrid(NodeSubset):
         """``grid`` itself when no enrolled device has attributes, else the view."""
         groups = {int(d.node_id): dict(d.groups) for d in store.enrolled_devices(include_revoked=False) if d.groups}
         return cls(grid, groups) if groups else grid
-
-    def get_node_ids(self) -> list[int]:  # noqa: D102 - every node of the grid
-        return list(self._grid.get_node_ids())
 
     def _with_groups(self, messages):
         out = []

@@ -18,9 +18,10 @@ Registry (``MODELS``), each with the front-end it eats:
   Zhang and Schuller, "End-to-end speech emotion recognition using deep neural networks",
   ICASSP 2018 (conv 64/128/256, kernels 8/6/6, max-pool 10/8/8, batch norm) -> GRU(64).
 
-The federated state of a model is its full ``state_dict`` (parameters and batch-norm buffers) in
-order, as a list of numpy arrays (:func:`get_weights` / :func:`set_weights`); in Flower messages
-and checkpoints' records it travels as one flat array (:func:`to_record` / :func:`load_record`).
+The federated state of a model is its floating-point ``state_dict`` entries (parameters and
+batch-norm statistics), travelling in Flower messages as one flat array (:func:`to_record` /
+:func:`load_record`); checkpoints keep the full ``state_dict``. :func:`get_weights` /
+:func:`set_weights` give the full ``state_dict`` as a list of numpy arrays.
 """
 
 from __future__ import annotations
