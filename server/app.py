@@ -127,15 +127,22 @@ class PollingGrid(NodeSubset):
         self.poll_s = poll_s
 
     def send_and_receive(self, messages, *, timeout=None):
-        """Push ``messages``; pull replies every ``poll_s`` until all came or ``timeout`` s passed."""
+        """Push ``messages``; pull replies every ``poll_s`` until all came or ``timeout`` s passed.
+
+        The last pull starts after the deadline, so every reply that reached the SuperLink in
+        time is returned, even when an earlier pull was held past the deadline (Flower's pull
+        waits for a reply's objects: a device killed while uploading them holds it for the
+        SuperLink's 180 s push-session lifetime, while the other devices' replies arrive).
+        """
         pending = set(self._grid.push_messages(messages))
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
-        while timeout is None or time.monotonic() < end:
+        while True:
+            began = time.monotonic()
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending:
+            if not pending or (timeout is not None and began >= end):
                 break
             time.sleep(self.poll_s if timeout is None else max(0.0, min(self.poll_s, end - time.monotonic())))
         return replies

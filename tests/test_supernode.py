@@ -190,5 +190,17 @@ def test_polling_grid_collects_every_reply_and_honours_the_timeout():
     never = _SlowGrid(lag=10**9)
     assert PollingGrid(never, poll_s=0.01).send_and_receive(["a"], timeout=0.1) == []
     assert never.pulls >= 2
+
+    class _HeldGrid(_SlowGrid):
+        """The first pull is held past the deadline; the reply arrives meanwhile."""
+
+        def pull_messages(self, ids):
+            if self.pulls == 0:
+                time.sleep(0.3)
+            return super().pull_messages(ids)
+
+    held = _HeldGrid(lag=2)
+    replies = PollingGrid(held, poll_s=0.01).send_and_receive(["a"], timeout=0.1)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # pulled once more after the deadline
     with pytest.raises(ValueError, match="poll_s"):
         PollingGrid(grid, poll_s=0)
