@@ -43,7 +43,7 @@ def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
     seconds = time.perf_counter() - t0
     rounds = summary["folds"][0]["rounds"]
     trained = [r for r in rounds if r["round"] > 0]
-    wall = sum(r["wall_s"] for r in trained)
+    wall = sum(r["wall_s"] for r in rounds)  # round 0's exchange already trains round 1
     coop = sum(r.get("coop_seconds") or 0.0 for r in trained)
     last = rounds[-1]
     return {

@@ -9,8 +9,9 @@ synth corpus into N devices with no held-out speakers (``partition = iid``,
 
 Measured:
 
-* wall time per round (rounds 1..R; round 0 is the initial evaluation), deployment vs
-  simulation; target: deployment within 1.5x;
+* wall time per round (the whole run, from the first exchange to the last round stored,
+  over R: the R trained rounds and the evaluations of rounds 0..R, one exchange per round
+  plus one for the last evaluation), deployment vs simulation; target: deployment within 1.5x;
 * bytes per device per round, from Flower's own counters (``flwr list --run-id``:
   bytes into and out of the SuperLink), against the model's size in float32;
   target: within 5 % of the model's size plus metrics (each direction);
@@ -137,8 +138,9 @@ def simulated(work: Path, cfg: RunConfig) -> dict:
 
 
 def per_round(rounds: list[dict]) -> float:
-    walls = [r["wall_s"] for r in rounds if r["round"] > 0]
-    return sum(walls) / len(walls)
+    """Seconds per trained round: every stored round's wall time (round 0 included: since
+    evaluations travel with the next round's training, round 0's exchange trains round 1)."""
+    return sum(r["wall_s"] for r in rounds) / max(r["round"] for r in rounds)
 
 
 def main() -> None:
@@ -167,9 +169,10 @@ def main() -> None:
                 device_args = ("--threads", str(args.device_threads)) if args.device_threads else ()
                 dep = deployed(work / "dep", cfg, n, device_args + (("--plain-flower",) if args.plain_flower else ()))
             size = model_bytes(model, len(cfg.emotion_list))
-            # The model goes down with every train (rounds 1..R) and evaluate (rounds 0..R) message,
-            # and up with every train reply; everything else is config, metrics and statistics.
-            down, up = n * (2 * args.rounds + 1) * size, n * args.rounds * size
+            # The model goes down with every train message (rounds 1..R, each also evaluating the
+            # model it carries) and the last round's evaluate message, and up with every train
+            # reply; everything else is config, metrics and statistics.
+            down, up = n * (args.rounds + 1) * size, n * args.rounds * size
             row = {
                 "model": model, "devices": n, "rounds": args.rounds, "plain_flower": args.plain_flower, "device_threads": args.device_threads, "model_float32_bytes": size,
                 "sim_round_s": per_round(sim["rounds"]), "deploy_round_s": per_round(dep["rounds"]),

@@ -11,7 +11,10 @@ on disk), standardises them with its own statistics, and answers these message t
     evaluate the global weights on the device's clips and reply with ``num-examples``,
     ``eval_loss`` and *sufficient statistics* (confusion counts, CCC sums) overall and per
     protected group, from which the coordinator computes UAR, CCC and per-group metrics
-    without seeing any prediction or audio;
+    without seeing any prediction or audio; a ``train`` message whose round config sets
+    ``eval-stats`` gets the same evaluation of the weights as received, before training
+    (``eval-stats`` and ``eval-loss`` in the reply's ``device`` record), so that in-sample
+    evaluation needs no message of its own;
 ``query.device_info``
     describe the device (role, clip counts, groups) so the coordinator can tell training
     devices from held-out ones.
@@ -290,7 +293,8 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(cfg, device, msg)
     faireg = faireg_of(round_cfg)
     held = _validation_mask(cfg, device) if round_cfg.get("pre-stats", False) else None
-    extra = _pre_stats(cfg, device, model, round_cfg, faireg, held)
+    extra = _eval_stats(cfg, device, model, round_cfg, faireg)
+    extra.update(_pre_stats(cfg, device, model, round_cfg, faireg, held, extra.get("eval-stats")))
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
     data = device.data if held is None else _without_labels(device.data, held)  # before any upsampling
     data = coop.before_training(model, data, round_cfg, server_round) if coop else data
@@ -347,13 +351,29 @@ def device_info(msg: Message, context: Context) -> Message:
 # --------------------------------------------------------------------------- fairness (strategies/fair.py, FaiReg)
 
 
+def _eval_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,
+                faireg: FaiRegParams | None) -> dict[str, Any]:
+    """``{"eval-stats": JSON, "eval-loss": float}``: what an ``evaluate`` message would answer
+    for the global model as received, when the round config asks (``eval-stats``: in-sample
+    evaluation riding on the train message, :func:`server.app.run_federation`); else ``{}``."""
+    if not round_cfg.get("eval-stats", False):
+        return {}
+    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
+                            av_map=faireg.denormalise if faireg else None)
+    return {"eval-stats": device_statistics(result), "eval-loss": float(result["loss"])}
+
+
 def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,
-               faireg: FaiRegParams | None, held: np.ndarray | None = None) -> dict[str, str]:
+               faireg: FaiRegParams | None, held: np.ndarray | None = None,
+               all_clips: str | None = None) -> dict[str, str]:
     """``{"pre-stats": JSON}``: statistics of the round's global model on this device's clips
     (only the ``held`` ones, when given) before local training, when the round config asks
-    (strategy ``fair``); else ``{}``."""
+    (strategy ``fair``); else ``{}``. ``all_clips``: those statistics on all the device's
+    clips when already computed (:func:`_eval_stats`)."""
     if not round_cfg.get("pre-stats", False):
         return {}
+    if held is None and all_clips is not None:
+        return {"pre-stats": all_clips}
     data = device.data if held is None else device.data.subset(np.flatnonzero(held))
     result = evaluate_local(model, data, task=cfg.task, n_classes=len(device.emotions),
                             av_map=faireg.denormalise if faireg else None)

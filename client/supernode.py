@@ -3,7 +3,7 @@
 Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, which starts
 a fresh ``flwr-clientapp`` process for *every* message; that process imports torch, openSMILE
 and the app before it can train, 4-5 s on a laptop core and far more on a Raspberry Pi, paid
-twice a round (a train and an evaluate message). The SuperNode also sleeps 3 s whenever it
+once a round (fedaffect folds evaluation into the next train message). The SuperNode also sleeps 3 s whenever it
 finds no message, and its SuperExec polls for tasks every second.
 
 ``fedaffect device start`` therefore runs (both started from :func:`main`)::

@@ -9,7 +9,10 @@ One run, as the ServerApp sees it:
    per-group means and standard deviations with every round (FaiReg,
    :mod:`shared_models.fairness`); evaluate the initial model (round 0);
 3. each round: the strategy (``strategies.build_strategy``) samples training devices and
-   aggregates their updates; the new global model is evaluated on the held-out devices;
+   aggregates their updates; the new global model is evaluated on the held-out devices
+   (without held-out devices: on the training devices' own clips), in the same exchange
+   that sends it out for the next round's training (one exchange a round, see
+   :func:`run_federation`);
    UAR, WA, macro-F1 and CCC are computed from the devices' pooled sufficient statistics
    (so they equal the metrics of the pooled predictions), overall and per protected
    group, with the fairness measures (worst group, largest gap, Equal Accuracy,
@@ -109,7 +112,7 @@ class PollingGrid(NodeSubset):
     """A view of a Deployment Engine grid that waits for replies with shorter polls.
 
     Flower 1.41's ``send_and_receive`` on a SuperLink's grid sleeps 3 s between pulls, so a
-    reply that is ready waits 1.5 s on average, twice a round (train and evaluate). This view
+    reply that is ready waits 1.5 s on average, once a round. This view
     pushes and pulls through the same grid with ``poll_s`` between pulls; everything else is
     delegated. One ``PullMessages`` request per ``poll_s`` to the local SuperLink.
 
@@ -231,34 +234,47 @@ def _describe(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
     return info
 
 
-def _evaluate(grid: Grid, node_ids: list[int], arrays: ArrayRecord, server_round: int, timeout: float,
-              extra: dict[str, Any] | None = None):
-    """Send the global model to ``node_ids`` for evaluation; pooled metrics and device rows.
+def _evaluation_messages(node_ids: Iterable[int], arrays: ArrayRecord, server_round: int,
+                         extra: dict[str, Any] | None = None) -> list[Message]:
+    """``evaluate`` messages carrying the global model to ``node_ids``.
 
     ``extra`` entries are added to the round config (e.g. ``faireg``)."""
     config = ConfigRecord({"server-round": server_round, **(extra or {})})
-    messages = [
-        Message(RecordDict({"arrays": arrays, "config": config}), node_id, MessageType.EVALUATE)
-        for node_id in node_ids
-    ]
-    stats, devices, losses = [], [], []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        info = dict(reply.content["device"])
-        device_stats = json.loads(info.pop("stats"))
-        stats.append(device_stats)
+    return [Message(RecordDict({"arrays": arrays, "config": config}), node_id, MessageType.EVALUATE)
+            for node_id in node_ids]
+
+
+def _evaluation_part(reply: Message) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """``(stats, metrics, device row)`` of one device's evaluation of the global model: an
+    ``evaluate`` reply, or a ``train`` reply carrying ``eval-stats`` (the model as received,
+    before local training); None for an error or a train reply without them."""
+    if reply.has_error():
+        return None
+    info = dict(reply.content["device"])
+    if reply.metadata.message_type == MessageType.TRAIN:
+        if "eval-stats" not in info:
+            return None
+        stats = json.loads(info["eval-stats"])
+        m = {"num-examples": int(stats["num_examples"]), "eval_loss": float(info["eval-loss"])}
+    else:
+        stats = json.loads(info["stats"])
         m = dict(reply.content["metrics"])
-        losses.append((m["eval_loss"], m["num-examples"]))
-        local = pooled_metrics([device_stats])[0]
-        devices.append(
-            {"device": info["name"], "role": info["role"], "phase": "evaluate", "metrics": _json_safe({**m, **local})}
-        )
+    local = pooled_metrics([stats])[0]
+    row = {"device": info["name"], "role": info["role"], "phase": "evaluate", "metrics": _json_safe({**m, **local})}
+    return stats, m, row
+
+
+def _pool_evaluation(parts: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]], expected: int):
+    """Pooled metrics, device rows and per-group rows of a round's evaluation from its
+    devices' :func:`_evaluation_part`; ``expected`` devices were asked (``eval_failures``
+    counts the errors and the devices that never answered)."""
+    stats = [s for s, _, _ in parts]
+    devices = [row for _, _, row in parts]
     metrics, groups = pooled_metrics(stats)
+    losses = [(m["eval_loss"], m["num-examples"]) for _, m, _ in parts]
     total = sum(n for _, n in losses)
     metrics["eval_loss"] = float(sum(l * n for l, n in losses) / total) if total else float("nan")
-    metrics["eval_failures"] = len(node_ids) - len(devices)  # errors and devices that never answered
+    metrics["eval_failures"] = expected - len(devices)
     return metrics, devices, groups
 
 
@@ -432,6 +448,17 @@ def run_federation(
     ------
     RuntimeError
         If no device is available for training.
+
+    Notes
+    -----
+    One exchange with the devices a round. Round ``r``'s model goes out once, for its
+    evaluation and for round ``r + 1``'s training: held-out devices get ``evaluate`` messages
+    in the same batch as the training devices' ``train`` messages; without held-out devices
+    the train messages ask for ``eval-stats`` (the device evaluates the model as received,
+    before training it) and only training devices the strategy did not sample get an
+    ``evaluate`` message. ``R`` rounds take ``R + 1`` exchanges instead of ``2R + 1``, each
+    with the same messages' worth of work; round ``r`` is stored (metrics, checkpoint) when
+    its exchange is over. A resumed run first trains the round after the last stored one.
     """
     name = cfg.run_name or f"run-{int(time.time())}"
     start_round, resumed = 0, None
@@ -472,39 +499,73 @@ def run_federation(
         round_extra = _faireg_config(grid, cfg, train_ids)
         ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
 
-        for server_round in range(start_round, cfg.num_server_rounds + 1):
-            t0 = time.perf_counter()
-            devices: list[dict[str, Any]] = []
-            train_metrics: dict[str, Any] = {}
-            if server_round > 0:
-                train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": cfg.lr, **round_extra,
-                                             **round_settings(cfg, server_round)})
-                messages = strategy.configure_train(server_round, arrays, train_config, train_grid)
-                messages = list(messages)
-                replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-                new_arrays, agg = strategy.aggregate_train(server_round, replies)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                ok = [r for r in replies if not r.has_error()]
-                train_metrics = {
+        in_sample = not heldout_ids
+
+        def phase(eval_round: int | None, train_round: int | None, arrays: ArrayRecord):
+            """One exchange with the devices: the global model ``arrays`` goes out once for the
+            evaluation of ``eval_round`` and the training of ``train_round`` (either may be None).
+            Returns (evaluation or None, train outcome or None, aggregated arrays or None)."""
+            train_msgs: list[Message] = []
+            if train_round is not None:
+                train_config = ConfigRecord({
+                    "local-epochs": cfg.local_epochs, "lr": cfg.lr, **round_extra, **round_settings(cfg, train_round),
+                    # in-sample evaluation rides on the train message: the device evaluates the
+                    # model it receives before training it (client.app.train, ``eval-stats``)
+                    "eval-stats": in_sample and eval_round is not None,
+                })
+                train_msgs = list(strategy.configure_train(train_round, arrays, train_config, train_grid))
+            eval_msgs: list[Message] = []
+            if eval_round is not None:
+                training = {m.metadata.dst_node_id for m in train_msgs} if in_sample else set()
+                eval_msgs = _evaluation_messages([n for n in eval_ids if n not in training], arrays, eval_round,
+                                                 round_extra)
+            replies = list(grid.send_and_receive(train_msgs + eval_msgs, timeout=cfg.round_timeout))
+            train_replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+            evaluation = None
+            if eval_round is not None:
+                parts = [p for r in replies if (p := _evaluation_part(r)) is not None]
+                evaluation = _pool_evaluation(parts, len(eval_ids))
+            if train_round is None:
+                return evaluation, None, None
+            new_arrays, agg = strategy.aggregate_train(train_round, train_replies)
+            ok = [r for r in train_replies if not r.has_error()]
+            outcome = {
+                "metrics": {
                     "train_loss": float(agg["train_loss"]) if agg and "train_loss" in agg else float("nan"),
                     "train_devices": len(ok),
-                    "train_failures": len(messages) - len(ok),
-                }
-                for r in ok:
-                    d = dict(r.content["device"])
-                    devices.append(
-                        {"device": d["name"], "role": d["role"], "phase": "train", "metrics": dict(r.content["metrics"])}
-                    )
-            train_metrics.update(coop.update([dict(r.content["device"]) for r in ok] if server_round > 0 else []))
+                    "train_failures": len(train_msgs) - len(ok),
+                },
+                "devices": [{"device": (d := dict(r.content["device"]))["name"], "role": d["role"], "phase": "train",
+                             "metrics": dict(r.content["metrics"])} for r in ok],
+                "infos": [dict(r.content["device"]) for r in ok],
+                "weights": _weight_rows(strategy),
+            }
+            return evaluation, outcome, new_arrays
+
+        # Round r is stored once its model has been evaluated. Its evaluation travels with the
+        # next round's training (one exchange a round instead of two): held-out devices get
+        # ``evaluate`` messages in the same batch as the training devices' ``train`` messages
+        # of round r + 1, or, for in-sample evaluation, the training devices evaluate the model
+        # they receive before training it. The last round is evaluated alone.
+        pending = None  # the train outcome of the round evaluated next
+        t0 = time.perf_counter()
+        if start_round > 0:  # resumed: round start_round - 1 is stored, start_round not trained yet
+            _, pending, new_arrays = phase(None, start_round, arrays)
+            arrays = new_arrays if new_arrays is not None else arrays
+        for server_round in range(start_round, cfg.num_server_rounds + 1):
+            next_round = server_round + 1 if server_round < cfg.num_server_rounds else None
+            (eval_metrics, eval_devices, groups), outcome, new_arrays = phase(server_round, next_round, arrays)
+            devices = list(pending["devices"]) if pending else []
+            train_metrics: dict[str, Any] = dict(pending["metrics"]) if pending else {}
+            train_metrics.update(coop.update(pending["infos"] if pending else []))
             if hasattr(strategy, "epsilon"):  # differential privacy (strategies/dp.py): spent so far
                 train_metrics["dp_epsilon"] = strategy.epsilon(server_round)
-            eval_metrics, eval_devices, groups = _evaluate(grid, eval_ids, arrays, server_round, cfg.round_timeout,
-                                                           round_extra)
             eval_metrics, groups = task_metrics(eval_metrics, groups, cfg.task)
-            if server_round > 0:
-                groups = groups + _weight_rows(strategy)
-            metrics = {**train_metrics, **eval_metrics, "wall_s": time.perf_counter() - t0}
+            if pending:
+                groups = groups + pending["weights"]
+            now = time.perf_counter()
+            metrics = {**train_metrics, **eval_metrics, "wall_s": now - t0}
+            t0 = now
             store.add_round(run.id, server_round, _json_safe(metrics), devices + eval_devices, [
                 g for g in groups if not np.isnan(g[3])
             ])
@@ -522,6 +583,9 @@ def run_federation(
                 server_round, cfg.num_server_rounds, f"{metrics.get('train_loss', float('nan')):.3f}",
                 metrics["uar"], metrics["ccc_arousal"], metrics["ccc_valence"], metrics["wall_s"],
             )
+            pending = outcome
+            if new_arrays is not None:
+                arrays = new_arrays
         summary = run_summary(store, run.id)
         store.finish_run(run.id, "completed", summary)
         return summary

@@ -205,6 +205,8 @@ def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
     then the whole coordinator is killed during round 2; the coordinator and dev2 are
     restarted, dev2 rejoins, and ``train --resume`` finishes the run from its last valid
     checkpoint with every stored round intact."""
+    dev2_log = federation.root / "dev2" / "logs" / "supernode.log"
+    seen = len(dev2_log.read_text(errors="replace")) if dev2_log.exists() else 0  # earlier runs' messages
     proc = federation.train("--rounds", "2", "--run-name", "faults")
     store = federation.store()
 
@@ -213,13 +215,12 @@ def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
         latest = store.latest_checkpoint(store.get_run("faults").id) if rounds else None
         return latest is not None and latest[0] >= round_
 
-    wait_for(lambda: checkpointed(0), 300, "round 0 of run faults", every=0.2)
-    # A device crashes during round 1, as soon as its train message arrives (a round takes
-    # seconds now, so waiting for the round-0 checkpoint alone could let it finish round 1).
-    dev2_log = federation.root / "dev2" / "logs" / "supernode.log"
-    wait_for(lambda: "Receiving: train message" in dev2_log.read_text(errors="replace"), 120,
+    # A device crashes during round 1, as soon as its first train message arrives (it also
+    # carries round 0's in-sample evaluation: round 0 is stored once that exchange is over).
+    wait_for(lambda: "Receiving: train message" in dev2_log.read_text(errors="replace")[seen:], 300,
              "dev2's round-1 train message", every=0.05)
     kill_tree(federation.devices["dev2"])
+    wait_for(lambda: checkpointed(0), 300, "round 0 of run faults", every=0.2)
     wait_for(lambda: checkpointed(1), 600, "round 1 of run faults")
     kill_tree(federation.server)  # SuperLink, SuperExec, ServerApp: all SIGKILLed during round 2
     stored = federation.stored_rounds("faults")

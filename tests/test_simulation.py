@@ -85,3 +85,49 @@ def test_cli_simulate_fails_clearly(tone_manifest, tmp_path, args, message):
     res = CliRunner().invoke(cli, base + args)
     assert res.exit_code != 0
     assert message in res.output
+
+
+@pytest.mark.parametrize("folds", [1, 4], ids=["in-sample", "held-out"])
+def test_one_exchange_per_round_and_its_evaluation_is_the_stored_models(tone_manifest, tmp_path, folds):
+    # Round r's evaluation travels with round r + 1's train messages: R rounds take R + 1
+    # exchanges, no device gets two messages in one, and the metrics stored for a round equal
+    # a plain evaluation of the model that was sent.
+    from client.app import app as client_app
+    from server.app import _evaluation_messages, _evaluation_part, _pool_evaluation
+
+    class CountingGrid(InProcessGrid):
+        exchanges: list = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            self.exchanges.append(messages)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=folds, fold=0, num_server_rounds=2,
+                                   run_name="pipelined", run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")),
+                         progress=False)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    grid = CountingGrid(client_app, [{"partition-id": i, "num-partitions": n} for i in range(n)], cfg.to_mapping(), 7)
+    store = RunStore(cfg.store_url)
+    summary = run_federation(grid, cfg, store)
+    rounds = grid.exchanges[1:]  # the first one asks the devices to describe themselves
+    assert len(rounds) == cfg.num_server_rounds + 1
+    kinds = [sorted({m.metadata.message_type for m in ex}) for ex in rounds]
+    if folds == 1:  # the training devices evaluate the model before they train it
+        assert kinds == [["train"], ["train"], ["evaluate"]]
+    else:
+        assert kinds == [["evaluate", "train"], ["evaluate", "train"], ["evaluate"]]
+    for ex in rounds:
+        targets = [m.metadata.dst_node_id for m in ex]
+        assert len(targets) == len(set(targets))
+    # round 1's model went out with round 2's train messages: evaluate it the plain way
+    sent = rounds[1][0].content["arrays"]
+    eval_nodes = [m.metadata.dst_node_id for m in rounds[-1]]
+    replies = InProcessGrid.send_and_receive(grid, _evaluation_messages(eval_nodes, sent, 1))
+    plain, _, _ = _pool_evaluation([_evaluation_part(r) for r in replies], len(eval_nodes))
+    stored = summary["rounds"][1]
+    assert stored["round"] == 1 and stored["train_devices"] == len(rounds[1]) - (folds > 1)
+    assert stored["uar"] == pytest.approx(plain["uar"])
+    assert stored["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
