@@ -132,6 +132,11 @@ def deployed(work: Path, cfg: RunConfig, n: int, device_args: tuple[str, ...] = 
 
 
 def simulated(work: Path, cfg: RunConfig) -> dict:
+    """The same rounds in-process, warm as the devices' SuperExecs are: the first run in a
+    process pays torch's and scikit-learn's lazy imports (~4 s, in round 0), so a one-round
+    run goes first, untimed."""
+    simulate(cfg.replace(run_dir=str(work / "warm-up"), run_name="warm-up", num_server_rounds=1), engine="inprocess",
+             all_folds=False, progress=False)
     t0 = time.perf_counter()
     summary = simulate(cfg.replace(run_dir=str(work / "sim"), run_name="sim"), engine="inprocess", all_folds=False)
     return {"rounds": summary["folds"][0]["rounds"], "seconds": time.perf_counter() - t0}

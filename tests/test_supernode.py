@@ -19,7 +19,7 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
-from client.supernode import ForkExecutor, patch_supernode_poll, superexec_command
+from client.supernode import ForkExecutor, patch_supernode_poll, REPLY_POLL_S, superexec_command
 from server.app import PollingGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,13 +128,15 @@ def test_supernode_poll_patch_caps_flowers_sleeps(monkeypatch):
 
     source = inspect.getsource(loop.start_client_internal)
     assert "time.sleep(3)" in source, "Flower's idle sleep moved: update client/supernode.py"
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages), "Flower's reply wait moved"
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     patch_supernode_poll(0.25)
-    loop.time.sleep(3)
-    loop.time.sleep(0.1)
-    assert slept == [0.25, 0.1]
+    loop.time.sleep(3)  # idle: a request to the SuperLink each time
+    loop.time.sleep(0.5)  # waiting for the ClientApp's reply: a look at the SuperNode's own state
+    loop.time.sleep(0.01)
+    assert slept == [0.25, REPLY_POLL_S, 0.01]
     assert loop.time.time is time.time
 
 
