@@ -70,6 +70,7 @@ round aggregation) are plain functions of arrays, tested on hand-made inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -298,11 +299,13 @@ def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc
     gen = torch.Generator().manual_seed(int(seed))
     if not xs:
         return probs, avs
-    size = max(int(np.prod(np.shape(x))) for x in xs[:batch_size])  # numbers per clip
+    size = max(x.size if isinstance(x, np.ndarray) else int(np.prod(np.shape(x))) for x in xs[:batch_size])  # numbers per clip
     step = max(1, min(len(xs), max_numbers // max(1, size * views)))  # clips per forward pass
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            # the CPU generator only (what fork_rng restores); torch.manual_seed would also
+            # queue lazy CUDA/XPU seeding, formatting a stack trace each call (~0.5 ms)
+            torch.default_generator.manual_seed(int(seed))
             for start in range(0, len(xs), step):  # all views of a batch in one forward pass
                 x, lengths = collate(xs[start : start + step])
                 b = x.shape[0]
@@ -854,6 +857,16 @@ class CoopState:
         Arousal/valence in the returned set are on the label scale; with FaiReg the caller
         normalises them (``client/app.py`` ``train``).
         """
+        with self.reads_cached():
+            return self._before_training(model, data, round_cfg, server_round)
+
+    def reads_cached(self):
+        """A context in which the device store's reads are served from memory until the
+        store changes (:meth:`DeviceStore.cached`): one round's steps read the same tables
+        several times. Nothing for a supervised run, which has no store."""
+        return self.store.cached() if self.active else contextlib.nullcontext()
+
+    def _before_training(self, model, data, round_cfg, server_round) -> LocalData:
         t0 = time.perf_counter()
         settings = _settings(self.cfg, round_cfg, server_round)
         self._global_view = None
@@ -891,6 +904,10 @@ class CoopState:
             ``train_seconds`` (local training).
         """
         t0 = time.perf_counter()
+        with self.reads_cached():
+            return self._after_training(model, data, round_cfg, server_round, t0)
+
+    def _after_training(self, model, data, round_cfg, server_round, t0: float) -> dict[str, Any]:
         freeze_frontend(model, False)
         settings = _settings(self.cfg, round_cfg, server_round)
         mode = settings["coop-mode"]

@@ -41,11 +41,13 @@ with ``ALTER TABLE ... ADD COLUMN`` (old rows get NULL) when the store is opened
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
+import functools
+import math
 from pathlib import Path
 from typing import Any, Iterable
-
-import math
 
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, select
 from sqlalchemy.exc import OperationalError
@@ -176,6 +178,12 @@ def _check_av(arousal: float | None, valence: float | None) -> None:
             raise ValueError(f"{name} must be a number in [-1, 1], got {v!r}")
 
 
+def _columns(model):
+    """``SELECT`` of every column of ``model``'s table: plain rows (attribute access by column
+    name), several times faster to read than ORM objects."""
+    return select(*model.__table__.c)
+
+
 def _pseudo_dict(r: PseudoLabel) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "confidence": r.confidence, "round_added": r.round_added, "round_dropped": r.round_dropped,
@@ -192,6 +200,36 @@ def _answer_dict(r: Answer) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "source": r.source, "n_raters": r.n_raters, "rater_labels": list(r.rater_labels or []),
             "round": r.round}
+
+
+def _read(method):
+    """A read of the store, served from :meth:`DeviceStore.cached`'s snapshot while one is open
+    (a copy, so callers may change what they get)."""
+
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        if self._cache is None:
+            return method(self, *args, **kwargs)
+        key = (method.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in self._cache:
+            self._cache[key] = method(self, *args, **kwargs)
+        return copy.deepcopy(self._cache[key])
+
+    return read
+
+
+def _write(method):
+    """A change to the store: drops :meth:`DeviceStore.cached`'s snapshot."""
+
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._cache is not None:
+                self._cache.clear()
+
+    return write
 
 
 class DeviceStore:
@@ -219,6 +257,20 @@ class DeviceStore:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)  # an older store: add the columns it lacks
+        self._cache: dict | None = None
+
+    @contextlib.contextmanager
+    def cached(self):
+        """Within the block, repeated reads are answered from memory until this store object
+        changes something (its own writes drop the snapshot). Changes made meanwhile by
+        *another* process (a labelling session) are seen after the block. Used by a device's
+        cooperative step, which reads the same tables several times a round."""
+        outer = self._cache
+        self._cache = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._cache = outer
 
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -234,18 +286,21 @@ class DeviceStore:
         self.close()
 
     # -- meta -------------------------------------------------------------------------
+    @_write
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``."""
         with self._session() as s:
             s.merge(Meta(key=key, value=value))
             s.commit()
 
+    @_read
     def get_meta(self, key: str, default: Any = None) -> Any:
         with self._session() as s:
             row = s.get(Meta, key)
             return default if row is None else row.value
 
     # -- pseudo-labels ----------------------------------------------------------------
+    @_write
     def add_pseudo(self, server_round: int, items: Iterable[dict[str, Any]]) -> int:
         """Accept pseudo-labels: each item has ``clip`` and any of ``emotion``, ``arousal``,
         ``valence``, ``confidence``. A clip with an active pseudo-label keeps the old one.
@@ -265,6 +320,7 @@ class DeviceStore:
             s.commit()
             return len(new)
 
+    @_write
     def drop_pseudo(self, server_round: int, clips: Iterable[str], reason: str = "") -> int:
         """Drop the active pseudo-labels of ``clips`` (kept in the history). Returns how many."""
         clips = set(clips)
@@ -278,21 +334,24 @@ class DeviceStore:
             s.commit()
             return n
 
+    @_read
     def active_pseudo(self) -> dict[str, dict[str, Any]]:
         """The pseudo-labels in force, ``{clip: {...}}``."""
         with self._session() as s:
-            rows = s.scalars(select(PseudoLabel).where(PseudoLabel.round_dropped.is_(None)).order_by(PseudoLabel.id))
+            rows = s.execute(_columns(PseudoLabel).where(PseudoLabel.round_dropped.is_(None)).order_by(PseudoLabel.id))
             return {r.clip: _pseudo_dict(r) for r in rows}
 
+    @_read
     def pseudo_history(self, clip: str | None = None) -> list[dict[str, Any]]:
         """Every pseudo-label ever accepted (of one clip, or all), oldest first."""
         with self._session() as s:
-            q = select(PseudoLabel).order_by(PseudoLabel.id)
+            q = _columns(PseudoLabel).order_by(PseudoLabel.id)
             if clip is not None:
                 q = q.where(PseudoLabel.clip == clip)
-            return [_pseudo_dict(r) for r in s.scalars(q)]
+            return [_pseudo_dict(r) for r in s.execute(q)]
 
     # -- label queue ------------------------------------------------------------------
+    @_write
     def enqueue(self, server_round: int, items: Iterable[dict[str, Any]]) -> int:
         """Queue clips for a human label; each item has ``clip`` and optionally ``duration``,
         ``guesses`` (``[[label, probability], ...]``, best first), ``av_guess`` (the model's
@@ -313,22 +372,26 @@ class DeviceStore:
             s.commit()
             return len(new)
 
+    @_read
     def pending(self) -> list[dict[str, Any]]:
         """Queued clips still waiting for a label, in the order they were queued."""
         with self._session() as s:
-            rows = s.scalars(select(QueueItem).where(QueueItem.status == PENDING).order_by(QueueItem.id))
+            rows = s.execute(_columns(QueueItem).where(QueueItem.status == PENDING).order_by(QueueItem.id))
             return [_queue_dict(r) for r in rows]
 
+    @_read
     def queue(self) -> list[dict[str, Any]]:
         """Every clip ever queued, with its status, in queue order."""
         with self._session() as s:
-            return [_queue_dict(r) for r in s.scalars(select(QueueItem).order_by(QueueItem.id))]
+            return [_queue_dict(r) for r in s.execute(_columns(QueueItem).order_by(QueueItem.id))]
 
+    @_read
     def queued_clips(self) -> set[str]:
         """Clips ever queued (pending, answered or dropped): each clip is asked about once."""
         with self._session() as s:
             return set(s.scalars(select(QueueItem.clip)))
 
+    @_write
     def drop_queued(self, clip: str, note: str) -> None:
         """Take a pending clip off the queue (e.g. its file has gone), saying why."""
         with self._session() as s:
@@ -338,6 +401,7 @@ class DeviceStore:
                 s.commit()
 
     # -- answers ----------------------------------------------------------------------
+    @_write
     def answer(self, clip: str, emotion: str = "", *, arousal: float | None = None, valence: float | None = None,
                source: str = "person", n_raters: int = 1, rater_labels: list | None = None,
                server_round: int | None = None) -> None:
@@ -367,10 +431,11 @@ class DeviceStore:
                 item.status, item.updated_at = ANSWERED, _now()
             s.commit()
 
+    @_read
     def answers(self) -> dict[str, dict[str, Any]]:
         """Every human label, ``{clip: {...}}``."""
         with self._session() as s:
-            return {r.clip: _answer_dict(r) for r in s.scalars(select(Answer).order_by(Answer.id))}
+            return {r.clip: _answer_dict(r) for r in s.execute(_columns(Answer).order_by(Answer.id))}
 
     def effort(self) -> int:
         """Human effort so far: rater answers summed over all answers."""
