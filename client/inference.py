@@ -7,8 +7,11 @@ does in training, with *the device's own* statistics (:class:`shared_models.feat
 fitted on the clips of its manifest), and reports per clip the emotion probabilities, the top
 classes, and arousal and valence in [-1, 1]. Nothing leaves the device.
 
-Scale note: in a run trained with FaiReg (``faireg = 1``), arousal and valence come out on the
-normalised scale of the training targets (see :mod:`shared_models.fairness`).
+Scale: arousal and valence are always reported on the label scale. A run trained with FaiReg
+(``faireg = "on"``) trains on normalised targets; its checkpoints keep the run's FaiReg
+parameters (``faireg``) and the predictions are mapped back with them as the devices do in
+evaluation (:meth:`shared_models.fairness.FaiRegParams.denormalise`: the pooled statistics,
+or the reference group's with ``faireg-reference``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from client.transfer import load_checkpoint
 from shared_models.audio import ClipError, load_audio
+from shared_models.fairness import FaiRegParams
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import build_model, for_inference, frontend_for
@@ -136,6 +140,8 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
     scaler = Standardiser.for_frontend(frontend).fit(ref_feats)
     x = [scaler.transform(f) for f in usable]
     probs, av = predict(model, LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan)))
+    if ckpt.get("faireg"):  # a FaiReg run: the model's arousal/valence are normalised targets
+        av = FaiRegParams.from_json(str(ckpt["faireg"])).denormalise(av)
     out, row = [], 0
     for path, f in zip(paths, feats):
         if f is None:

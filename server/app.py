@@ -573,7 +573,9 @@ def run_federation(
                 run.id,
                 server_round,
                 {"round": server_round, "model": cfg.model, "emotions": emotions,
-                 "state_dict": _state_dict(initial, arrays), "config": cfg.to_mapping(), "coop": coop.state_dict()},
+                 "state_dict": _state_dict(initial, arrays), "config": cfg.to_mapping(), "coop": coop.state_dict(),
+                 # FaiReg: the model's arousal/valence are normalised; predict maps them back with these
+                 "faireg": round_extra.get("faireg", "")},
                 ckpt_dir,
             )
             if on_round:

@@ -70,3 +70,33 @@ def test_cli_prints_a_table_and_writes_json(pretrained, tone_manifest, tmp_path)
 
     res = CliRunner().invoke(cli, ["predict", str(tmp_path / "none.pt"), clip])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_a_faireg_runs_predictions_come_back_on_the_label_scale(tone_manifest, tmp_path):
+    # A FaiReg run trains on normalised arousal/valence; its checkpoints keep the run's
+    # parameters and predict maps the model's outputs back with them, as devices do.
+    import torch
+
+    from server.simulation import simulate
+    from server.store import RunStore
+    from shared_models.config import RunConfig
+    from shared_models.fairness import FaiRegParams
+
+    cfg = RunConfig(manifest=str(tone_manifest), folds=1, num_server_rounds=1, task="both", faireg="on",
+                    protected="gender", run_name="faireg", run_dir=str(tmp_path / "runs"),
+                    cache_dir=str(tmp_path / "cache"))
+    summary = simulate(cfg, all_folds=False, progress=False)
+    store = RunStore(summary["config"]["store-url"])
+    _, payload = store.latest_checkpoint(store.get_run("faireg").id)
+    params = FaiRegParams.from_json(payload["faireg"])
+    ckpt = next((tmp_path / "runs" / "faireg" / "checkpoints").glob("*1.pt"))
+    raw_ckpt = tmp_path / "without-faireg.pt"
+    torch.save({**payload, "faireg": ""}, raw_ckpt)
+
+    clips = pd.read_csv(tone_manifest)["path"].tolist()
+    mapped = predict_clips(ckpt, clips, cache_dir=tmp_path / "cache")
+    raw = predict_clips(raw_ckpt, clips, cache_dir=tmp_path / "cache")
+    raw_av = np.array([[p.arousal, p.valence] for p in raw])
+    mapped_av = np.array([[p.arousal, p.valence] for p in mapped])
+    np.testing.assert_allclose(mapped_av, params.denormalise(raw_av), atol=1e-6)
+    assert not np.allclose(mapped_av, raw_av, atol=1e-3)  # the mapping is not the identity here
