@@ -194,6 +194,10 @@ class RunConfig:
         Strategy ``fair`` (:mod:`strategies.fair`): step size of the fairness-normalised
         weights (0 = FedAvg) and the protected attribute (one of ``protected``) whose groups
         it balances.
+    fair_balance : float
+        Strategy ``fair``: each group's total aggregation weight before the fairness step is
+        its FedAvg total to this power (1: FedAvg's; 0: every group the same total, however
+        few devices it has; :func:`strategies.fair.group_balanced`).
     fair_validation : float
         Strategy ``fair``: the fraction of each device's labelled clips (seeded, stratified by
         emotion, at least one clip) kept out of local training and used for the device's
@@ -277,6 +281,7 @@ class RunConfig:
     fair_beta: float = _opt(_non_negative, default=1.0)
     fair_attribute: str = "gender"
     fair_validation: float = _opt(_half_open_unit, default=0.0)
+    fair_balance: float = _opt(_probability, default=1.0)
     faireg: str = _opt(_choice(("off", "on")), default="off")
     faireg_reference: str = ""
     dp: str = _opt(_choice(DP_MODES), default="off")

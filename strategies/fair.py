@@ -45,7 +45,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.fairness import device_group_shares, group_task_metrics, task_metric
 
-__all__ = ["FairAvg", "fair_weights", "PRE_STATS_KEY"]
+__all__ = ["FairAvg", "fair_weights", "group_balanced", "PRE_STATS_KEY"]
 
 log = logging.getLogger("fedaffect.strategies")
 
@@ -65,12 +65,45 @@ def _device_gap(group: str | Mapping[str, float], group_metric: Mapping[str, flo
     return gap
 
 
+def group_balanced(base: np.ndarray, groups: Sequence[str | Mapping[str, float]], balance: float) -> np.ndarray:
+    """Re-weight devices so that each group's total weight becomes proportional to its
+    FedAvg total raised to ``balance``: 1 leaves ``base`` as it is, 0 gives every group the
+    same total (within a group, devices keep FedAvg's proportions).
+
+    Parameters
+    ----------
+    base : np.ndarray, shape (K,)
+        FedAvg's weights (non-negative, summing to 1).
+    groups : sequence, length K
+        Each device's group, or its share of clips per group (mapping group -> share); the
+        devices without a group (empty mapping) count as one group of their own.
+    balance : float in [0, 1]
+
+    Returns
+    -------
+    np.ndarray, shape (K,)
+        Non-negative weights summing to 1 (``base`` itself when ``balance`` is 1).
+    """
+    if balance == 1 or base.sum() <= 0:
+        return base
+    shares = [{group: 1.0} if isinstance(group, str) else (dict(group) or {"": 1.0}) for group in groups]
+    totals: dict[str, float] = {}
+    for w, sh in zip(base, shares):
+        for g, share in sh.items():
+            totals[g] = totals.get(g, 0.0) + float(w) * share
+    factor = np.array([sum(share * totals[g] ** (balance - 1.0) for g, share in sh.items() if totals[g] > 0)
+                       for sh in shares])
+    w = base * factor
+    return w / w.sum() if w.sum() > 0 else base
+
+
 def fair_weights(
     num_examples: Sequence[float],
     groups: Sequence[str | Mapping[str, float]],
     group_metric: Mapping[str, float],
     global_metric: float,
     beta: float,
+    balance: float = 1.0,
 ) -> np.ndarray:
     """Fairness-normalised aggregation weights of one round.
 
@@ -85,7 +118,10 @@ def fair_weights(
     global_metric : float
         The same metric over all devices' data (NaN: all gaps 0, FedAvg weights).
     beta : float
-        Step size (>= 0); 0 gives FedAvg's weights ``n_k / n`` exactly.
+        Step size (>= 0); 0 gives FedAvg's weights ``n_k / n`` exactly (with ``balance`` 1).
+    balance : float in [0, 1] (default: 1)
+        Group re-balancing of FedAvg's weights before the step (:func:`group_balanced`):
+        1 none, 0 equal total weight per group.
 
     Returns
     -------
@@ -105,10 +141,12 @@ def fair_weights(
         raise ValueError(f"example counts must be finite and >= 0, got {n.tolist()}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+    if not 0 <= balance <= 1:
+        raise ValueError(f"balance must be in [0, 1], got {balance}")
     total = n.sum()
     if total <= 0:
         return np.zeros_like(n)
-    base = n / total
+    base = group_balanced(n / total, groups, balance)
     if beta == 0:
         return base
     active = n > 0
@@ -141,6 +179,9 @@ class FairAvg(FedAvg):
         Fairness step size; 0 is FedAvg. FairFed's implementations use 1 to 5.
     attribute : str (default: "gender")
         Protected attribute whose groups are balanced (one of the run's protected ones).
+    balance : float in [0, 1] (default: 1.0)
+        Each group's total weight before the fairness step is its FedAvg total to this power
+        (:func:`group_balanced`): 1 FedAvg's, 0 equal per group.
     task : str (default: "emotion")
         ``emotion``/``both`` balance UAR; ``av`` balances the mean arousal/valence CCC.
     stats_key : str (default: "pre-stats")
@@ -167,6 +208,7 @@ class FairAvg(FedAvg):
         self,
         beta: float = 1.0,
         attribute: str = "gender",
+        balance: float = 1.0,
         task: str = "emotion",
         stats_key: str = PRE_STATS_KEY,
         fraction_train: float = 1.0,
@@ -194,7 +236,10 @@ class FairAvg(FedAvg):
         )
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if not 0 <= balance <= 1:
+            raise ValueError(f"balance must be in [0, 1], got {balance}")
         self.beta = float(beta)
+        self.balance = float(balance)
         self.attribute = attribute
         self.task = task
         self.stats_key = stats_key
@@ -204,7 +249,8 @@ class FairAvg(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration."""
-        log.info("FairAvg: beta %s, attribute %r, task %r", self.beta, self.attribute, self.task)
+        log.info("FairAvg: beta %s, balance %s, attribute %r, task %r", self.beta, self.balance, self.attribute,
+                 self.task)
         super().summary()
 
     def configure_train(
@@ -250,7 +296,7 @@ class FairAvg(FedAvg):
         shares = [sh for _, sh in parsed]
         global_metric = task_metric(stats, self.task) if stats else float("nan")
         group_metric = group_task_metrics(stats, self.attribute, self.task) if stats else {}
-        weights = fair_weights(counts, shares, group_metric, global_metric, self.beta)
+        weights = fair_weights(counts, shares, group_metric, global_metric, self.beta, self.balance)
         count_weights = fair_weights(counts, shares, group_metric, global_metric, 0.0)
 
         def per_group(w: np.ndarray) -> dict[str, float]:
@@ -273,7 +319,7 @@ class FairAvg(FedAvg):
 
         if sum(counts) <= 0:
             arrays = None  # nobody trained on anything: keep the global model
-        elif self.beta == 0:
+        elif self.beta == 0 and self.balance == 1:
             arrays = aggregate_arrayrecords(contents, self.weighted_by_key)  # FedAvg itself
         else:
             arrays = _weighted_arrays(contents, weights)

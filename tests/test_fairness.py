@@ -32,7 +32,7 @@ from shared_models.metrics import ccc, ccc_sums, confusion
 from shared_models.models import build_model
 from shared_models.training import LocalData, evaluate_local, train_local
 from strategies import build_strategy
-from strategies.fair import FairAvg, fair_weights
+from strategies.fair import group_balanced, FairAvg, fair_weights
 from tests.conftest import write_tone_corpus
 
 # --------------------------------------------------------------------------- measures
@@ -174,6 +174,28 @@ def test_fair_weights_against_hand_worked_numbers():
         fair_weights([1, -1], ["f", "m"], metric, 0.7, 1.0)
     with pytest.raises(ValueError):
         fair_weights([1, 1], ["f"], metric, 0.7, 1.0)
+
+
+def test_group_balance_against_hand_worked_numbers():
+    n = [10, 30, 60, 0]
+    groups = ["f", "m", "m", "f"]
+    metric = {"f": 0.5, "m": 0.8}
+    # FedAvg's group totals: f 0.1, m 0.9. balance 0: both 0.5, devices keep their share within
+    # their group: f [0.5], m [0.5 * 1/3, 0.5 * 2/3].
+    np.testing.assert_allclose(fair_weights(n, groups, metric, 0.7, 0.0, balance=0.0), [0.5, 0.5 / 3, 1 / 3, 0.0])
+    # balance 0.5: totals proportional to sqrt(0.1) and sqrt(0.9), i.e. 1 : 3 -> f 0.25, m 0.75.
+    np.testing.assert_allclose(fair_weights(n, groups, metric, 0.7, 0.0, balance=0.5), [0.25, 0.25, 0.5, 0.0])
+    # balance 1 is FedAvg; the fairness step then starts from the balanced weights:
+    # [0.25, 0.25, 0.5] + 1 * ([0.2, -0.1, -0.1] - mean 0) = [0.45, 0.15, 0.4].
+    np.testing.assert_array_equal(fair_weights(n, groups, metric, 0.7, 0.0, balance=1.0), [0.1, 0.3, 0.6, 0.0])
+    np.testing.assert_allclose(fair_weights(n, groups, metric, 0.7, 1.0, balance=0.5), [0.45, 0.15, 0.4, 0.0])
+    # a device holding both groups counts for each by its share; devices without a group form their own
+    np.testing.assert_allclose(group_balanced(np.array([0.2, 0.8]), ["f", {"f": 0.5, "m": 0.5}], 0.0),
+                               np.array([0.2 / 0.6 ** 1, 0.8 * (0.5 / 0.6 + 0.5 / 0.4)]) /
+                               (0.2 / 0.6 + 0.8 * (0.5 / 0.6 + 0.5 / 0.4)))
+    np.testing.assert_allclose(group_balanced(np.array([0.5, 0.5]), ["f", {}], 0.0), [0.5, 0.5])
+    with pytest.raises(ValueError, match="balance"):
+        fair_weights(n, groups, metric, 0.7, 1.0, balance=1.5)
 
 
 @pytest.fixture
