@@ -246,8 +246,8 @@ def main() -> None:
     p.add_argument("--run-folds", type=int, default=0, help="run only the first N folds (0 = all)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--fair-beta", type=float, default=1.0)
-    p.add_argument("--fair-balance", type=float, default=1.0, help="strategy fair: group re-balancing (1 none, 0 equal)")
+    p.add_argument("--fair-beta", type=float, default=5.0)
+    p.add_argument("--fair-balance", type=float, default=0.5, help="strategy fair: group re-balancing (1 none, 0 equal)")
     p.add_argument("--qffl-q", type=float, default=0.1)
     p.add_argument("--fair-validation", type=float, default=0.0,
                    help="fair: fraction of each device's labelled clips kept back for its pre-stats")

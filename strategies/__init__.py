@@ -12,8 +12,10 @@ A strategy decides which devices train in a round and how their updates are comb
     q-FFL, fair resource allocation (Li et al., ICLR 2020): re-weights by ``train_loss``.
 ``fair``
     Fairness-normalised FedAvg (:class:`strategies.fair.FairAvg`, after FairFed, Ezzeldin et
-    al., AAAI 2023): devices of a protected group that is behind the global metric get more
-    weight (``fair-beta``, ``fair-attribute``); ``fair-beta = 0`` is FedAvg.
+    al., AAAI 2023): FedAvg's weights re-balanced between the groups of a protected
+    attribute (``fair-balance``), then devices of a group that is behind the global metric get
+    more weight (``fair-beta``, ``fair-attribute``); ``fair-beta = 0`` with
+    ``fair-balance = 1`` is FedAvg.
 
 With ``dp = "server"`` or ``"client"`` the strategy (``fedavg`` or ``fedprox``) is wrapped in
 Flower's fixed-clipping differential-privacy wrapper (:mod:`strategies.dp`).

@@ -3,7 +3,11 @@
 After FairFed (Ezzeldin et al., "FairFed: Enabling Group Fairness in Federated Learning",
 AAAI 2023), adapted to performance parity between speaker groups:
 
-1. FedAvg's weights: ``w_k = n_k / n`` (``num-examples``; a device without examples gets 0).
+1. FedAvg's weights: ``w_k = n_k / n`` (``num-examples``; a device without examples gets 0),
+   optionally re-balanced between groups (``balance``, :func:`group_balanced`): each group's
+   total becomes proportional to its FedAvg total to the power ``balance``, so a group held
+   by few devices is not outweighed by device count alone (the "fairness-normalised" part:
+   FedAvg's weights normalised per group before the fairness step).
 2. Every sampled device evaluates the round's *global* model on its own labelled clips before
    training, and sends the sufficient statistics (confusion counts, CCC sums, per protected
    group) as the JSON entry ``pre-stats`` of its reply's ``device`` ConfigRecord; its

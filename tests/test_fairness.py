@@ -432,9 +432,10 @@ def test_two_group_federation_gives_the_group_behind_more_weight_than_fedavg(min
     base = RunConfig(manifest=str(minority_manifest), folds=1, num_server_rounds=3, local_epochs=1, task="emotion",
                      strategy="fair", run_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
     fair = simulate(base.replace(fair_beta=2.0, run_name="fair"), all_folds=False, progress=False)
-    fedavg = simulate(base.replace(fair_beta=0.0, run_name="fedavg"), all_folds=False, progress=False)
+    fedavg = simulate(base.replace(fair_beta=0.0, fair_balance=1.0, run_name="fedavg"), all_folds=False,
+                      progress=False)
     w_fair, w_fedavg = _weights(fair, "agg_weight"), _weights(fedavg, "agg_weight")
-    np.testing.assert_allclose(_weights(fedavg, "count_weight"), w_fedavg)  # beta 0 = FedAvg's weights
+    np.testing.assert_allclose(_weights(fedavg, "count_weight"), w_fedavg)  # beta 0, balance 1 = FedAvg's weights
     np.testing.assert_allclose(w_fedavg, 0.2)  # 1 of 5 equally sized devices
     assert w_fair.mean() > w_fedavg.mean() + 0.05, (w_fair, w_fedavg)
     final = fair["final"]
