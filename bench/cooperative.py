@@ -36,6 +36,7 @@ def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
                     num_server_rounds=args.rounds, local_epochs=args.local_epochs, mode=mode,
                     label_fraction=fraction, query_per_round=args.query_per_round, query_total=args.query_total,
                     **({} if args.pseudo_per_class is None else {"pseudo_per_class": args.pseudo_per_class}),
+                    **({} if args.pseudo_knn is None else {"pseudo_knn": args.pseudo_knn}),
                     seed=args.seed, run_dir="runs/bench",
                     run_name=f"c-{args.corpus}-{mode}-{fraction:g}-f{fold}-{time.time_ns() % 10**10}")
     t0 = time.perf_counter()
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--query-per-round", type=int, default=1)
     p.add_argument("--query-total", type=int, default=8)
     p.add_argument("--pseudo-per-class", type=int, default=None, help="default: the run config's")
+    p.add_argument("--pseudo-knn", type=int, default=None, help="default: the run config's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()

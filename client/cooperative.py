@@ -169,7 +169,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
     dict
         ``coop-mode``, ``pseudo-threshold`` (this round's, :func:`threshold_schedule`),
         ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
-        ``pseudo-global-view``,
+        ``pseudo-global-view``, ``pseudo-knn``,
         ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
         ``query-per-round``, ``query-total``, ``rater-reliability``, ``agreement-min``,
         ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
@@ -184,6 +184,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         "pseudo-keep": float(cfg.pseudo_keep),
         "pseudo-recheck": int(cfg.pseudo_recheck),
         "pseudo-global-view": int(cfg.pseudo_global_view),
+        "pseudo-knn": int(cfg.pseudo_knn),
         "pseudo-views": int(cfg.pseudo_views),
         "view-noise": float(cfg.view_noise),
         "uncertainty": cfg.uncertainty,
@@ -367,6 +368,52 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float, max_std: float, pe
         ok &= np.asarray(candidates, dtype=bool)
     idx = _cap_per_class(ok, label, conf, per_class)
     return idx, label[idx], conf[idx]
+
+
+def clip_vectors(xs: Sequence[Any]) -> np.ndarray | None:
+    """One fixed-size vector per clip for nearest-neighbour votes, from a device's standardised
+    features: functionals (F,) as they are, frame sequences (T, F) averaged over time; None
+    for raw waveforms (T,) longer than 1024 numbers, which have no such summary.
+
+    Returns
+    -------
+    np.ndarray, shape (N, F), or None
+    """
+    if not len(xs):
+        return None
+    first = np.asarray(xs[0])
+    if first.ndim == 1 and first.size > 1024:
+        return None
+    return np.stack([np.asarray(x, dtype=np.float32).reshape(-1) if np.ndim(x) == 1
+                     else np.asarray(x, dtype=np.float32).mean(axis=0) for x in xs])
+
+
+def knn_labels(reference: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Majority class of each query's ``k`` nearest reference vectors (Euclidean); ties go to
+    the nearer neighbour's class. -1 where there are no references.
+
+    Parameters
+    ----------
+    reference : np.ndarray, shape (R, F)
+        Vectors of clips labelled by a person.
+    labels : np.ndarray of int, shape (R,)
+    queries : np.ndarray, shape (Q, F)
+    k : int (>= 1)
+
+    Returns
+    -------
+    np.ndarray of int, shape (Q,)
+    """
+    if len(reference) == 0 or len(queries) == 0:
+        return np.full(len(queries), -1, dtype=np.int64)
+    d = ((queries[:, None, :] - reference[None, :, :]) ** 2).sum(axis=2)
+    order = np.argsort(d, axis=1, kind="stable")[:, : max(1, min(k, len(reference)))]
+    out = np.empty(len(queries), dtype=np.int64)
+    for q, nearest in enumerate(order):
+        votes = Counter(labels[nearest].tolist())
+        best = max(votes.values())
+        out[q] = next(int(labels[j]) for j in nearest if votes[int(labels[j])] == best)  # nearest of the tied
+    return out
 
 
 def recheck_pseudo_labels(probs: np.ndarray, labels: np.ndarray, keep: float) -> np.ndarray:
@@ -986,7 +1033,7 @@ class CoopState:
             if mode not in ACTIVE:
                 queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
             free = np.array([c not in active and c not in queued for c in clips], dtype=bool)
-            items = self._select(sel_probs, sel_av, free, clips, settings, task)
+            items = self._select(sel_probs, sel_av, free, clips, settings, task, data, pool_idx)
             step["added"] = self.store.add_pseudo(server_round, items)
             if self.simulated:
                 step["added_correct"] = sum(self._correct(it) for it in items)
@@ -1017,11 +1064,30 @@ class CoopState:
             step["dropped"] -= len(keep_emotion)
             step["av_dropped"] = step.get("av_dropped", 0) + len(keep_emotion)
 
-    def _select(self, probs, av, free, clips, settings, task) -> list[dict[str, Any]]:
+    def _knn_agrees(self, probs, data: LocalData, pool_idx: np.ndarray, k: int) -> np.ndarray:
+        """Per pool clip: whether the majority label of its ``k`` nearest clips labelled by a
+        person (labels kept at the start and answers) is the model's predicted class. All
+        True when the features have no per-clip vector (raw waveforms) or nobody labelled a clip."""
+        vectors = clip_vectors(data.x)
+        emotion = data.emotion.copy()
+        for clip, a in self.store.answers().items():
+            i = self._index.get(clip)
+            if i is not None and a["emotion"] in self.emotions:
+                emotion[i] = self.emotions.index(a["emotion"])
+        ref = np.flatnonzero(emotion >= 0)
+        if vectors is None or ref.size == 0:
+            return np.ones(len(pool_idx), dtype=bool)
+        votes = knn_labels(vectors[ref], emotion[ref], vectors[pool_idx], k)
+        return votes == np.asarray(probs).mean(axis=0).argmax(axis=1)
+
+    def _select(self, probs, av, free, clips, settings, task, data=None, pool_idx=None) -> list[dict[str, Any]]:
         """New pseudo-labels among the free pool clips (items for :meth:`DeviceStore.add_pseudo`)."""
         per_class, av_std = int(settings["pseudo-per-class"]), float(settings["av-max-std"])
         items = []
         if task in ("emotion", "both"):
+            k = int(settings.get("pseudo-knn", 0))
+            if k > 0:  # the device's human labels must agree too (nearest neighbours in feature space)
+                free = free & self._knn_agrees(probs, data, pool_idx, k)
             idx, labels, conf = select_pseudo_labels(probs, float(settings["pseudo-threshold"]),
                                                      float(settings["pseudo-max-std"]), per_class, free)
             av_ok = set()

@@ -168,6 +168,11 @@ class RunConfig:
         view: a pseudo-label needs its agreement too, and the re-check its support
         (co-training-like; on synth, 4 folds, 10 rounds, 10 % labels, thresholds 0.5 -> 0.9,
         it raised pseudo-label precision from .63 to .76).
+    pseudo_knn : int
+        k > 0: a categorical pseudo-label also needs the majority label of the clip's k nearest
+        clips labelled by the device's person (standardised features; sequences averaged over
+        time) to be the predicted class: a second, model-free opinion (co-training, Blum and
+        Mitchell 1998). 0: off. No effect on raw waveforms.
     upsample : int
         1: upsample the labelled set (labels, answers, pseudo-labels) to an even class
         distribution before local training (cross-task self-labelling).
@@ -267,6 +272,7 @@ class RunConfig:
     pseudo_keep: float = _opt(_probability, default=0.8)
     pseudo_recheck: int = _opt(_flag, default=1)
     pseudo_global_view: int = _opt(_flag, default=1)
+    pseudo_knn: int = _opt(_non_negative, default=0)
     upsample: int = _opt(_flag, default=0)
     uncertainty: str = _opt(_choice(("views", "mc-dropout")), default="views")
     av_max_std: float = _opt(_non_negative, default=0.05)

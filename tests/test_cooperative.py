@@ -16,6 +16,8 @@ from client.cooperative import (
     Oracle,
     ask_raters,
     av_to_label_scale,
+    clip_vectors,
+    knn_labels,
     faireg_of,
     freeze_frontend,
     label_split,
@@ -472,3 +474,19 @@ def test_frozen_frontend_keeps_its_batch_norm_statistics(tmp_path):
     assert all(m.training for m in norms) and all(p.requires_grad for p in model.parameters())
     train_local(model, data, task="emotion", epochs=1, lr=1e-2, batch_size=4, seed=0)
     assert not torch.equal(after["convs.0.2.running_mean"], model.state_dict()["convs.0.2.running_mean"])
+
+
+def test_nearest_neighbour_votes_and_clip_vectors():
+    ref = np.array([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0], [5.0, 6.0], [6.0, 5.0]])
+    labels = np.array([0, 0, 1, 1, 2])
+    queries = np.array([[0.1, 0.2], [5.1, 5.1], [5.9, 5.0]])
+    np.testing.assert_array_equal(knn_labels(ref, labels, queries, 1), [0, 1, 2])
+    # k = 3: near (5, 5) the votes are 1, 1, 2 -> 1; near (5.9, 5) they are 2, 1, 1 -> 1
+    np.testing.assert_array_equal(knn_labels(ref, labels, queries, 3), [0, 1, 1])
+    # a tie (k = 2 at (5.9, 5): one 2 and one 1) goes to the nearer neighbour's class
+    np.testing.assert_array_equal(knn_labels(ref, labels, queries[2:], 2), [2])
+    np.testing.assert_array_equal(knn_labels(ref[:0], labels[:0], queries, 3), [-1, -1, -1])
+    # functionals stay, frame sequences are averaged over time, raw waveforms have no vector
+    np.testing.assert_array_equal(clip_vectors([np.array([1.0, 2.0])]), [[1.0, 2.0]])
+    np.testing.assert_array_equal(clip_vectors([np.array([[1.0, 2.0], [3.0, 4.0]])]), [[2.0, 3.0]])
+    assert clip_vectors([np.zeros(16000)]) is None and clip_vectors([]) is None
