@@ -249,6 +249,8 @@ def _evaluation_part(reply: Message) -> tuple[dict[str, Any], dict[str, Any], di
     ``evaluate`` reply, or a ``train`` reply carrying ``eval-stats`` (the model as received,
     before local training); None for an error or a train reply without them."""
     if reply.has_error():
+        if reply.metadata.message_type == MessageType.EVALUATE:  # a failed train reply is the strategy's to log
+            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
         return None
     info = dict(reply.content["device"])
     if reply.metadata.message_type == MessageType.TRAIN:
@@ -529,15 +531,16 @@ def run_federation(
                 return evaluation, None, None
             new_arrays, agg = strategy.aggregate_train(train_round, train_replies)
             ok = [r for r in train_replies if not r.has_error()]
+            infos = [dict(r.content["device"]) for r in ok]
             outcome = {
                 "metrics": {
                     "train_loss": float(agg["train_loss"]) if agg and "train_loss" in agg else float("nan"),
                     "train_devices": len(ok),
                     "train_failures": len(train_msgs) - len(ok),
                 },
-                "devices": [{"device": (d := dict(r.content["device"]))["name"], "role": d["role"], "phase": "train",
-                             "metrics": dict(r.content["metrics"])} for r in ok],
-                "infos": [dict(r.content["device"]) for r in ok],
+                "devices": [{"device": d["name"], "role": d["role"], "phase": "train",
+                             "metrics": dict(r.content["metrics"])} for d, r in zip(infos, ok)],
+                "infos": infos,
                 "weights": _weight_rows(strategy),
             }
             return evaluation, outcome, new_arrays
