@@ -329,8 +329,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = load_device(context.run_config, _node_config(context, msg))
     model = _model(cfg, device, msg)
     faireg = faireg_of(msg.content["config"]) if "config" in msg.content else None
-    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
-                            av_map=faireg.denormalise if faireg else None)
+    result = _evaluation(cfg, device, model, device.data, faireg)
     metrics = MetricRecord(
         {"num-examples": int(result["num_examples"]), "eval_loss": float(result["loss"])}
     )
@@ -353,6 +352,14 @@ def device_info(msg: Message, context: Context) -> Message:
 # --------------------------------------------------------------------------- fairness (strategies/fair.py, FaiReg)
 
 
+def _evaluation(cfg: RunConfig, device: Device, model: torch.nn.Module, data: LocalData,
+                faireg: FaiRegParams | None) -> dict[str, Any]:
+    """:func:`shared_models.training.evaluate_local` of ``model`` on ``data`` (a device's clips),
+    arousal/valence mapped back to the label scale in a FaiReg run."""
+    return evaluate_local(model, data, task=cfg.task, n_classes=len(device.emotions),
+                          av_map=faireg.denormalise if faireg else None)
+
+
 def _eval_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,
                 faireg: FaiRegParams | None) -> dict[str, Any]:
     """``{"eval-stats": JSON, "eval-loss": float}``: what an ``evaluate`` message would answer
@@ -360,8 +367,7 @@ def _eval_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cf
     evaluation riding on the train message, :func:`server.app.run_federation`); else ``{}``."""
     if not round_cfg.get("eval-stats", False):
         return {}
-    result = evaluate_local(model, device.data, task=cfg.task, n_classes=len(device.emotions),
-                            av_map=faireg.denormalise if faireg else None)
+    result = _evaluation(cfg, device, model, device.data, faireg)
     return {"eval-stats": device_statistics(result), "eval-loss": float(result["loss"])}
 
 
@@ -377,9 +383,7 @@ def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg
     if held is None and all_clips is not None:
         return {"pre-stats": all_clips}
     data = device.data if held is None else device.data.subset(np.flatnonzero(held))
-    result = evaluate_local(model, data, task=cfg.task, n_classes=len(device.emotions),
-                            av_map=faireg.denormalise if faireg else None)
-    return {"pre-stats": device_statistics(result)}
+    return {"pre-stats": device_statistics(_evaluation(cfg, device, model, data, faireg))}
 
 
 def _validation_mask(cfg: RunConfig, device: Device) -> np.ndarray | None:
