@@ -57,12 +57,25 @@ PRE_STATS_KEY = "pre-stats"
 """Round-config flag asking devices for pre-training statistics, and the reply entry holding them."""
 
 
+def _as_shares(group: str | Mapping[str, float]) -> dict[str, float]:
+    """A device's group as ``{group: share of its clips}``."""
+    return {group: 1.0} if isinstance(group, str) else dict(group)
+
+
+def _group_totals(weights: Sequence[float], shares: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each group's total of the device ``weights``, devices counting by their ``shares``."""
+    totals: dict[str, float] = {}
+    for w, sh in zip(weights, shares):
+        for g, share in sh.items():
+            totals[g] = totals.get(g, 0.0) + float(w) * share
+    return totals
+
+
 def _device_gap(group: str | Mapping[str, float], group_metric: Mapping[str, float], global_metric: float) -> float:
     if not np.isfinite(global_metric):
         return 0.0
-    shares = {group: 1.0} if isinstance(group, str) else dict(group)
     gap = 0.0
-    for g, share in shares.items():
+    for g, share in _as_shares(group).items():
         f = group_metric.get(g, float("nan"))
         if f is not None and np.isfinite(f):
             gap += share * (global_metric - f)
@@ -90,11 +103,8 @@ def group_balanced(base: np.ndarray, groups: Sequence[str | Mapping[str, float]]
     """
     if balance == 1 or base.sum() <= 0:
         return base
-    shares = [{group: 1.0} if isinstance(group, str) else (dict(group) or {"": 1.0}) for group in groups]
-    totals: dict[str, float] = {}
-    for w, sh in zip(base, shares):
-        for g, share in sh.items():
-            totals[g] = totals.get(g, 0.0) + float(w) * share
+    shares = [_as_shares(group) or {"": 1.0} for group in groups]
+    totals = _group_totals(base, shares)
     factor = np.array([sum(share * totals[g] ** (balance - 1.0) for g, share in sh.items() if totals[g] > 0)
                        for sh in shares])
     w = base * factor
@@ -303,14 +313,8 @@ class FairAvg(FedAvg):
         weights = fair_weights(counts, shares, group_metric, global_metric, self.beta, self.balance)
         count_weights = fair_weights(counts, shares, group_metric, global_metric, 0.0)
 
-        def per_group(w: np.ndarray) -> dict[str, float]:
-            out: dict[str, float] = {}
-            for wk, sh in zip(w, shares):
-                for g, s in sh.items():
-                    out[g] = out.get(g, 0.0) + float(wk) * s
-            return out
-
-        self.last_group_weights, self.last_count_weights = per_group(weights), per_group(count_weights)
+        self.last_group_weights = _group_totals(weights, shares)
+        self.last_count_weights = _group_totals(count_weights, shares)
         self.history.append({
             "round": server_round, "global_metric": global_metric, "group_metric": group_metric,
             "weights": weights.tolist(), "count_weights": count_weights.tolist(),
