@@ -875,16 +875,8 @@ class CoopState:
         """``data`` with answered queries and active pseudo-labels filled in (features shared)."""
         if not self.active:
             return data
-        emotion, av = data.emotion.copy(), data.av.copy()
+        emotion, av = self._human_labels(data)
         index = self._index
-        for clip, a in self.store.answers().items():
-            i = index.get(clip)
-            if i is None:
-                continue
-            if a["emotion"] in self.emotions:
-                emotion[i] = self.emotions.index(a["emotion"])
-            if a["arousal"] is not None and a["valence"] is not None:
-                av[i] = (a["arousal"], a["valence"])
         for clip, p in self.store.active_pseudo().items():
             i = index.get(clip)
             if i is None or emotion[i] >= 0 or np.isfinite(av[i]).any():
@@ -894,6 +886,20 @@ class CoopState:
             if p["arousal"] is not None and p["valence"] is not None:
                 av[i] = (p["arousal"], p["valence"])
         return LocalData(data.x, emotion, av, data.groups)
+
+    def _human_labels(self, data: LocalData) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of ``data``'s emotion (N,) and arousal/valence (N, 2) labels with the
+        person's (or, in simulation, the raters') answers filled in; no machine label."""
+        emotion, av = data.emotion.copy(), data.av.copy()
+        for clip, a in self.store.answers().items():
+            i = self._index.get(clip)
+            if i is None:
+                continue
+            if a["emotion"] in self.emotions:
+                emotion[i] = self.emotions.index(a["emotion"])
+            if a["arousal"] is not None and a["valence"] is not None:
+                av[i] = (a["arousal"], a["valence"])
+        return emotion, av
 
     def before_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
                         server_round: int) -> LocalData:
@@ -1069,11 +1075,7 @@ class CoopState:
         person (labels kept at the start and answers) is the model's predicted class. All
         True when the features have no per-clip vector (raw waveforms) or nobody labelled a clip."""
         vectors = clip_vectors(data.x)
-        emotion = data.emotion.copy()
-        for clip, a in self.store.answers().items():
-            i = self._index.get(clip)
-            if i is not None and a["emotion"] in self.emotions:
-                emotion[i] = self.emotions.index(a["emotion"])
+        emotion, _ = self._human_labels(data)
         ref = np.flatnonzero(emotion >= 0)
         if vectors is None or ref.size == 0:
             return np.ones(len(pool_idx), dtype=bool)
