@@ -44,7 +44,7 @@ def reference_seconds(cfg: RunConfig) -> float:
     for _ in range(cfg.num_server_rounds + 1):
         model.load_state_dict(state)
         for d in held:
-            evaluate_local(model, d.data, task=cfg.task, n_classes=n_classes)
+            evaluate_local(model, d.data, task=cfg.task, n_classes=n_classes, adapt_bn=bool(cfg.bn_adapt))
         updates, weights = [], []
         for d in train:
             model.load_state_dict(state)

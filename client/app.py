@@ -355,9 +355,10 @@ def device_info(msg: Message, context: Context) -> Message:
 def _evaluation(cfg: RunConfig, device: Device, model: torch.nn.Module, data: LocalData,
                 faireg: FaiRegParams | None) -> dict[str, Any]:
     """:func:`shared_models.training.evaluate_local` of ``model`` on ``data`` (a device's clips),
-    arousal/valence mapped back to the label scale in a FaiReg run."""
+    arousal/valence mapped back to the label scale in a FaiReg run, batch-norm statistics
+    re-estimated on ``data`` with ``bn-adapt`` (AdaBN)."""
     return evaluate_local(model, data, task=cfg.task, n_classes=len(device.emotions),
-                          av_map=faireg.denormalise if faireg else None)
+                          av_map=faireg.denormalise if faireg else None, adapt_bn=bool(cfg.bn_adapt))
 
 
 def _eval_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg,

@@ -28,7 +28,7 @@ from shared_models.fairness import FaiRegParams
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import build_model, for_inference, frontend_for
-from shared_models.training import LocalData, predict
+from shared_models.training import LocalData, adapt_batch_norm, predict
 
 __all__ = ["MIN_REFERENCE_CLIPS", "Prediction", "predict_clips", "reference_clips"]
 
@@ -102,7 +102,9 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
         Audio files in any format soundfile reads; resampled to 16 kHz mono.
     reference : sequence of path, optional
         The device's clips whose features give the standardisation statistics
-        (:func:`reference_clips`). Default: ``clips`` themselves, which needs at least
+        (:func:`reference_clips`) and, unless the checkpoint's run had ``bn-adapt = 0``, the
+        model's batch-norm statistics (AdaBN, :func:`shared_models.training.adapt_batch_norm`,
+        as the run's devices evaluated the model). Default: ``clips`` themselves, which needs at least
         :data:`MIN_REFERENCE_CLIPS` readable ones.
     cache_dir : path or None
         Feature cache (None: no cache).
@@ -122,7 +124,6 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
     emotions = list(ckpt["emotions"])
     model = build_model(ckpt["model"], max(len(emotions), 1))
     model.load_state_dict(ckpt["state_dict"])
-    model = for_inference(model)  # batch norms folded into the convolutions
     frontend = frontend_for(ckpt["model"])
     paths = [str(Path(c).expanduser()) for c in clips]
     feats, _ = extract_features(paths, frontend, cache_dir, progress=progress, description="clips")
@@ -138,6 +139,11 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
                          f"{len(ref_feats)} readable clip(s) (at least {MIN_REFERENCE_CLIPS} needed): pass the "
                          "device's data directory (--data-dir) or a manifest of its clips (--reference)")
     scaler = Standardiser.for_frontend(frontend).fit(ref_feats)
+    if int(dict(ckpt.get("config") or {}).get("bn-adapt", 1)):  # as the run's devices evaluated it
+        ref_x = [scaler.transform(f) for f in ref_feats]
+        model = adapt_batch_norm(model, LocalData(x=ref_x, emotion=np.full(len(ref_x), -1),
+                                                  av=np.full((len(ref_x), 2), np.nan)))
+    model = for_inference(model)  # batch norms folded into the convolutions
     x = [scaler.transform(f) for f in usable]
     probs, av = predict(model, LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan)))
     if ckpt.get("faireg"):  # a FaiReg run: the model's arousal/valence are normalised targets

@@ -339,7 +339,8 @@ def centralised_baseline(cfg: RunConfig, *, progress: bool = False) -> dict[str,
     model = build_model(cfg.model, n_classes)
 
     def evaluate() -> dict[str, float]:
-        stats = [evaluate_local(model, d, task=cfg.task, n_classes=n_classes) for d in heldout]
+        stats = [evaluate_local(model, d, task=cfg.task, n_classes=n_classes, adapt_bn=bool(cfg.bn_adapt))
+                 for d in heldout]
         return pooled_metrics(stats)[0]
 
     rounds, seconds = [{"round": 0, **evaluate()}], 0.0

@@ -115,6 +115,13 @@ class RunConfig:
         FedProx proximal weight; q-FFL fairness exponent and its Lipschitz constant L
         (Flower's QFedAvg takes ``1 / L`` as ``client_learning_rate``; ``L = 1/lr`` assumes
         one local SGD step and shrinks multi-epoch Adam updates to nearly nothing).
+    bn_adapt : int
+        1 (default): a device evaluates a global model with its batch-norm statistics
+        re-estimated on its own clips (AdaBN, :func:`shared_models.training.adapt_batch_norm`;
+        labels unused, nothing leaves the device); models without batch norm
+        (``egemaps-mlp``) are unaffected. On the held-out speakers of the quality benchmark's
+        stored models it raised UAR by up to 5.8 points (docs/BENCHMARKS.md). 0: the
+        federation's averaged statistics.
     partition : str
         How clips become devices: ``speaker`` (one device per speaker), ``iid`` or
         ``dirichlet`` (label skew with concentration ``dirichlet_alpha``).
@@ -245,6 +252,7 @@ class RunConfig:
     proximal_mu: float = _opt(_non_negative, default=0.01)
     qffl_q: float = _opt(_non_negative, default=0.1)
     qffl_lipschitz: float = _opt(_positive, default=1.0)
+    bn_adapt: int = _opt(_flag, default=1)
     partition: str = _opt(_choice(PARTITIONS), default="speaker")
     num_devices: int = _opt(_non_negative, default=0)
     dirichlet_alpha: float = _opt(_positive, default=0.5)

@@ -29,7 +29,7 @@ from .config import TASKS
 from .features import collate
 from .metrics import ccc_from_sums, ccc_loss, ccc_sums, confusion
 
-__all__ = ["TASKS", "LocalData", "train_local", "predict", "evaluate_local"]
+__all__ = ["TASKS", "LocalData", "train_local", "predict", "adapt_batch_norm", "evaluate_local"]
 
 
 @dataclass
@@ -210,6 +210,55 @@ def predict(model: nn.Module, data: LocalData, *, batch_size: int = 64) -> tuple
     return np.concatenate(probs).astype(np.float32), np.concatenate(avs).astype(np.float32)
 
 
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, data: LocalData) -> nn.Module:
+    """A copy of ``model`` whose batch-norm statistics are re-estimated on ``data``'s clips (AdaBN).
+
+    Adaptive batch normalisation (Li, Wang, Shi, Hou and Liu, "Adaptive Batch Normalization
+    for practical domain adaptation", Pattern Recognition 2018): a model meeting a new domain
+    keeps its weights and replaces every batch norm's running mean and variance by those of
+    the new domain's data. Here the domain is a device's speaker: a device evaluating a
+    global model first runs its own clips (labels unused) through it, so the model normalises
+    each layer with the statistics of the voice it is evaluated on, as the front-end's
+    per-device standardisation already does for its input. The averaged running statistics a
+    federation ends with are the mean of the devices' within-speaker statistics, which fits
+    no speaker, least an unseen one (FedBN, Li et al. ICLR 2021, makes the same observation
+    for training).
+
+    Each clip is one batch (no padding enters the statistics); the statistics are the
+    cumulative average over the clips (``momentum=None``). Only the batch norms run in
+    training mode (dropout stays off).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Left unchanged.
+    data : LocalData
+        The clips (standardised features); labels are not used.
+
+    Returns
+    -------
+    nn.Module
+        The adapted copy, in eval mode; ``model`` itself when it has no batch norm or
+        ``data`` is empty.
+    """
+    import copy
+
+    if len(data) == 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    adapted = copy.deepcopy(model).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for clip in data.x:
+        adapted(*collate([clip]))
+    for bn in norms:
+        bn.eval()
+    return adapted
+
+
 def _stats(y: np.ndarray, pred: np.ndarray, av: np.ndarray, av_pred: np.ndarray, n_classes: int) -> dict:
     known = y >= 0
     return {
@@ -220,8 +269,11 @@ def _stats(y: np.ndarray, pred: np.ndarray, av: np.ndarray, av_pred: np.ndarray,
 
 
 def evaluate_local(model: nn.Module, data: LocalData, *, task: str, n_classes: int,
-                   batch_size: int = 64, av_map=None) -> dict:
+                   batch_size: int = 64, av_map=None, adapt_bn: bool = False) -> dict:
     """Evaluate on ``data`` and return additive statistics.
+
+    ``adapt_bn``: evaluate a copy of ``model`` with its batch-norm statistics re-estimated on
+    ``data`` (:func:`adapt_batch_norm`; ``model`` itself is left unchanged).
 
     ``av_map``, if given, maps the model's arousal/valence outputs (N, 2) to the label scale
     before any statistic is computed (FaiReg: :meth:`shared_models.fairness.FaiRegParams.denormalise`).
@@ -245,6 +297,8 @@ def evaluate_local(model: nn.Module, data: LocalData, *, task: str, n_classes: i
         For an unknown task.
     """
     _check_task(task)
+    if adapt_bn:
+        model = adapt_batch_norm(model, data)
     probs, av_pred = predict(model, data, batch_size=batch_size)
     if av_map is not None and len(av_pred):
         av_pred = np.asarray(av_map(av_pred), dtype=np.float32).reshape(-1, 2)

@@ -100,3 +100,33 @@ def test_a_faireg_runs_predictions_come_back_on_the_label_scale(tone_manifest, t
     mapped_av = np.array([[p.arousal, p.valence] for p in mapped])
     np.testing.assert_allclose(mapped_av, params.denormalise(raw_av), atol=1e-6)
     assert not np.allclose(mapped_av, raw_av, atol=1e-3)  # the mapping is not the identity here
+
+
+def test_batch_norm_statistics_come_from_the_reference_clips(tone_manifest, tmp_path):
+    # A run with bn-adapt (the default) evaluated its model with batch-norm statistics
+    # re-estimated on each device's clips; predict does the same with the reference clips.
+    import torch
+
+    from shared_models.features import Standardiser, extract_features
+    from shared_models.models import build_model, frontend_for
+    from shared_models.training import LocalData, adapt_batch_norm, predict
+
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", 2)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.fill_(3.0)  # statistics that fit no device
+    payload = {"model": "logmel-crnn", "emotions": ["anger", "sadness"], "state_dict": model.state_dict()}
+    for flag in (0, 1):
+        torch.save({**payload, "config": {"bn-adapt": flag}}, tmp_path / f"adapt{flag}.pt")
+    clips = pd.read_csv(tone_manifest)["path"].tolist()
+    cache = tmp_path / "cache"
+    adapted = predict_clips(tmp_path / "adapt1.pt", clips, cache_dir=cache)
+    plain = predict_clips(tmp_path / "adapt0.pt", clips, cache_dir=cache)
+
+    feats = extract_features(clips, frontend_for("logmel-crnn"), cache)[0]
+    scaler = Standardiser.for_frontend(frontend_for("logmel-crnn")).fit(feats)
+    data = LocalData([scaler.transform(f) for f in feats], np.full(len(feats), -1), np.zeros((len(feats), 2)), {})
+    expected = predict(adapt_batch_norm(model, data), data)[0]
+    got = np.array([[p.probabilities["anger"], p.probabilities["sadness"]] for p in adapted])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(got, [[p.probabilities["anger"], p.probabilities["sadness"]] for p in plain], atol=1e-3)

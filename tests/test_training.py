@@ -6,7 +6,7 @@ import torch
 
 from shared_models.metrics import ccc_from_sums
 from shared_models.models import build_model, get_weights
-from shared_models.training import LocalData, evaluate_local, predict, train_local
+from shared_models.training import LocalData, adapt_batch_norm, evaluate_local, predict, train_local
 
 
 def blobs(n=120, seed=0, unknown=0):
@@ -105,3 +105,44 @@ def test_sequence_models_train_and_evaluate(name, shape):
 def test_unknown_task():
     with pytest.raises(ValueError, match="emotion, av, both"):
         train(blobs(), task="valence")
+
+
+def _clips(lengths, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = [scale * rng.standard_normal((n, 64)).astype(np.float32) + 0.5 for n in lengths]
+    return LocalData(x, np.array([0, 1, 2, 0, 1]), np.full((5, 2), 0.1, np.float32), {})
+
+
+def test_adapt_batch_norm_takes_the_device_statistics_and_leaves_the_model():
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", 3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _clips([40, 80, 60, 30, 50])
+    adapted = adapt_batch_norm(model, data)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert not adapted.training and adapted is not model
+    # The first batch norm's running mean is the mean over clips of each clip's conv output mean.
+    conv = model.convs[0]
+    means = [conv[1](conv[0](torch.as_tensor(x).T.unsqueeze(0)))[0].mean(dim=1) for x in data.x]
+    with torch.no_grad():
+        expected = torch.stack(means).mean(dim=0)
+    assert torch.allclose(adapted.convs[0][2].running_mean, expected, atol=1e-5)
+    mlp = build_model("egemaps-mlp", 3)  # no batch norm: nothing to adapt
+    assert adapt_batch_norm(mlp, blobs()) is mlp
+
+
+def test_adapted_evaluation_does_not_see_a_per_channel_gain():
+    """A device whose features come at 3x the gain: with AdaBN its predictions are the ones the
+    model gives at the original gain (each batch norm absorbs the scale); without, they are not."""
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", 3)
+    train_local(model, _clips([40, 80, 60, 30, 50], seed=1), task="emotion", epochs=2, lr=3e-3, batch_size=2, seed=0)
+    model.eval()
+    plain, loud = _clips([40, 80, 60, 30, 50]), _clips([40, 80, 60, 30, 50])
+    loud.x = [3 * x for x in plain.x]
+    p_plain = predict(adapt_batch_norm(model, plain), plain)[0]
+    p_loud = predict(adapt_batch_norm(model, loud), loud)[0]
+    np.testing.assert_allclose(p_loud, p_plain, atol=1e-4)
+    assert np.abs(predict(model, loud)[0] - predict(model, plain)[0]).max() > 1e-2
+    res = evaluate_local(model, loud, task="emotion", n_classes=3, adapt_bn=True)
+    assert np.array_equal(res["cm"], evaluate_local(model, plain, task="emotion", n_classes=3, adapt_bn=True)["cm"])
