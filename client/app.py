@@ -392,10 +392,10 @@ def _validation_mask(cfg: RunConfig, device: Device) -> np.ndarray | None:
     seeded stratified fraction (:func:`client.cooperative.label_split`), the same every round;
     None when ``fair-validation`` is 0 or the device has fewer than 2 labelled clips."""
     data = device.data
-    labelled = (data.emotion >= 0) | np.isfinite(data.av).all(axis=1)
+    labelled = data.labelled(cfg.task)
     if cfg.fair_validation <= 0 or labelled.sum() < 2:
         return None
-    strata = [str(e) if e >= 0 else ("av" if ok else None) for e, ok in zip(data.emotion, labelled)]
+    strata = [None if not ok else (str(e) if e >= 0 else "av") for e, ok in zip(data.emotion, labelled)]
     seed = (cfg.seed, zlib.crc32(device.name.encode()), 23)
     held = label_split(strata, cfg.fair_validation, seed)
     return held if held.sum() < labelled.sum() else None  # keep something to train on

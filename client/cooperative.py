@@ -1216,9 +1216,7 @@ def attach(device, cfg, table, node_config: Mapping[str, Any]) -> CoopState | No
     data = device.data
     paths = [str(p) for p in table["path"]]
     durations = table["duration"].to_numpy(dtype=np.float64) if "duration" in table else np.full(len(paths), np.nan)
-    has_emotion = data.emotion >= 0
-    has_av = np.isfinite(data.av).all(axis=1)
-    task_label = {"emotion": has_emotion, "av": has_av, "both": has_emotion | has_av}[cfg.task]
+    task_label, has_av = data.labelled(cfg.task), data.labelled("av")
     seed = cfg.seed * 1_009 + max(device.partition_id, 0)
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"])).expanduser()

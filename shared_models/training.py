@@ -69,16 +69,23 @@ class LocalData:
         return LocalData([self.x[i] for i in idx], self.emotion[idx], self.av[idx],
                          {k: v[idx] for k, v in self.groups.items()})
 
+    def labelled(self, task: str) -> np.ndarray:
+        """Boolean (N,): rows carrying a label that ``task`` trains on (an emotion for
+        ``emotion``, arousal or valence for ``av``, either for ``both``).
+
+        Raises
+        ------
+        ValueError
+            For an unknown task.
+        """
+        _check_task(task)
+        emo, av = self.emotion >= 0, np.isfinite(self.av).any(axis=1)
+        return {"emotion": emo, "av": av, "both": emo | av}[task]
+
 
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-
-
-def _labelled(data: LocalData, task: str) -> np.ndarray:
-    """Boolean (N,): rows carrying a label the task uses."""
-    emo, av = data.emotion >= 0, np.isfinite(data.av).any(axis=1)
-    return {"emotion": emo, "av": av, "both": emo | av}[task]
 
 
 def _task_loss(out: dict, y: torch.Tensor, av: torch.Tensor, task: str,
@@ -153,7 +160,7 @@ def train_local(
         For an unknown task.
     """
     _check_task(task)
-    idx = np.flatnonzero(_labelled(data, task))
+    idx = np.flatnonzero(data.labelled(task))
     result = {"train_loss": float("nan"), "num_examples": int(idx.size), "steps": 0}
     if idx.size == 0 or epochs <= 0:
         return result
@@ -307,7 +314,7 @@ def evaluate_local(model: nn.Module, data: LocalData, *, task: str, n_classes: i
     pred = probs.argmax(axis=1)
     y, av = data.emotion, data.av
     result = {**_stats(y, pred, av, av_pred, n_classes),
-              "num_examples": int(_labelled(data, task).sum())}
+              "num_examples": int(data.labelled(task).sum())}
     parts = []
     if task in ("emotion", "both") and (known := y >= 0).any():
         parts.append(float(-np.log(np.clip(probs[known, y[known]], 1e-12, None)).mean()))
