@@ -848,6 +848,7 @@ class CoopState:
     _meta_written: bool = field(default=False, repr=False)
     _global_view: tuple | None = field(default=None, repr=False)  # (clip rows, probs, av)
     _t_global: float = field(default=0.0, repr=False)
+    _clip_vectors: tuple | None = field(default=None, repr=False)  # (features list, clip_vectors of it)
 
     @property
     def simulated(self) -> bool:
@@ -1074,7 +1075,10 @@ class CoopState:
         """Per pool clip: whether the majority label of its ``k`` nearest clips labelled by a
         person (labels kept at the start and answers) is the model's predicted class. All
         True when the features have no per-clip vector (raw waveforms) or nobody labelled a clip."""
-        vectors = clip_vectors(data.x)
+        cached = self._clip_vectors  # a device's features never change: computed once per process
+        if cached is None or cached[0] is not data.x:
+            self._clip_vectors = cached = (data.x, clip_vectors(data.x))
+        vectors = cached[1]
         emotion, _ = self._human_labels(data)
         ref = np.flatnonzero(emotion >= 0)
         if vectors is None or ref.size == 0:

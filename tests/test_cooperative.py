@@ -244,6 +244,19 @@ def test_the_received_global_model_must_agree_with_a_pseudo_label(tmp_path, glob
     assert report["added"] == added
 
 
+@pytest.mark.parametrize("knn, model_cls, added", [(1, 0, 4), (1, 1, 0), (0, 1, 4)])
+def test_a_pseudo_label_needs_the_nearest_human_labels_with_pseudo_knn(tmp_path, knn, model_cls, added):
+    # The pool clips lie next to the person's "anger" clip: with pseudo-knn a model that
+    # calls them "sadness" gets no pseudo-label; without it, it does.
+    cfg, data, state = _coop_state(tmp_path)
+    sign = np.array([1.0, -1.0, 1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+    data.x = [5 * s + 0.1 * x for s, x in zip(sign, data.x)]
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "pseudo-knn": knn}
+    for r in (1, 2):  # the second round reuses the device's clip vectors
+        report = state.after_training(_biased(model_cls), data, {**round_cfg, "server-round": r}, r)
+        assert report["added"] == (added if r == 1 else 0)
+
+
 def test_device_step_queries_the_least_certain_and_the_oracle_answers(tmp_path):
     cfg, data, state = _coop_state(tmp_path, mode="active")
     model = _biased(0)
