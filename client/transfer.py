@@ -140,7 +140,8 @@ def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: 
     Every layer is loaded when model and emotion classes match. When the classes differ,
     every layer but the categorical head is loaded, and the head rows of the shared classes
     are copied (the other rows keep their fresh initialisation), and (``warn``) a warning
-    says so.
+    says so; a warning also says when the checkpoint comes from a FaiReg run (its
+    arousal/valence head predicts normalised targets).
 
     Raises
     ------
@@ -165,9 +166,15 @@ def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: 
             raise ValueError(f"init checkpoint {path}: layer {key} has shape {tuple(value.shape)}, "
                              f"the run's model {tuple(state[key].shape)}")
         loaded[key] = value
+    faireg = (" The checkpoint comes from a FaiReg run: its arousal/valence head predicts per-group "
+              "normalised targets, which a run without FaiReg (or with other groups) must unlearn."
+              if ckpt.get("faireg") else "")
     if source == target:
         model.load_state_dict({**state, **loaded})
-        return f"initial model from {path}: every layer loaded ({model_name}, emotions {', '.join(target)})"
+        message = f"initial model from {path}: every layer loaded ({model_name}, emotions {', '.join(target)})."
+        if faireg and warn:
+            log.warning(message + faireg)
+        return message + faireg
     shared = [e for e in target if e in source]
     for key in ("emotion.weight", "emotion.bias"):
         if key in ckpt["state_dict"]:
@@ -178,7 +185,7 @@ def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: 
     model.load_state_dict({**state, **loaded})
     message = (f"initial model from {path}: emotion classes differ (checkpoint {', '.join(source)}; run "
                f"{', '.join(target)}): loaded every layer but the emotion head, and its rows for the "
-               f"{len(shared)} shared classes ({', '.join(shared) or 'none'})")
+               f"{len(shared)} shared classes ({', '.join(shared) or 'none'}).{faireg}")
     if warn:
         log.warning(message)
     return message

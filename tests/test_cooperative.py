@@ -335,6 +335,10 @@ def test_pretrain_then_init_a_federation(tone_manifest, tmp_path):
         load_initial(build_model("logmel-crnn", 2), ckpt, "logmel-crnn", ["anger", "sadness"])
     with pytest.raises(FileNotFoundError):
         load_initial(model, tmp_path / "none.pt", "egemaps-mlp", ["anger"])
+    assert "FaiReg" not in load_initial(build_model("egemaps-mlp", 2), ckpt, "egemaps-mlp", ["anger", "sadness"])
+    torch.save({**payload, "faireg": '{"groups": {}}'}, tmp_path / "faireg.pt")  # a FaiReg run's checkpoint
+    assert "normalised targets" in load_initial(build_model("egemaps-mlp", 2), tmp_path / "faireg.pt", "egemaps-mlp",
+                                                ["anger", "sadness"], warn=False)
 
     # The federation starts from the checkpoint: round 0 is already good; the front-end is frozen.
     cfg = RunConfig(manifest=str(tone_manifest), folds=4, num_server_rounds=1, init=str(ckpt), freeze_rounds=1,
