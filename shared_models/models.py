@@ -20,8 +20,7 @@ Registry (``MODELS``), each with the front-end it eats:
 
 The federated state of a model is its floating-point ``state_dict`` entries (parameters and
 batch-norm statistics), travelling in Flower messages as one flat array (:func:`to_record` /
-:func:`load_record`); checkpoints keep the full ``state_dict``. :func:`get_weights` /
-:func:`set_weights` give the full ``state_dict`` as a list of numpy arrays.
+:func:`load_record`); checkpoints keep the full ``state_dict``.
 """
 
 from __future__ import annotations
@@ -50,8 +49,6 @@ __all__ = [
     "build_model",
     "frontend_for",
     "count_parameters",
-    "get_weights",
-    "set_weights",
     "PACKED_KEY",
     "to_record",
     "load_record",
@@ -256,35 +253,6 @@ def for_inference(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """The model's ``state_dict`` values in order (parameters and batch-norm buffers) as numpy
-    copies: what is federated."""
-    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
-
-
-def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
-    """Load arrays in :func:`get_weights` order, cast to each entry's dtype (averaged integer
-    buffers such as ``num_batches_tracked`` are rounded).
-
-    Raises
-    ------
-    ValueError
-        When the number of arrays or a shape does not match the model.
-    """
-    state = model.state_dict()
-    if len(weights) != len(state):
-        raise ValueError(f"expected {len(state)} arrays, got {len(weights)}")
-    new = {}
-    for (key, ref), w in zip(state.items(), weights):
-        w = np.asarray(w)
-        if tuple(w.shape) != tuple(ref.shape):
-            raise ValueError(f"{key}: expected shape {tuple(ref.shape)}, got {tuple(w.shape)}")
-        if not ref.is_floating_point():
-            w = np.rint(w)
-        new[key] = torch.as_tensor(w).to(ref.dtype)
-    model.load_state_dict(new, strict=True)
 
 
 #: Key of the one array a model's federated state travels as in an ArrayRecord.

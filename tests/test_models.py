@@ -10,8 +10,6 @@ from shared_models.models import (
     build_model,
     count_parameters,
     frontend_for,
-    get_weights,
-    set_weights,
 )
 
 # Per model: lengths of three clips (frames or samples) and the feature shape after length.
@@ -74,22 +72,6 @@ def test_short_input_and_backward():
 def test_unknown_model_lists_names():
     with pytest.raises(ValueError, match="egemaps-mlp, logmel-crnn, wave-cnn-gru"):
         build_model("resnet", 4)
-
-
-def test_weights_round_trip_includes_buffers():
-    a, b = build_model("logmel-crnn", 4), build_model("logmel-crnn", 4)
-    a.train()
-    a(*collate(clips("logmel-crnn")))  # moves batch-norm running statistics
-    w = get_weights(a)
-    assert len(w) == len(a.state_dict()) > len(list(a.parameters()))
-    w = [x.astype(np.float64) for x in w]  # e.g. averaged by a strategy
-    set_weights(b, w)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert va.dtype == vb.dtype and torch.equal(va, vb), k
-    with pytest.raises(ValueError):
-        set_weights(b, w[:-1])
-    with pytest.raises(ValueError, match="shape"):
-        set_weights(b, [np.zeros((1,))] + w[1:])
 
 
 # --------------------------------------------------------------------------- wire format
