@@ -47,7 +47,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, torch {torch.__version__}"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def save(name: str, payload: dict) -> Path:

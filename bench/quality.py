@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--task", default="both")
     p.add_argument("--batch-size", type=int, default=0, help="0: each model's default (RunConfig.local_batch_size)")
+    p.add_argument("--compute-device", default="cpu", help="cpu, cuda or auto (RunConfig compute-device)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     quiet_flower()
@@ -39,6 +40,7 @@ def main() -> None:
         for fold in range(args.run_folds or args.folds):
             cfg = RunConfig(manifest=str(manifest), model=model, task=args.task, folds=args.folds, fold=fold,
                             num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+                            compute_device=args.compute_device,
                             run_dir="runs/bench", run_name=f"q-{args.corpus}-{model}-f{fold}-{int(time.time())}")
             t0 = time.perf_counter()
             fed.append(simulate(cfg, all_folds=False, progress=False)["final"])

@@ -74,7 +74,7 @@ from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_feder
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.models import PACKED_KEY, build_model, clippable_update, frontend_for, load_record, to_record
-from shared_models.training import LocalData, evaluate_local, train_local
+from shared_models.training import LocalData, compute_device, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
 __all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod"]
@@ -254,7 +254,7 @@ def device_statistics(result: dict[str, Any]) -> str:
 
 
 def _model(cfg: RunConfig, device: Device, msg: Message) -> torch.nn.Module:
-    model = build_model(cfg.model, max(len(device.emotions), 1))
+    model = build_model(cfg.model, max(len(device.emotions), 1)).to(compute_device(cfg.compute_device))
     load_record(model, msg.content["arrays"])
     return model
 
@@ -416,7 +416,7 @@ def _leave_one_out_model(cfg: RunConfig, device: Device, msg: Message, context: 
     flat = leave_one_out(received[PACKED_KEY].numpy(), own[PACKED_KEY].numpy(), float(round_cfg.get(LOO_WEIGHT_KEY, 0.0)))
     if flat is None:
         return None
-    model = build_model(cfg.model, max(len(device.emotions), 1))
+    model = build_model(cfg.model, max(len(device.emotions), 1)).to(compute_device(cfg.compute_device))
     load_record(model, ArrayRecord({PACKED_KEY: Array(flat)}))
     return model
 

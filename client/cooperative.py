@@ -314,8 +314,8 @@ def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc
                 if views > 1 and noise > 0:
                     xv[b:] += noise * torch.randn(xv[b:].shape, generator=gen, dtype=x.dtype)
                 out = model(xv, None if lengths is None else lengths.repeat(views))
-                probs[:, start : start + b] = torch.softmax(out["emotion"], dim=1).numpy().reshape(views, b, -1)
-                avs[:, start : start + b] = out["av"].numpy().reshape(views, b, 2)
+                probs[:, start : start + b] = torch.softmax(out["emotion"], dim=1).cpu().numpy().reshape(views, b, -1)
+                avs[:, start : start + b] = out["av"].cpu().numpy().reshape(views, b, 2)
     finally:
         model.train(was_training)
     return probs, avs

@@ -322,7 +322,7 @@ def centralised_baseline(cfg: RunConfig, *, progress: bool = False) -> dict[str,
     from client.app import load_device
     from server.app import pooled_metrics
     from shared_models.models import build_model
-    from shared_models.training import LocalData, evaluate_local, train_local
+    from shared_models.training import LocalData, compute_device, evaluate_local, train_local
 
     cfg, num_devices = prepare_run(cfg, progress=progress)
     devices = [load_device(cfg.to_mapping(), {"partition-id": i}) for i in range(num_devices)]
@@ -336,7 +336,7 @@ def centralised_baseline(cfg: RunConfig, *, progress: bool = False) -> dict[str,
     )
     n_classes = max(len(cfg.emotion_list), 1)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, n_classes)
+    model = build_model(cfg.model, n_classes).to(compute_device(cfg.compute_device))
 
     def evaluate() -> dict[str, float]:
         stats = [evaluate_local(model, d, task=cfg.task, n_classes=n_classes, adapt_bn=bool(cfg.bn_adapt))

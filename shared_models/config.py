@@ -115,6 +115,9 @@ class RunConfig:
         FedProx proximal weight; q-FFL fairness exponent and its Lipschitz constant L
         (Flower's QFedAvg takes ``1 / L`` as ``client_learning_rate``; ``L = 1/lr`` assumes
         one local SGD step and shrinks multi-epoch Adam updates to nearly nothing).
+    compute_device : str
+        Where models train and evaluate: ``cpu`` (default), ``cuda``, or ``auto`` (CUDA when
+        torch sees a GPU). Devices of a simulation share the one GPU, one after the other.
     bn_adapt : int
         1 (default): a device evaluates a global model with its batch-norm statistics
         re-estimated on its own clips (AdaBN, :func:`shared_models.training.adapt_batch_norm`;
@@ -258,6 +261,7 @@ class RunConfig:
     proximal_mu: float = _opt(_non_negative, default=0.01)
     qffl_q: float = _opt(_non_negative, default=0.1)
     qffl_lipschitz: float = _opt(_positive, default=1.0)
+    compute_device: str = _opt(_choice(("cpu", "cuda", "auto")), default="cpu")
     bn_adapt: int = _opt(_flag, default=1)
     partition: str = _opt(_choice(PARTITIONS), default="speaker")
     num_devices: int = _opt(_non_negative, default=0)

@@ -95,7 +95,9 @@ class AffectModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Returns ``{"emotion": (B, n_classes) logits, "av": (B, 2) in [-1, 1]}``."""
+        """Returns ``{"emotion": (B, n_classes) logits, "av": (B, 2) in [-1, 1]}``, on the
+        model's device (``x`` is moved there; ``lengths`` may stay on the CPU)."""
+        x = x.to(self.emotion.weight.device)
         z = self.drop(self.encode(x, lengths))
         return {"emotion": self.emotion(z), "av": torch.tanh(self.av(z))}
 
@@ -148,12 +150,12 @@ class _ConvGRU(AffectModel):
             x = nn.functional.pad(x, (0, self.min_steps - x.shape[-1]))
         padded = bool((lengths < x.shape[-1]).any())
         if padded:
-            x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+            x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x)
         for conv, pool in zip(self.convs, self.pools):
             x = torch.relu(nn.functional.max_pool1d(conv(x), pool))
             lengths = (lengths // pool).clamp(min=1)
             if padded:
-                x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x.dtype)
+                x = x * _mask(lengths, x.shape[-1]).unsqueeze(1).to(x)
         if not padded and bool((lengths == x.shape[-1]).all()):
             return self.gru(x.transpose(1, 2))[0].mean(dim=1)
         packed = pack_padded_sequence(x.transpose(1, 2), lengths, batch_first=True, enforce_sorted=False)

@@ -29,7 +29,7 @@ from .config import TASKS
 from .features import collate
 from .metrics import ccc_from_sums, ccc_loss, ccc_sums, confusion
 
-__all__ = ["TASKS", "LocalData", "train_local", "predict", "adapt_batch_norm", "evaluate_local"]
+__all__ = ["TASKS", "LocalData", "compute_device", "train_local", "predict", "adapt_batch_norm", "evaluate_local"]
 
 
 @dataclass
@@ -81,6 +81,26 @@ class LocalData:
         _check_task(task)
         emo, av = self.emotion >= 0, np.isfinite(self.av).any(axis=1)
         return {"emotion": emo, "av": av, "both": emo | av}[task]
+
+
+def compute_device(name: str) -> torch.device:
+    """The torch device that ``compute-device`` names: ``cpu``, ``cuda`` or ``auto`` (CUDA
+    when torch sees a GPU, else the CPU). Models go there (``model.to(...)``); the training
+    and evaluation loops here move their batches to wherever the model is.
+
+    Raises
+    ------
+    ValueError
+        For ``cuda`` when torch sees no CUDA device, or an unknown name.
+    """
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name in ("cuda", "auto"):
+        if not torch.cuda.is_available():
+            raise ValueError("compute-device = 'cuda', but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}); use 'cpu' or 'auto'")
+        return torch.device("cuda")
+    raise ValueError(f"unknown compute device {name!r}; known: cpu, cuda, auto")
 
 
 def _check_task(task: str) -> None:
@@ -166,10 +186,11 @@ def train_local(
         return result
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    emotion, av = torch.from_numpy(data.emotion), torch.from_numpy(data.av)
+    dev = next(model.parameters()).device  # the model's compute device (compute_device)
+    emotion, av = torch.from_numpy(data.emotion).to(dev), torch.from_numpy(data.av).to(dev)
     weight, labels = None, data.emotion[idx][data.emotion[idx] >= 0]
     if class_weights and task in ("emotion", "both") and labels.size:
-        weight = _class_weights(labels, getattr(model, "n_classes", int(labels.max()) + 1))
+        weight = _class_weights(labels, getattr(model, "n_classes", int(labels.max()) + 1)).to(dev)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -209,8 +230,8 @@ def predict(model: nn.Module, data: LocalData, *, batch_size: int = 64) -> tuple
     probs, avs = [], []
     for batch in _batches(np.arange(len(data)), batch_size):
         out = model(*collate([data.x[i] for i in batch]))
-        probs.append(torch.softmax(out["emotion"], dim=1).numpy())
-        avs.append(out["av"].numpy())
+        probs.append(torch.softmax(out["emotion"], dim=1).cpu().numpy())
+        avs.append(out["av"].cpu().numpy())
     model.train(was_training)
     if not probs:
         return np.zeros((0, getattr(model, "n_classes", 0)), np.float32), np.zeros((0, 2), np.float32)

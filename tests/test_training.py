@@ -6,7 +6,7 @@ import torch
 
 from shared_models.metrics import ccc_from_sums
 from shared_models.models import build_model
-from shared_models.training import LocalData, adapt_batch_norm, evaluate_local, predict, train_local
+from shared_models.training import LocalData, adapt_batch_norm, compute_device, evaluate_local, predict, train_local
 
 
 def blobs(n=120, seed=0, unknown=0):
@@ -146,3 +146,15 @@ def test_adapted_evaluation_does_not_see_a_per_channel_gain():
     assert np.abs(predict(model, loud)[0] - predict(model, plain)[0]).max() > 1e-2
     res = evaluate_local(model, loud, task="emotion", n_classes=3, adapt_bn=True)
     assert np.array_equal(res["cm"], evaluate_local(model, plain, task="emotion", n_classes=3, adapt_bn=True)["cm"])
+
+
+def test_compute_device_names():
+    assert compute_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert compute_device("cuda").type == compute_device("auto").type == "cuda"
+    else:
+        assert compute_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device.*'cpu' or 'auto'"):
+            compute_device("cuda")
+    with pytest.raises(ValueError, match="cpu, cuda, auto"):
+        compute_device("tpu")
