@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--models", default="egemaps-mlp,logmel-crnn,wave-cnn-gru")
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--run-folds", type=int, default=0, help="run only the first N folds (0 = all)")
+    p.add_argument("--fold-list", default="", help="run only these folds, e.g. 2,3 (overrides --run-folds)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--task", default="both")
@@ -37,7 +38,8 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         fed, cen, t_fed, t_cen = [], [], 0.0, 0.0
-        for fold in range(args.run_folds or args.folds):
+        folds = [int(f) for f in args.fold_list.split(",")] if args.fold_list else range(args.run_folds or args.folds)
+        for fold in folds:
             cfg = RunConfig(manifest=str(manifest), model=model, task=args.task, folds=args.folds, fold=fold,
                             num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
                             compute_device=args.compute_device,
@@ -47,6 +49,8 @@ def main() -> None:
             t1 = time.perf_counter()
             cen.append(centralised_baseline(cfg)["final"])
             t_fed, t_cen = t_fed + t1 - t0, t_cen + time.perf_counter() - t1
+            print(f"  fold {fold}: federated UAR {fed[-1]['uar']['mean']:.3f}, centralised {cen[-1]['uar']:.3f} "
+                  f"({t_fed:.0f} s + {t_cen:.0f} s so far)", flush=True)
         row = {"model": model, "folds_run": len(fed)}
         for key in ("uar", "ccc_arousal", "ccc_valence"):
             f = [x[key]["mean"] for x in fed]
