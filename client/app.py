@@ -62,6 +62,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared_models.config import RunConfig
 from shared_models.fairness import (
+    FAIR_SIGNAL_KEY,
     LOO_ROUND_KEY,
     LOO_WEIGHT_KEY,
     FaiRegParams,
@@ -253,9 +254,10 @@ def device_statistics(result: dict[str, Any]) -> str:
     return json.dumps({k: plain(result[k]) for k in keys})
 
 
-def _model(cfg: RunConfig, device: Device, msg: Message) -> torch.nn.Module:
+def _model(cfg: RunConfig, device: Device, record: ArrayRecord) -> torch.nn.Module:
+    """The run's model with ``record``'s weights, on the run's compute device."""
     model = build_model(cfg.model, max(len(device.emotions), 1)).to(compute_device(cfg.compute_device))
-    load_record(model, msg.content["arrays"])
+    load_record(model, record)
     return model
 
 
@@ -299,7 +301,7 @@ def train(msg: Message, context: Context) -> Message:
     device = load_device(context.run_config, _node_config(context, msg))
     round_cfg = msg.content["config"]
     server_round = int(round_cfg.get("server-round", 0))
-    model = _model(cfg, device, msg)
+    model = _model(cfg, device, msg.content["arrays"])
     faireg = faireg_of(round_cfg)
     held = _validation_mask(cfg, device) if round_cfg.get("pre-stats", False) else None
     extra = _eval_stats(cfg, device, model, round_cfg, faireg)
@@ -327,7 +329,7 @@ def train(msg: Message, context: Context) -> Message:
         {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
     )
     arrays = to_record(model)
-    if round_cfg.get("fair-signal") == "loo":  # kept for next round's leave-one-out model
+    if round_cfg.get(FAIR_SIGNAL_KEY) == "loo":  # kept for next round's leave-one-out model
         context.state[_OWN_UPDATE] = arrays
         context.state[_OWN_ROUND] = ConfigRecord({"round": server_round})
     content = RecordDict({"arrays": arrays, "metrics": metrics, "device": _reply_config(device, **extra)})
@@ -339,7 +341,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the device's clips; reply with sufficient statistics."""
     cfg = RunConfig.from_mapping(context.run_config)
     device = load_device(context.run_config, _node_config(context, msg))
-    model = _model(cfg, device, msg)
+    model = _model(cfg, device, msg.content["arrays"])
     faireg = faireg_of(msg.content["config"]) if "config" in msg.content else None
     result = _evaluation(cfg, device, model, device.data, faireg)
     metrics = MetricRecord(
@@ -410,15 +412,13 @@ def _leave_one_out_model(cfg: RunConfig, device: Device, msg: Message, context: 
     round_cfg = msg.content["config"]
     own, kept = context.state.array_records.get(_OWN_UPDATE), context.state.config_records.get(_OWN_ROUND)
     received = msg.content["arrays"]
-    if (round_cfg.get("fair-signal") != "loo" or own is None or kept is None or PACKED_KEY not in received
+    if (round_cfg.get(FAIR_SIGNAL_KEY) != "loo" or own is None or kept is None or PACKED_KEY not in received
             or int(kept["round"]) != int(round_cfg.get(LOO_ROUND_KEY, -1))):
         return None
     flat = leave_one_out(received[PACKED_KEY].numpy(), own[PACKED_KEY].numpy(), float(round_cfg.get(LOO_WEIGHT_KEY, 0.0)))
     if flat is None:
         return None
-    model = build_model(cfg.model, max(len(device.emotions), 1)).to(compute_device(cfg.compute_device))
-    load_record(model, ArrayRecord({PACKED_KEY: Array(flat)}))
-    return model
+    return _model(cfg, device, ArrayRecord({PACKED_KEY: Array(flat)}))
 
 
 def _validation_mask(cfg: RunConfig, device: Device) -> np.ndarray | None:

@@ -91,6 +91,7 @@ __all__ = [
     "device_group_shares",
     "leave_one_out",
     "LOO_WEIGHT_KEY",
+    "FAIR_SIGNAL_KEY",
     "LOO_ROUND_KEY",
     "faireg_group_keys",
     "label_stats",
@@ -108,6 +109,8 @@ MIN_GROUP_LABELS = 2
 GROUP_SEP = "|"
 """Separator of attribute values in an intersection group key (``female|young``)."""
 _MIN_STD = 1e-6
+FAIR_SIGNAL_KEY = "fair-signal"
+"""Train-message config entry of strategy ``fair``: ``global`` or ``loo``, the model devices compute their ``pre-stats`` of."""
 LOO_WEIGHT_KEY = "fair-own-weight"
 """Train-message config entry: the device's normalised weight in the last aggregation (``fair-signal = loo``)."""
 LOO_ROUND_KEY = "fair-own-round"

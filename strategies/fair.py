@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.fairness import (
+    FAIR_SIGNAL_KEY,
     LOO_ROUND_KEY,
     LOO_WEIGHT_KEY,
     device_group_shares,
@@ -66,8 +67,6 @@ log = logging.getLogger("fedaffect.strategies")
 
 PRE_STATS_KEY = "pre-stats"
 """Round-config flag asking devices for pre-training statistics, and the reply entry holding them."""
-SIGNAL_KEY = "fair-signal"
-"""Round-config entry naming the model devices compute their ``pre-stats`` of."""
 SIGNALS = ("global", "loo")
 
 
@@ -297,7 +296,7 @@ class FairAvg(FedAvg):
         """As FedAvg, and ask every device for its statistics of the global model (``loo``: of
         its leave-one-out model, each message then carrying the device's last weight)."""
         config[self.stats_key] = True
-        config[SIGNAL_KEY] = self.signal
+        config[FAIR_SIGNAL_KEY] = self.signal
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.signal != "loo":
             return messages
