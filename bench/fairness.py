@@ -248,7 +248,6 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--fair-beta", type=float, default=5.0)
     p.add_argument("--fair-balance", type=float, default=0.5, help="strategy fair: group re-balancing (1 none, 0 equal)")
-    p.add_argument("--fair-signal", default="global", help="fair: global or loo (leave-one-out) pre-stats")
     p.add_argument("--qffl-q", type=float, default=0.1)
     p.add_argument("--fair-validation", type=float, default=0.0,
                    help="fair: fraction of each device's labelled clips kept back for its pre-stats")
@@ -278,7 +277,7 @@ def main() -> None:
                 cfg = RunConfig(manifest=str(manifest), model=args.model, task=args.task, folds=args.folds,
                                 fold=fold, num_server_rounds=args.rounds, local_epochs=args.local_epochs,
                                 strategy=strategy, fair_beta=args.fair_beta, fair_balance=args.fair_balance,
-                                qffl_q=args.qffl_q, fair_signal=args.fair_signal,
+                                qffl_q=args.qffl_q,
                                 fair_validation=args.fair_validation if strategy == "fair" else 0.0,
                                 faireg=faireg, faireg_reference=args.faireg_reference if faireg == "on" else "",
                                 seed=args.seed, run_dir="runs/bench",

@@ -55,26 +55,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared_models.config import RunConfig
-from shared_models.fairness import (
-    FAIR_SIGNAL_KEY,
-    LOO_ROUND_KEY,
-    LOO_WEIGHT_KEY,
-    FaiRegParams,
-    faireg_group_keys,
-    label_stats,
-    leave_one_out,
-    normalise_data,
-)
+from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats, normalise_data
 from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
-from shared_models.models import PACKED_KEY, build_model, clippable_update, frontend_for, load_record, to_record
+from shared_models.models import build_model, clippable_update, frontend_for, load_record, to_record
 from shared_models.training import LocalData, compute_device, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
@@ -305,9 +296,7 @@ def train(msg: Message, context: Context) -> Message:
     faireg = faireg_of(round_cfg)
     held = _validation_mask(cfg, device) if round_cfg.get("pre-stats", False) else None
     extra = _eval_stats(cfg, device, model, round_cfg, faireg)
-    loo = _leave_one_out_model(cfg, device, msg, context)  # strategy fair, fair-signal = loo
-    extra.update(_pre_stats(cfg, device, loo or model, round_cfg, faireg, held,
-                            extra.get("eval-stats") if loo is None else None))
+    extra.update(_pre_stats(cfg, device, model, round_cfg, faireg, held, extra.get("eval-stats")))
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
     data = device.data if held is None else _without_labels(device.data, held)  # before any upsampling
     with coop.reads_cached() if coop else contextlib.nullcontext():  # one store snapshot a round
@@ -328,11 +317,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
     )
-    arrays = to_record(model)
-    if round_cfg.get(FAIR_SIGNAL_KEY) == "loo":  # kept for next round's leave-one-out model
-        context.state[_OWN_UPDATE] = arrays
-        context.state[_OWN_ROUND] = ConfigRecord({"round": server_round})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, "device": _reply_config(device, **extra)})
+    content = RecordDict({"arrays": to_record(model), "metrics": metrics, "device": _reply_config(device, **extra)})
     return Message(content=content, reply_to=msg)
 
 
@@ -399,26 +384,6 @@ def _pre_stats(cfg: RunConfig, device: Device, model: torch.nn.Module, round_cfg
         return {"pre-stats": all_clips}
     data = device.data if held is None else device.data.subset(np.flatnonzero(held))
     return {"pre-stats": device_statistics(_evaluation(cfg, device, model, data, faireg))}
-
-
-_OWN_UPDATE, _OWN_ROUND = "fair-own-update", "fair-own-round"  # the device's last update, in its Context.state
-
-
-def _leave_one_out_model(cfg: RunConfig, device: Device, msg: Message, context: Context) -> torch.nn.Module | None:
-    """The global model without this device's last update (``fair-signal = loo``): from the
-    received model, the update the device kept in its ``Context.state`` and its weight in the
-    message (:func:`shared_models.fairness.leave_one_out`). None when not asked, or when the
-    kept update is not the one the server aggregated last (the device missed that round)."""
-    round_cfg = msg.content["config"]
-    own, kept = context.state.array_records.get(_OWN_UPDATE), context.state.config_records.get(_OWN_ROUND)
-    received = msg.content["arrays"]
-    if (round_cfg.get(FAIR_SIGNAL_KEY) != "loo" or own is None or kept is None or PACKED_KEY not in received
-            or int(kept["round"]) != int(round_cfg.get(LOO_ROUND_KEY, -1))):
-        return None
-    flat = leave_one_out(received[PACKED_KEY].numpy(), own[PACKED_KEY].numpy(), float(round_cfg.get(LOO_WEIGHT_KEY, 0.0)))
-    if flat is None:
-        return None
-    return _model(cfg, device, ArrayRecord({PACKED_KEY: Array(flat)}))
 
 
 def _validation_mask(cfg: RunConfig, device: Device) -> np.ndarray | None:

@@ -215,12 +215,6 @@ class RunConfig:
         few devices it has; :func:`strategies.fair.group_balanced`). The defaults, balance
         0.5 with beta 5, narrowed FedAvg's gender gap in all four benchmark settings (12
         folds each, docs/BENCHMARKS.md) where beta 1 alone widened it in two.
-    fair_signal : str
-        Strategy ``fair``: the model whose per-group metric moves the weights: ``global`` (the
-        round's global model on each device's clips, as FairFed) or ``loo`` (each device's
-        leave-one-out model, the global model without the device's own last update:
-        :func:`shared_models.fairness.leave_one_out`; the device keeps its last update, the
-        train message brings its weight).
     fair_validation : float
         Strategy ``fair``: the fraction of each device's labelled clips (seeded, stratified by
         emotion, at least one clip) kept out of local training and used for the device's
@@ -306,7 +300,6 @@ class RunConfig:
     protected: str = "gender"
     fair_beta: float = _opt(_non_negative, default=5.0)
     fair_attribute: str = "gender"
-    fair_signal: str = _opt(_choice(("global", "loo")), default="global")
     fair_validation: float = _opt(_half_open_unit, default=0.0)
     fair_balance: float = _opt(_probability, default=0.5)
     faireg: str = _opt(_choice(("off", "on")), default="off")

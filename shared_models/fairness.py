@@ -89,10 +89,6 @@ __all__ = [
     "task_metric",
     "group_task_metrics",
     "device_group_shares",
-    "leave_one_out",
-    "LOO_WEIGHT_KEY",
-    "FAIR_SIGNAL_KEY",
-    "LOO_ROUND_KEY",
     "faireg_group_keys",
     "label_stats",
     "pool_label_stats",
@@ -109,12 +105,6 @@ MIN_GROUP_LABELS = 2
 GROUP_SEP = "|"
 """Separator of attribute values in an intersection group key (``female|young``)."""
 _MIN_STD = 1e-6
-FAIR_SIGNAL_KEY = "fair-signal"
-"""Train-message config entry of strategy ``fair``: ``global`` or ``loo``, the model devices compute their ``pre-stats`` of."""
-LOO_WEIGHT_KEY = "fair-own-weight"
-"""Train-message config entry: the device's normalised weight in the last aggregation (``fair-signal = loo``)."""
-LOO_ROUND_KEY = "fair-own-round"
-"""Train-message config entry: the round of that aggregation (the device's update must be from it)."""
 
 
 # --------------------------------------------------------------------------- measures
@@ -311,38 +301,6 @@ def device_group_shares(stats: Mapping, attribute: str) -> dict[str, float]:
     counts = {g: float(v.get("n", 0)) for g, v in groups.items()}
     total = sum(counts.values())
     return {g: c / total for g, c in counts.items() if c > 0} if total > 0 else {}
-
-
-def leave_one_out(global_flat: np.ndarray, own_flat: np.ndarray, weight: float) -> np.ndarray | None:
-    """The aggregate of every device but one, from the global model and that device's update.
-
-    A weighted average ``theta = sum_k w_k theta_k`` (weights summing to 1) without device
-    ``j`` is ``(theta - w_j theta_j) / (1 - w_j)``: a device that kept its own last update
-    ``theta_j`` and is told its weight ``w_j`` recovers the model the *other* devices made,
-    with no extra bytes. Evaluated on the device's own clips, that model measures how the
-    federation serves a speaker it has not trained on, which is what the held-out gap of a
-    group is about (the global model has been fitted to the device's clips; strategy ``fair``
-    with ``fair-signal = loo``, :mod:`strategies.fair`).
-
-    Parameters
-    ----------
-    global_flat, own_flat : np.ndarray, shape (n,)
-        The aggregated model and the device's update, as flat float arrays
-        (:func:`shared_models.models.to_record`).
-    weight : float
-        The device's normalised aggregation weight ``w_j`` in that aggregation.
-
-    Returns
-    -------
-    np.ndarray, shape (n,), float32, or None
-        None when the device had no weight (``w_j <= 0``: the global model already is the
-        others' model), when it had all of it (``w_j >= 1 - 1e-3``: the others made nothing)
-        or when the shapes differ.
-    """
-    g, own = np.asarray(global_flat), np.asarray(own_flat)
-    if g.shape != own.shape or not 0 < weight < 1 - 1e-3:
-        return None
-    return ((g.astype(np.float64) - weight * own.astype(np.float64)) / (1.0 - weight)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- FaiReg

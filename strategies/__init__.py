@@ -75,5 +75,5 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
             raise ValueError(f"fair-attribute {cfg.fair_attribute!r} is not a protected attribute "
                              f"(protected = {cfg.protected!r}); add it to 'protected'")
         return FairAvg(beta=cfg.fair_beta, attribute=cfg.fair_attribute, balance=cfg.fair_balance, task=cfg.task,
-                       signal=cfg.fair_signal, **common)
+                       **common)
     raise ValueError(f"unknown strategy {cfg.strategy!r}; known: {', '.join(STRATEGIES)}")

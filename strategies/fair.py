@@ -12,11 +12,6 @@ AAAI 2023), adapted to performance parity between speaker groups:
    training, and sends the sufficient statistics (confusion counts, CCC sums, per protected
    group) as the JSON entry ``pre-stats`` of its reply's ``device`` ConfigRecord; its
    ``metrics`` MetricRecord is unchanged (FedAvg needs identical keys on every reply).
-   With ``signal = "loo"`` the device evaluates the *leave-one-out* model instead: the global
-   model without its own last update (:func:`shared_models.fairness.leave_one_out`; each
-   train message carries the device's weight in the last aggregation), so that a group's
-   metric says how the federation serves speakers it has not trained on, as the held-out
-   gap does, and not how well it has fitted the group's own devices.
 3. The strategy pools these statistics per group of ``attribute`` and computes each group's
    metric ``F_g`` and the global one ``F`` (UAR for the ``emotion`` and ``both`` tasks, the
    mean of the arousal and valence CCC for ``av``).
@@ -52,22 +47,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from shared_models.fairness import (
-    FAIR_SIGNAL_KEY,
-    LOO_ROUND_KEY,
-    LOO_WEIGHT_KEY,
-    device_group_shares,
-    group_task_metrics,
-    task_metric,
-)
+from shared_models.fairness import device_group_shares, group_task_metrics, task_metric
 
-__all__ = ["FairAvg", "fair_weights", "group_balanced", "PRE_STATS_KEY", "SIGNALS"]
+__all__ = ["FairAvg", "fair_weights", "group_balanced", "PRE_STATS_KEY"]
 
 log = logging.getLogger("fedaffect.strategies")
 
 PRE_STATS_KEY = "pre-stats"
 """Round-config flag asking devices for pre-training statistics, and the reply entry holding them."""
-SIGNALS = ("global", "loo")
 
 
 def _as_shares(group: str | Mapping[str, float]) -> dict[str, float]:
@@ -211,10 +198,6 @@ class FairAvg(FedAvg):
         (:func:`group_balanced`): 1 FedAvg's, 0 equal per group.
     task : str (default: "emotion")
         ``emotion``/``both`` balance UAR; ``av`` balances the mean arousal/valence CCC.
-    signal : str (default: "global")
-        The model whose per-group metric moves the weights: ``global`` (the round's global
-        model on each device's clips, FairFed's local metrics) or ``loo`` (each device's
-        leave-one-out model, step 2 of the module docstring).
     stats_key : str (default: "pre-stats")
         Round-config flag sent to devices and the reply's ``device`` ConfigRecord entry
         holding their JSON statistics of the global model before training.
@@ -241,7 +224,6 @@ class FairAvg(FedAvg):
         attribute: str = "gender",
         balance: float = 1.0,
         task: str = "emotion",
-        signal: str = "global",
         stats_key: str = PRE_STATS_KEY,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -270,11 +252,6 @@ class FairAvg(FedAvg):
             raise ValueError(f"beta must be >= 0, got {beta}")
         if not 0 <= balance <= 1:
             raise ValueError(f"balance must be in [0, 1], got {balance}")
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
-        self.signal = signal
-        self._node_weights: dict[int, float] = {}  # node id -> weight in the last aggregation
-        self._weights_round = -1
         self.beta = float(beta)
         self.balance = float(balance)
         self.attribute = attribute
@@ -286,27 +263,16 @@ class FairAvg(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration."""
-        log.info("FairAvg: beta %s, balance %s, attribute %r, task %r, signal %r", self.beta, self.balance,
-                 self.attribute, self.task, self.signal)
+        log.info("FairAvg: beta %s, balance %s, attribute %r, task %r", self.beta, self.balance, self.attribute,
+                 self.task)
         super().summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """As FedAvg, and ask every device for its statistics of the global model (``loo``: of
-        its leave-one-out model, each message then carrying the device's last weight)."""
+        """As FedAvg, and ask every device for its statistics of the global model."""
         config[self.stats_key] = True
-        config[FAIR_SIGNAL_KEY] = self.signal
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.signal != "loo":
-            return messages
-        out = []
-        for msg in messages:  # one config per device: its own weight (0: not in the last aggregation)
-            own = ConfigRecord({**config, LOO_WEIGHT_KEY: self._node_weights.get(msg.metadata.dst_node_id, 0.0),
-                                LOO_ROUND_KEY: self._weights_round})
-            out.append(Message(RecordDict({**msg.content, self.configrecord_key: own}),
-                               dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type))
-        return out
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _device_stats(self, content: RecordDict) -> tuple[dict | None, dict[str, float]]:
         """A reply's pre-training statistics and its group shares (from them, else from
@@ -335,7 +301,6 @@ class FairAvg(FedAvg):
         """Aggregate the replies with fairness-normalised weights (see the module docstring)."""
         valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
         self.last_group_weights, self.last_count_weights = {}, {}
-        self._node_weights, self._weights_round = {}, server_round
         if not valid_replies:
             return None, None
         contents = [msg.content for msg in valid_replies]
@@ -360,8 +325,6 @@ class FairAvg(FedAvg):
                  {g: round(v, 3) for g, v in self.last_group_weights.items()},
                  {g: round(v, 3) for g, v in self.last_count_weights.items()})
 
-        self._node_weights = {} if sum(counts) <= 0 else {
-            msg.metadata.src_node_id: float(w) for msg, w in zip(valid_replies, weights)}
         if sum(counts) <= 0:
             arrays = None  # nobody trained on anything: keep the global model
         elif self.beta == 0 and self.balance == 1:

@@ -24,7 +24,6 @@ from shared_models.fairness import (
     faireg_params,
     fairness_summary,
     label_stats,
-    leave_one_out,
     normalise_data,
     pool_label_stats,
     spread,
@@ -260,90 +259,6 @@ def test_fair_strategy_tolerates_dropped_devices_and_missing_pre_stats(task_iden
     assert sum(strategy.last_group_weights.values()) == pytest.approx(1.0)
     assert strategy.history[-1]["weights"][-1] == 0.0  # no examples, no weight
     assert strategy.aggregate_train(3, []) == (None, None) and strategy.last_group_weights == {}
-
-
-def test_leave_one_out_is_the_average_of_the_others():
-    rng = np.random.default_rng(0)
-    thetas, w = rng.standard_normal((3, 5)), np.array([0.2, 0.3, 0.5])
-    global_flat = (w[:, None] * thetas).sum(axis=0)
-    for j in range(3):
-        others = [k for k in range(3) if k != j]
-        want = (w[others, None] * thetas[others]).sum(axis=0) / w[others].sum()
-        np.testing.assert_allclose(leave_one_out(global_flat, thetas[j], w[j]), want, rtol=1e-5, atol=1e-6)
-    assert leave_one_out(global_flat, thetas[0], 0.0) is None  # not in the aggregation: the global model is it
-    assert leave_one_out(global_flat, thetas[0], 1.0) is None  # nobody else contributed
-    assert leave_one_out(global_flat, thetas[0][:4], 0.2) is None
-
-
-class _Nodes:
-    """The part of a Flower Grid a strategy's sampling reads: the connected node ids."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return self.ids
-
-
-def test_loo_signal_sends_each_device_its_weight_in_the_last_aggregation(task_identity):
-    replies = [Message(r.content, reply_to=Message(RecordDict(), dst_node_id=i + 1, message_type=MessageType.TRAIN))
-               for i, r in enumerate(_replies(np.random.default_rng(0)))]
-    strategy = FairAvg(beta=1.0, signal="loo", min_available_nodes=1)
-    arrays, _ = strategy.aggregate_train(3, replies[1:])  # node 1 dropped out of round 3
-    weights = dict(zip([2, 3, 4], strategy.history[-1]["weights"]))
-    msgs = list(strategy.configure_train(4, arrays, ConfigRecord({"lr": 0.1}), _Nodes([1, 2, 3, 4, 5])))
-    got = {m.metadata.dst_node_id: m.content["config"] for m in msgs}
-    assert set(got) == {1, 2, 3, 4, 5}
-    for node, config in got.items():
-        assert config["fair-own-weight"] == pytest.approx(weights.get(node, 0.0))
-        assert config["fair-own-round"] == 3 and config["fair-signal"] == "loo" and config["pre-stats"]
-        assert config["server-round"] == 4 and config["lr"] == 0.1
-    assert got[4]["fair-own-weight"] == 0.0 and got[3]["fair-own-weight"] > 0.3  # no examples; the group behind
-    plain = list(FairAvg(beta=1.0, min_available_nodes=1).configure_train(4, arrays, ConfigRecord(), _Nodes([1, 2])))
-    assert all("fair-own-weight" not in m.content["config"] for m in plain)
-    with pytest.raises(ValueError, match="global, loo"):
-        FairAvg(signal="held-out")
-
-
-def test_a_device_computes_its_pre_stats_on_its_leave_one_out_model(tone_manifest, tmp_path, task_identity):
-    from flwr.app import Context
-
-    from client.app import app as client_app
-    from client.app import device_statistics, load_device
-    from shared_models.models import PACKED_KEY, load_record, to_record
-
-    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=1, strategy="fair", fair_signal="loo",
-                                   run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")), progress=False)
-    node = {"partition-id": 0, "num-partitions": n}
-    device = load_device(cfg.to_mapping(), node)
-    context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_mapping())
-
-    def train(server_round, arrays, **extra):
-        config = ConfigRecord({"server-round": server_round, "pre-stats": True, "fair-signal": "loo", **extra})
-        reply = client_app(Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
-                                   message_type=MessageType.TRAIN), context)
-        assert not reply.has_error(), reply.error
-        return reply
-
-    torch.manual_seed(0)
-    own = train(1, to_record(build_model(cfg.model, len(device.emotions)))).content["arrays"]  # round 1: kept
-    torch.manual_seed(1)
-    other = to_record(build_model(cfg.model, len(device.emotions)))
-    w = 0.4
-    received = ArrayRecord({PACKED_KEY: Array((w * own[PACKED_KEY].numpy() + (1 - w) * other[PACKED_KEY].numpy())
-                                              .astype(np.float32))})
-
-    def stats_of(arrays):
-        model = build_model(cfg.model, len(device.emotions))
-        load_record(model, arrays)
-        return json.loads(device_statistics(evaluate_local(model, device.data, task=cfg.task,
-                                                           n_classes=len(device.emotions))))
-
-    pre = json.loads(train(2, received, **{"fair-own-weight": w, "fair-own-round": 1}).content["device"]["pre-stats"])
-    assert pre["cm"] == stats_of(other)["cm"] and pre["cm"] != stats_of(received)["cm"]  # the others' model
-    # An update from another round than the one aggregated (the device missed it): the global model.
-    stale = json.loads(train(3, received, **{"fair-own-weight": w, "fair-own-round": 1}).content["device"]["pre-stats"])
-    assert stale["cm"] == stats_of(received)["cm"]
 
 
 # --------------------------------------------------------------------------- FaiReg
