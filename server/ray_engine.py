@@ -42,7 +42,7 @@ from server.superlink import (
     wait_healthy, write_flower_config,
 )
 
-__all__ = ["run_ray", "absolute_paths", "REPO_ROOT"]
+__all__ = ["run_ray", "absolute_paths", "federation_config", "REPO_ROOT", "GPU_PER_DEVICE"]
 
 log = logging.getLogger("fedaffect.ray")
 
@@ -85,6 +85,27 @@ def absolute_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
     return cfg.replace(
         manifest=absolute(cfg.manifest), cache_dir=absolute(cfg.cache_dir), run_dir=run_dir, store_url=url
     )
+
+
+#: Share of a GPU each simulated device's Ray actor asks for when the run computes on CUDA
+#: (up to 10 devices train on one GPU at once; the CPU count usually limits them first).
+GPU_PER_DEVICE = 0.1
+
+
+def federation_config(num_devices: int, compute_device: str, cuda_available: bool | None = None) -> str:
+    """The ``--federation-config`` of a Ray simulation of ``num_devices`` devices.
+
+    Every device's actor gets one CPU; with ``compute-device`` ``cuda`` (or ``auto`` on a
+    machine with a GPU) it also asks for :data:`GPU_PER_DEVICE` of a GPU: Ray hides the GPUs
+    from actors that ask for none (``CUDA_VISIBLE_DEVICES`` is emptied), and torch in such an
+    actor would see no CUDA device. ``cuda_available`` defaults to torch's answer.
+    """
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    gpus = GPU_PER_DEVICE if compute_device == "cuda" or (compute_device == "auto" and cuda_available) else 0.0
+    return f"num-supernodes={num_devices} client-resources-num-cpus=1 client-resources-num-gpus={gpus}"
 
 
 def _mark_failed(store: RunStore, name: str, problem: BaseException) -> None:
@@ -172,7 +193,7 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dic
         overrides = tmp / "run-config.toml"
         overrides.write_text(tomli_w.dumps(cfg.to_mapping()))
         env = flower_environment(home, tmp)
-        federation = f"num-supernodes={num_devices} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+        federation = federation_config(num_devices, cfg.compute_device)
 
         superlink = subprocess.Popen(
             [

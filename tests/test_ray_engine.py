@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from server.ray_engine import REPO_ROOT, absolute_paths, run_ray
+from server.ray_engine import GPU_PER_DEVICE, REPO_ROOT, absolute_paths, federation_config, run_ray
 from server.superlink import descendants as _children, stage_app as _stage_app
 from server.simulation import prepare_run, simulate
 from server.store import RunStore
@@ -101,6 +101,15 @@ def test_absolute_paths(tmp_path):
     assert absolute_paths(RunConfig(run_dir="r"), base=tmp_path).store_url.endswith(str(tmp_path / "r" / "fedaffect.db"))
     with pytest.raises(ValueError, match="memory"):
         absolute_paths(RunConfig(store_url="sqlite:///:memory:"))
+
+
+def test_devices_ask_ray_for_a_gpu_share_only_when_the_run_computes_on_cuda():
+    # Ray empties CUDA_VISIBLE_DEVICES for actors that ask for no GPU: torch would see none.
+    assert federation_config(5, "cpu", cuda_available=True).endswith("client-resources-num-gpus=0.0")
+    assert federation_config(5, "auto", cuda_available=False).endswith("client-resources-num-gpus=0.0")
+    for device in ("cuda", "auto"):
+        config = federation_config(5, device, cuda_available=True)
+        assert config == f"num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus={GPU_PER_DEVICE}"
 
 
 @pytest.mark.slow
