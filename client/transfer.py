@@ -30,7 +30,7 @@ from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.metrics import classification_metrics, confusion
 from shared_models.models import MODELS, build_model, frontend_for
-from shared_models.training import LocalData, predict, train_local
+from shared_models.training import LocalData, compute_device, predict, train_local
 
 __all__ = ["pretrain", "load_checkpoint", "load_initial", "check_initial"]
 
@@ -41,7 +41,8 @@ KIND = "fedaffect-pretrained"
 
 def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: str = "emotion", epochs: int = 20,
              lr: float = 3e-3, batch_size: int = 32, seed: int = 0, emotions: Sequence[str] | None = None,
-             cache_dir: str | Path = ".cache/fedaffect", progress: bool = False) -> dict[str, Any]:
+             cache_dir: str | Path = ".cache/fedaffect", progress: bool = False,
+             device: str = "cpu") -> dict[str, Any]:
     """Train ``model_name`` centrally on a source corpus and save a checkpoint.
 
     Parameters
@@ -59,6 +60,9 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
         Classes of the categorical head in order; default every emotion in the manifest, sorted.
     cache_dir : path
         Feature cache.
+    device : str
+        ``cpu``, ``cuda`` or ``auto`` (:func:`shared_models.training.compute_device`); the
+        checkpoint holds CPU tensors either way.
 
     Returns
     -------
@@ -69,12 +73,14 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     Raises
     ------
     ValueError
-        For an unknown model, or a corpus without the labels the task needs.
+        For an unknown model, a corpus without the labels the task needs, or ``cuda`` on a
+        machine where torch sees no GPU.
     FileNotFoundError, ManifestError
         For a missing or invalid manifest.
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(MODELS)}")
+    target = compute_device(device)  # before any work: a bad device fails at once
     t0 = time.perf_counter()
     table = read_manifest(manifest)
     emotions = list(emotions or sorted(e for e in table["emotion"].unique() if e))
@@ -97,7 +103,7 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     data = LocalData(x, np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
                      table[["arousal", "valence"]].to_numpy(dtype=np.float32))
     torch.manual_seed(seed)
-    model = build_model(model_name, max(len(emotions), 1))
+    model = build_model(model_name, max(len(emotions), 1)).to(target)
     result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     probs, _ = predict(model, data)
     known = data.emotion >= 0
@@ -105,7 +111,7 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"kind": KIND, "model": model_name, "emotions": emotions, "task": task,
-                "state_dict": model.state_dict(), "source": str(manifest), "epochs": epochs, "seed": seed}, out)
+                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "source": str(manifest), "epochs": epochs, "seed": seed}, out)
     return {"path": str(out), "clips": len(data), "speakers": int(table["speaker"].nunique()), "emotions": emotions,
             "train_loss": result["train_loss"], "train_uar": classification_metrics(cm)["uar"] if known.any() else float("nan"),
             "seconds": time.perf_counter() - t0}

@@ -327,6 +327,7 @@ def pretrain(
     seed: int = typer.Option(0),
     emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the head (default: the corpus's)"),
     cache_dir: Path = typer.Option(Path(".cache/fedaffect"), help="feature cache"),
+    compute_device: str = typer.Option("cpu", "--compute-device", help="cpu, cuda or auto (a GPU when torch sees one)"),
 ) -> None:
     """Train a model centrally on a source corpus: the starting point of transfer learning."""
     _setup_logging(False)
@@ -338,7 +339,7 @@ def pretrain(
     try:
         result = run_pretrain(manifest, model, out_path, task=task, epochs=epochs, lr=lr, batch_size=batch_size,
                               seed=seed, emotions=[e.strip() for e in emotions.split(",")] if emotions else None,
-                              cache_dir=cache_dir, progress=True)
+                              cache_dir=cache_dir, progress=True, device=compute_device)
     except (ValueError, FileNotFoundError, ManifestError) as err:
         _fail(str(err))
     out.print(f"[green]wrote[/] {result['path']}: {model} on {result['clips']} clips of {result['speakers']} "

@@ -335,6 +335,10 @@ def test_pretrain_then_init_a_federation(tone_manifest, tmp_path):
         load_initial(build_model("logmel-crnn", 2), ckpt, "logmel-crnn", ["anger", "sadness"])
     with pytest.raises(FileNotFoundError):
         load_initial(model, tmp_path / "none.pt", "egemaps-mlp", ["anger"])
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: refused by name, nothing written
+        res = CliRunner().invoke(cli, ["pretrain", "--manifest", str(tone_manifest), "--out", str(tmp_path / "gpu.pt"),
+                                       "--compute-device", "cuda", "--cache-dir", cache])
+        assert res.exit_code != 0 and "no CUDA device" in res.output and not (tmp_path / "gpu.pt").exists()
     assert "FaiReg" not in load_initial(build_model("egemaps-mlp", 2), ckpt, "egemaps-mlp", ["anger", "sadness"])
     torch.save({**payload, "faireg": '{"groups": {}}'}, tmp_path / "faireg.pt")  # a FaiReg run's checkpoint
     assert "normalised targets" in load_initial(build_model("egemaps-mlp", 2), tmp_path / "faireg.pt", "egemaps-mlp",
