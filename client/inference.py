@@ -139,13 +139,12 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
                          f"{len(ref_feats)} readable clip(s) (at least {MIN_REFERENCE_CLIPS} needed): pass the "
                          "device's data directory (--data-dir) or a manifest of its clips (--reference)")
     scaler = Standardiser.for_frontend(frontend).fit(ref_feats)
+    clips_data = _unlabelled([scaler.transform(f) for f in usable])
     if int(dict(ckpt.get("config") or {}).get("bn-adapt", 1)):  # as the run's devices evaluated it
-        ref_x = [scaler.transform(f) for f in ref_feats]
-        model = adapt_batch_norm(model, LocalData(x=ref_x, emotion=np.full(len(ref_x), -1),
-                                                  av=np.full((len(ref_x), 2), np.nan)))
+        ref_data = clips_data if reference is None else _unlabelled([scaler.transform(f) for f in ref_feats])
+        model = adapt_batch_norm(model, ref_data)
     model = for_inference(model)  # batch norms folded into the convolutions
-    x = [scaler.transform(f) for f in usable]
-    probs, av = predict(model, LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan)))
+    probs, av = predict(model, clips_data)
     if ckpt.get("faireg"):  # a FaiReg run: the model's arousal/valence are normalised targets
         av = FaiRegParams.from_json(str(ckpt["faireg"])).denormalise(av)
     out, row = [], 0
@@ -157,6 +156,11 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
         out.append(Prediction(path, max(p, key=p.get) if p else None, p, float(av[row, 0]), float(av[row, 1])))
         row += 1
     return out
+
+
+def _unlabelled(x: list) -> LocalData:
+    """Standardised features of clips without labels."""
+    return LocalData(x=x, emotion=np.full(len(x), -1), av=np.full((len(x), 2), np.nan))
 
 
 def _skip_reason(path: str) -> str:
