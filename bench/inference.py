@@ -6,7 +6,8 @@ of 5 runs after a warm-up, with the model as ``fedaffect predict`` runs it
 (:func:`shared_models.models.for_inference`: batch norms folded into the convolutions;
 ``--no-fuse`` for the training model). Target RTF <= 0.01.
 
-    python bench/inference.py [--models egemaps-mlp,logmel-crnn] [--seconds 4] [--runs 5] [--no-fuse] [--tag NAME]
+    python bench/inference.py [--models egemaps-mlp,logmel-crnn] [--seconds 4] [--runs 5] [--no-fuse]
+                              [--chunk-values N] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (the median is kept)")
     p.add_argument("--no-fuse", action="store_true",
                    help="time the training model (batch norms not folded into the convolutions)")
+    p.add_argument("--chunk-values", type=int, default=None,
+                   help="time chunks of the sequence models' eval-mode conv blocks, in output values "
+                        "(default: the models' own; 0: whole clips)")
     p.add_argument("--tag", default="", help="suffix of the result file name (default: overwrite inference.json)")
     args = p.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -45,6 +49,8 @@ def main() -> None:
     for name in args.models.split(","):
         frontend, trained = frontend_for(name), build_model(name, 6).eval()
         model = trained if args.no_fuse else for_inference(trained)  # what `fedaffect predict` runs
+        if args.chunk_values is not None and hasattr(model, "chunk_values"):
+            model.chunk_values = args.chunk_values
         times = []
         for i in range(args.runs + 1):
             t0 = time.perf_counter()

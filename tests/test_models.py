@@ -148,3 +148,32 @@ def test_inference_copy_folds_batch_norm_and_gives_the_same_outputs(name):
         ref, out = model(*batch), fast(*batch)
     for head in ("emotion", "av"):
         torch.testing.assert_close(out[head], ref[head], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["logmel-crnn", "wave-cnn-gru"])
+@pytest.mark.parametrize("chunk_values", [1, 5000, 1 << 18])
+def test_eval_mode_conv_blocks_in_time_chunks_give_the_same_values_as_one_pass(name, chunk_values, monkeypatch):
+    import shared_models.models as models
+
+    monkeypatch.setattr(models, "MIN_CHUNK", 16)  # many chunks, also for the short log-Mel input
+    torch.manual_seed(1)
+    model = build_model(name, n_classes=4).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    # lengths that are not multiples of a pool or a chunk, one clip shorter than all the pools
+    steps = 40_003 if name == "wave-cnn-gru" else 403
+    x = torch.randn(3, steps) if name == "wave-cnn-gru" else torch.randn(3, steps, 64)
+    lengths = torch.tensor([steps, steps // 3 + 7, 5])
+    with torch.no_grad():
+        model.chunk_values = 0
+        ref = model(x, lengths)
+        model.chunk_values = chunk_values
+        out = model(x, lengths)
+        single = model(x[:1])  # unpadded path
+        model.chunk_values = 0
+        single_ref = model(x[:1])
+    for head in ("emotion", "av"):  # the same sums, up to the convolution kernels' float rounding
+        torch.testing.assert_close(out[head], ref[head], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(single[head], single_ref[head], atol=1e-6, rtol=1e-5)
