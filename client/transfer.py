@@ -30,7 +30,8 @@ from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
 from shared_models.metrics import classification_metrics, confusion
 from shared_models.models import MODELS, build_model, frontend_for
-from shared_models.training import LocalData, compute_device, predict, train_local
+from shared_models.training import LocalData, predict, train_local
+from shared_models.training import compute_device as resolve_compute_device
 
 __all__ = ["pretrain", "load_checkpoint", "load_initial", "check_initial"]
 
@@ -42,7 +43,7 @@ KIND = "fedaffect-pretrained"
 def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: str = "emotion", epochs: int = 20,
              lr: float = 3e-3, batch_size: int = 32, seed: int = 0, emotions: Sequence[str] | None = None,
              cache_dir: str | Path = ".cache/fedaffect", progress: bool = False,
-             device: str = "cpu") -> dict[str, Any]:
+             compute_device: str = "cpu") -> dict[str, Any]:
     """Train ``model_name`` centrally on a source corpus and save a checkpoint.
 
     Parameters
@@ -60,8 +61,8 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
         Classes of the categorical head in order; default every emotion in the manifest, sorted.
     cache_dir : path
         Feature cache.
-    device : str
-        ``cpu``, ``cuda`` or ``auto`` (:func:`shared_models.training.compute_device`); the
+    compute_device : str
+        Where torch trains: ``cpu``, ``cuda`` or ``auto`` (:func:`shared_models.training.compute_device`); the
         checkpoint holds CPU tensors either way.
 
     Returns
@@ -80,7 +81,7 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(MODELS)}")
-    target = compute_device(device)  # before any work: a bad device fails at once
+    torch_device = resolve_compute_device(compute_device)  # before any work: a bad name fails at once
     t0 = time.perf_counter()
     table = read_manifest(manifest)
     emotions = list(emotions or sorted(e for e in table["emotion"].unique() if e))
@@ -103,7 +104,7 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     data = LocalData(x, np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
                      table[["arousal", "valence"]].to_numpy(dtype=np.float32))
     torch.manual_seed(seed)
-    model = build_model(model_name, max(len(emotions), 1)).to(target)
+    model = build_model(model_name, max(len(emotions), 1)).to(torch_device)
     result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     probs, _ = predict(model, data)
     known = data.emotion >= 0

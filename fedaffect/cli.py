@@ -339,7 +339,7 @@ def pretrain(
     try:
         result = run_pretrain(manifest, model, out_path, task=task, epochs=epochs, lr=lr, batch_size=batch_size,
                               seed=seed, emotions=[e.strip() for e in emotions.split(",")] if emotions else None,
-                              cache_dir=cache_dir, progress=True, device=compute_device)
+                              cache_dir=cache_dir, progress=True, compute_device=compute_device)
     except (ValueError, FileNotFoundError, ManifestError) as err:
         _fail(str(err))
     out.print(f"[green]wrote[/] {result['path']}: {model} on {result['clips']} clips of {result['speakers']} "
