@@ -16,6 +16,7 @@ to a round's wall time.
 
     python bench/cooperative.py --corpus synth --folds 4 --rounds 20
     python bench/cooperative.py --corpus synth --rounds 6 --fractions 0.1,1.0 --coop-fractions 0.1 --tag small
+    python bench/cooperative.py --corpus synth --init runs/pretrained/hedgewars-egemaps-mlp.pt --tag transfer
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
                     label_fraction=fraction, query_per_round=args.query_per_round, query_total=args.query_total,
                     **({} if args.pseudo_per_class is None else {"pseudo_per_class": args.pseudo_per_class}),
                     **({} if args.pseudo_knn is None else {"pseudo_knn": args.pseudo_knn}),
-                    seed=args.seed, run_dir="runs/bench",
+                    init=args.init, freeze_rounds=args.freeze_rounds, seed=args.seed, run_dir="runs/bench",
                     run_name=f"c-{args.corpus}-{mode}-{fraction:g}-f{fold}-{time.time_ns() % 10**10}")
     t0 = time.perf_counter()
     summary = simulate(cfg, all_folds=False, progress=False)
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--query-total", type=int, default=8)
     p.add_argument("--pseudo-per-class", type=int, default=None, help="default: the run config's")
     p.add_argument("--pseudo-knn", type=int, default=None, help="default: the run config's")
+    p.add_argument("--init", default="", help="start every run from this checkpoint (fedaffect pretrain)")
+    p.add_argument("--freeze-rounds", type=int, default=0, help="rounds that train only the heads (with --init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
