@@ -4,23 +4,29 @@ Each reader follows the SpeechBrain recipe style: ``<name>_prepare(source, out, 
 ``source``, parses speaker, gender and labels from the corpus's published naming convention,
 probes every clip's duration and checks it with :func:`shared_models.audio.load_audio`, and
 writes the manifest (:mod:`shared_models.manifest`) to ``out``. Unreadable, empty, silent and
-too-short clips, and files that do not follow the naming convention (``bad-name``), are skipped,
+too-short clips, files that do not follow the naming convention (``bad-name``) and second copies
+of a clip already listed (``duplicate``: some downloads hold the corpus twice) are skipped,
 counted in :class:`~shared_models.audio.SkipCounter` and reported in one warning; the run goes on.
+macOS zip metadata (``._*`` files, ``__MACOSX/``) is ignored.
 
 ==========  ====================================================================================
 name        source and convention
 ==========  ====================================================================================
 emodb       Berlin EmoDB (Burkhardt et al. 2005), ``wav/03a01Fa.wav``: speaker 03, text a01,
             emotion letter (W anger, L boredom, E disgust, A fear, F happiness, T sadness,
-            N neutral), version a. Speakers 03 10 11 12 15 male, 08 09 13 14 16 female.
+            N neutral), version a, b, c ... Speakers 03 10 11 12 15 male, 08 09 13 14 16 female.
 ravdess     RAVDESS (Livingstone & Russo 2018), ``Actor_01/03-01-05-01-02-01-01.wav``:
-            modality-channel-emotion-intensity-statement-repetition-actor; channel 01 speech,
-            02 song (speech only unless ``include_song``); odd actors male, even female.
+            modality-channel-emotion-intensity-statement-repetition-actor; modality 03
+            (audio-only) only; channel 01 speech, 02 song (speech only unless ``include_song``);
+            emotion 01 neutral, 02 calm (kept as ``calm``), 03 happiness, 04 sadness, 05 anger,
+            06 fear, 07 disgust, 08 surprise; odd actors male, even female.
 crema-d     CREMA-D (Cao et al. 2014), ``AudioWAV/1001_DFA_ANG_XX.wav``: actor, sentence,
-            emotion (ANG DIS FEA HAP NEU SAD), level; gender from ``VideoDemographics.csv``.
+            emotion (ANG anger, DIS disgust, FEA fear, HAP happiness, NEU neutral, SAD sadness),
+            level; gender from ``VideoDemographics.csv`` (under the source or next to it).
 tess        Toronto Emotional Speech Set (Dupuis & Pichora-Fuller 2010),
             ``OAF_angry/OAF_back_angry.wav``: speaker OAF (older) or YAF (younger), both female;
-            emotion angry, disgust, fear, happy, neutral, sad, pleasant_surprise(d) or ps.
+            emotion angry (anger), disgust, fear, happy (happiness), neutral, sad (sadness),
+            pleasant_surprise(d) or ps (surprise), in any case.
 csv         a user's own manifest (``source`` is the CSV file), validated and re-checked.
 hedgewars   Debian ``hedgewars-data`` voice packs, ``<Pack>/<Phrase>.ogg``; see
             :func:`hedgewars_prepare`, :data:`PHRASE_EMOTIONS`, :data:`PACK_GENDER`.
@@ -28,7 +34,8 @@ synth       an expressive corpus generated with espeak-ng; see :func:`synth_prep
 ==========  ====================================================================================
 
 Arousal and valence are left empty for corpora that do not annotate them (all but hedgewars,
-synth and user CSVs).
+synth and user CSVs); in particular RAVDESS's intensity and CREMA-D's level are not turned into
+arousal.
 """
 
 from __future__ import annotations
@@ -140,17 +147,27 @@ def _progress(items: Iterable, description: str, total: int | None = None) -> It
 
 
 def _write_records(
-    records: Sequence[Record], out: str | PathLike, what: str, skipped: SkipCounter | None = None
+    records: Sequence[Record],
+    out: str | PathLike,
+    what: str,
+    skipped: SkipCounter | None = None,
+    keys: Sequence[object] | None = None,
 ) -> PrepareResult:
     """Probe and check every record's clip, skip bad ones, write the manifest.
 
     ``skipped`` may already hold files skipped while scanning (e.g. ``bad-name``); they count
-    in the one warning emitted here. Raises ValueError if no clip is usable.
+    in the one warning emitted here. ``keys`` (one per record) identify the recording: a record
+    whose key already has a usable clip in the manifest is skipped as ``duplicate`` (a second
+    copy of the corpus in the source folder), so the first usable copy wins. Raises ValueError
+    if no clip is usable.
     """
     skipped = skipped if skipped is not None else SkipCounter()
     n_seen = len(records) + skipped.total
-    rows = []
-    for rec in _progress(records, f"checking {what} clips"):
+    rows, taken = [], set()
+    for i, rec in enumerate(_progress(records, f"checking {what} clips")):
+        if keys is not None and keys[i] in taken:
+            skipped.add(rec.path, "duplicate")
+            continue
         try:
             duration = probe_duration(rec.path)
             load_audio(rec.path, sample_rate=None)  # checks only: no resampling
@@ -160,6 +177,8 @@ def _write_records(
         row = dict(rec._asdict(), duration=duration)
         row.update(row.pop("extra") or {})
         rows.append(row)
+        if keys is not None:
+            taken.add(keys[i])
     skipped.warn(f"{what} clips", of=n_seen)
     if not rows:
         raise ValueError(f"{what}: no usable clips found ({n_seen} files looked at, skipped {skipped.as_dict()})")
@@ -169,30 +188,38 @@ def _write_records(
     return PrepareResult(path, len(df), skipped, int(df["speaker"].nunique()))
 
 
+def _is_macos_metadata(path: Path) -> bool:
+    """AppleDouble files (``._03a01Fa.wav``) and ``__MACOSX/`` folders that zips made on macOS carry."""
+    return path.name.startswith("._") or "__MACOSX" in path.parts
+
+
 def _prepare_named(
     source: str | PathLike,
     out: str | PathLike,
     what: str,
     example: str,
-    parse: Callable[[Path], Record | str | None],
+    parse: Callable[[Path], tuple[object, Record] | str | None],
     suffixes: Sequence[str] = (".wav",),
 ) -> PrepareResult:
     """Scan ``source`` for files named by a corpus convention.
 
-    ``parse(path)`` returns a :class:`Record`, ``None`` to leave the file out on purpose, or a
-    skip reason (``"bad-name"``) to count it.
+    ``parse(path)`` returns ``(key, record)`` (``key`` names the recording, so that a second
+    copy of the same clip elsewhere under ``source`` is skipped as ``duplicate``), ``None`` to
+    leave the file out on purpose, or a skip reason (``"bad-name"``) to count it. macOS zip
+    metadata (``._*``, ``__MACOSX/``) is not looked at.
     """
-    files = _audio_files(_source_dir(source, what), suffixes)
+    files = [p for p in _audio_files(_source_dir(source, what), suffixes) if not _is_macos_metadata(p)]
     if not files:
         raise ValueError(f"{what}: no audio files ({', '.join(suffixes)}) like {example} under {source}")
-    skipped, records = SkipCounter(), []
+    skipped, records, keys = SkipCounter(), [], []
     for path in files:
         parsed = parse(path)
         if isinstance(parsed, str):
             skipped.add(path, parsed)
         elif parsed is not None:
-            records.append(parsed)
-    return _write_records(records, out, what, skipped)
+            keys.append(parsed[0])
+            records.append(parsed[1])
+    return _write_records(records, out, what, skipped, keys)
 
 
 # --------------------------------------------------------------------------- EmoDB
@@ -209,14 +236,19 @@ def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     Parameters
     ----------
     source : path
-        The corpus folder; ``*.wav`` files are searched recursively (normally ``wav/``).
+        The corpus folder; ``*.wav`` files are searched recursively (normally ``wav/``; the
+        archive's ``lablaut/``, ``labsilb/`` and ``silb/`` hold no audio and are not read).
+        ``03a01Fa.wav``: speaker ``03``, text ``a01``, emotion letter, version ``a`` (``b``,
+        ``c``, ... for further takes). Letters: W anger, L boredom, E disgust, A fear,
+        F happiness, T sadness, N neutral.
     out : path
         Manifest CSV to write.
 
     Returns
     -------
     PrepareResult
-        Speakers ``emodb-03`` ... ``emodb-16`` (10), seven emotions, no arousal/valence.
+        Speakers ``emodb-03`` ... ``emodb-16`` (10: 03 10 11 12 15 male, 08 09 13 14 16
+        female), seven emotions, no arousal/valence.
 
     Raises
     ------
@@ -226,19 +258,19 @@ def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
         No EmoDB-named clip is usable.
     """
 
-    def parse(path: Path) -> Record | str:
+    def parse(path: Path) -> tuple[str, Record] | str:
         m = _EMODB_NAME.fullmatch(path.stem)
         if not m:
             return "bad-name"
         speaker, _text, letter, _version = m.groups()
-        return Record(str(path), f"emodb-{speaker}", _EMODB_GENDER.get(speaker, ""), _EMODB_EMOTIONS[letter])
+        return path.stem, Record(str(path), f"emodb-{speaker}", _EMODB_GENDER.get(speaker, ""), _EMODB_EMOTIONS[letter])
 
     return _prepare_named(source, out, "emodb", "wav/03a01Fa.wav", parse)
 
 
 # --------------------------------------------------------------------------- RAVDESS
 
-_RAVDESS_NAME = re.compile(r"(\d\d)-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
+_RAVDESS_NAME = re.compile(r"(0[1-3])-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
 _RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happiness", "04": "sadness",
                      "05": "anger", "06": "fear", "07": "disgust", "08": "surprise"}
 
@@ -249,8 +281,15 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
     Parameters
     ----------
     source : path
-        The corpus folder (``Actor_01/`` ... ``Actor_24/``); ``*.wav`` searched recursively. Any
-        modality code is accepted as long as the file is audio.
+        The corpus folder (``Actor_01/`` ... ``Actor_24/``, at any depth, e.g.
+        ``Audio_Speech_Actors_01-24/Actor_01/``); ``*.wav`` searched recursively.
+        ``03-01-06-01-02-01-12.wav``: modality, vocal channel, emotion, intensity, statement,
+        repetition, actor. Only modality 03 (audio-only) is read: the ``.mp4`` videos (01
+        full-AV, 02 video-only) are not audio, and a ``.wav`` with modality 01 or 02 (sound
+        taken from a video, the same take as its 03 file) is skipped as ``video-modality``.
+        Emotions: 01 neutral, 02 calm (kept as ``calm``, a class of its own), 03 happiness,
+        04 sadness, 05 anger, 06 fear, 07 disgust, 08 surprise. Intensity (normal/strong) is
+        not used: arousal and valence are left empty.
     out : path
         Manifest CSV to write.
     include_song : bool, default False
@@ -259,7 +298,9 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
     Returns
     -------
     PrepareResult
-        Speakers ``ravdess-01`` ... (odd actors male, even female), eight emotions.
+        Speakers ``ravdess-01`` ... ``ravdess-24`` (odd actors male, even female), eight
+        emotions. A clip found twice under ``source`` (the Kaggle copy holds ``Actor_XX/`` and
+        ``audio_speech_actors_01-24/Actor_XX/``) is listed once.
 
     Raises
     ------
@@ -267,15 +308,17 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
         As :func:`emodb_prepare`.
     """
 
-    def parse(path: Path) -> Record | str | None:
+    def parse(path: Path) -> tuple[str, Record] | str | None:
         m = _RAVDESS_NAME.fullmatch(path.stem)
         if not m:
             return "bad-name"
-        _modality, channel, emotion, _intensity, _statement, _rep, actor = m.groups()
+        modality, channel, emotion, _intensity, _statement, _rep, actor = m.groups()
+        if modality != "03":
+            return "video-modality"
         if channel == "02" and not include_song:
             return None
         gender = "male" if int(actor) % 2 else "female"
-        return Record(str(path), f"ravdess-{actor}", gender, _RAVDESS_EMOTIONS[emotion])
+        return path.stem, Record(str(path), f"ravdess-{actor}", gender, _RAVDESS_EMOTIONS[emotion])
 
     return _prepare_named(source, out, "ravdess", "Actor_01/03-01-05-01-02-01-01.wav", parse)
 
@@ -287,10 +330,11 @@ _CREMAD_EMOTIONS = dict(ANG="anger", DIS="disgust", FEA="fear", HAP="happiness",
 
 
 def _cremad_genders(source: Path) -> dict[str, str]:
-    tables = sorted(source.rglob("VideoDemographics.csv"))
+    tables = sorted(source.rglob("VideoDemographics.csv")) or sorted(source.parent.glob("VideoDemographics.csv"))
     if not tables:
         return {}
-    demo = pd.read_csv(tables[0], dtype=str, keep_default_na=False)
+    demo = pd.read_csv(tables[0], dtype=str, keep_default_na=False, encoding="utf-8-sig")  # tolerates a BOM
+    demo.columns = demo.columns.str.strip()
     if not {"ActorID", "Sex"} <= set(demo.columns):
         raise ValueError(f"{tables[0]}: expected columns ActorID and Sex, found {', '.join(demo.columns)}")
     sexes = demo["Sex"].str.strip().str.lower()
@@ -303,16 +347,20 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
     Parameters
     ----------
     source : path
-        The corpus folder; ``*.wav`` searched recursively (normally ``AudioWAV/``). Gender is
-        read from the first ``VideoDemographics.csv`` found under it (columns ``ActorID``,
-        ``Sex`` = Male/Female); without it gender is left empty.
+        The corpus folder (the repository, or its ``AudioWAV/``); ``*.wav`` searched
+        recursively, so ``AudioMP3/`` (the same clips again) and the videos are not read.
+        ``1001_DFA_ANG_XX.wav``: actor, sentence, emotion (ANG anger, DIS disgust, FEA fear,
+        HAP happiness, NEU neutral, SAD sadness), level (LO MD HI XX, not used). Gender is read
+        from the first ``VideoDemographics.csv`` found under ``source``, or else next to it (in
+        its parent folder): columns ``ActorID``, ``Sex`` = Male/Female; without it gender is
+        left empty. The real ``1076_MTI_SAD_XX.wav`` holds no audio and is skipped as ``empty``.
     out : path
         Manifest CSV to write.
 
     Returns
     -------
     PrepareResult
-        Speakers ``crema-d-1001`` ..., six emotions.
+        Speakers ``crema-d-1001`` ... ``crema-d-1091``, six emotions, no arousal/valence.
 
     Raises
     ------
@@ -322,12 +370,13 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
     source = _source_dir(source, "crema-d")
     genders = _cremad_genders(source)
 
-    def parse(path: Path) -> Record | str:
+    def parse(path: Path) -> tuple[str, Record] | str:
         m = _CREMAD_NAME.fullmatch(path.stem)
         if not m:
             return "bad-name"
         actor, _sentence, emotion, _level = m.groups()
-        return Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()])
+        record = Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()])
+        return path.stem.upper(), record
 
     return _prepare_named(source, out, "crema-d", "AudioWAV/1001_DFA_ANG_XX.wav", parse)
 
@@ -340,15 +389,31 @@ _TESS_EMOTIONS = {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy
                   "pleasant_surprise": "surprise", "pleasant_surprised": "surprise"}
 
 
+def _tess_emotion(label: str) -> str | None:
+    """``angry``, ``Fear``, ``neutral_neutral`` (a doubled suffix) ... -> emotion; None if unknown."""
+    label = label.lower()
+    for name, emotion in _TESS_EMOTIONS.items():
+        if re.fullmatch(rf"{name}(?:_{name})*", label):
+            return emotion
+    return None
+
+
 def tess_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     """Toronto Emotional Speech Set (Dupuis & Pichora-Fuller 2010).
 
     Parameters
     ----------
     source : path
-        The corpus folder (``OAF_angry/OAF_back_angry.wav``, ...); ``*.wav`` searched recursively.
-        Emotion suffixes ``pleasant_surprise``, ``pleasant_surprised`` and ``ps`` all mean surprise;
-        the ``OA_``/``YA_`` prefixes seen in some copies are read as OAF/YAF.
+        The corpus folder (``OAF_angry/OAF_back_angry.wav``, ...); ``*.wav`` searched recursively
+        (the Kaggle copy nests ``TESS Toronto emotional speech set data/`` twice).
+        ``YAF_bath_ps.wav``: speaker, word, emotion. Emotions, in any case: angry -> anger,
+        disgust, fear, happy -> happiness, neutral, sad -> sadness, and ``ps``,
+        ``pleasant_surprise``, ``pleasant_surprised`` -> surprise. The quirks of the
+        distributed copies are read too: ``OA_``/``YA_`` prefixes (as OAF/YAF), an upper-case
+        or doubled extension (``.WAV``, ``.wav.wav``), a doubled emotion suffix
+        (``_neutral_neutral``). Labels come from the file name, so folder names may differ in
+        case or wording (``OAF_Fear/``, ``YAF_pleasant_surprised/``). A clip (speaker, word,
+        emotion) found twice under ``source`` is listed once.
     out : path
         Manifest CSV to write.
 
@@ -364,14 +429,20 @@ def tess_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
         As :func:`emodb_prepare`.
     """
 
-    def parse(path: Path) -> Record | str:
-        m = _TESS_NAME.fullmatch(path.stem)
-        emotion = _TESS_EMOTIONS.get(m.group(3).lower()) if m else None
+    def parse(path: Path) -> tuple[tuple[str, str, str], Record] | str:
+        stem = path.name
+        while Path(stem).suffix.lower() in AUDIO_SUFFIXES:  # OAF_back_sad.wav.wav
+            stem = Path(stem).stem
+        m = _TESS_NAME.fullmatch(stem)
+        if not m:
+            return "bad-name"
+        emotion = _tess_emotion(m.group(3))
         if emotion is None:
             return "bad-name"
         speaker = m.group(1).upper()[:2] + "F"
         age = "older" if speaker == "OAF" else "younger"
-        return Record(str(path), f"tess-{speaker.lower()}", "female", emotion, extra={"age_group": age})
+        record = Record(str(path), f"tess-{speaker.lower()}", "female", emotion, extra={"age_group": age})
+        return (speaker, m.group(2).lower(), emotion), record
 
     return _prepare_named(source, out, "tess", "OAF_angry/OAF_back_angry.wav", parse)
 

@@ -14,11 +14,14 @@ from client.corpora import (
     EXCLUDED_PHRASES,
     HEDGEWARS_VOICES,
     PHRASE_EMOTIONS,
+    cremad_prepare,
     csv_prepare,
+    emodb_prepare,
     hedgewars_prepare,
     prepare,
     ravdess_prepare,
     synth_prepare,
+    tess_prepare,
 )
 from shared_models.audio import SkippedClipsWarning
 from shared_models.manifest import MANIFEST_COLUMNS, ManifestError, read_manifest
@@ -48,7 +51,7 @@ CASES = {
     "ravdess": {
         "Actor_01/03-01-05-01-02-01-01.wav": ("ravdess-01", "male", "anger"),
         "Actor_02/03-01-02-02-01-02-02.wav": ("ravdess-02", "female", "calm"),
-        "Actor_02/01-01-08-01-01-01-02.wav": ("ravdess-02", "female", "surprise"),
+        "Actor_02/03-01-08-01-01-01-02.wav": ("ravdess-02", "female", "surprise"),
         "Actor_03/03-01-03-01-01-01-03.wav": ("ravdess-03", "male", "happiness"),
         "Actor_03/03-01-06-01-01-01-03.wav": "corrupt",
         "Actor_04/03-01-07-01-01-01-04.wav": "silent",
@@ -117,6 +120,127 @@ def test_ravdess_song_only_on_request_and_paths_absolute(tmp_path, monkeypatch):
     assert (speech.n_clips, both.n_clips, speech.skipped.total) == (1, 2, 0)
     written = pd.read_csv(speech.manifest)["path"].tolist()
     assert written == [str(tmp_path / "Actor_05" / "03-01-04-01-01-01-05.wav")]
+
+
+def labels(result) -> dict:
+    """``{file name: (speaker, gender, emotion)}`` of a reader's manifest; fails on a name listed twice."""
+    df = read_manifest(result.manifest)
+    names = [Path(p).name for p in df["path"]]
+    assert len(names) == len(set(names)) == result.n_clips, "a clip is listed twice"
+    return dict(zip(names, zip(df["speaker"], df["gender"], df["emotion"])))
+
+
+@pytest.mark.filterwarnings("error::shared_models.audio.SkippedClipsWarning")
+def test_emodb_archive_layout_every_speaker_and_letter(tmp_path):
+    # download.zip: wav/ next to label folders and notes, none of them audio
+    genders = dict(zip(["03", "10", "11", "12", "15", "08", "09", "13", "14", "16"], ["male"] * 5 + ["female"] * 5))
+    emotions = dict(W="anger", L="boredom", E="disgust", A="fear", F="happiness", T="sadness", N="neutral")
+    expected = {}
+    for i, speaker in enumerate(genders):
+        letter = "WLEAFTN"[i % 7]
+        name = f"{speaker}{'ab'[i % 2]}0{i % 7 + 1}{letter}{'abc'[i % 3]}.wav"  # versions a, b, c
+        write_clip(tmp_path / "wav" / name, seconds=0.35, seed=i)
+        expected[name] = (f"emodb-{speaker}", genders[speaker], emotions[letter])
+    for folder, ext in [("lablaut", ".lab"), ("labsilb", ".lab"), ("silb", ".silb")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"03a01Fa{ext}").write_text("0.1 a\n")
+    (tmp_path / "erklaerung.txt").write_text("Datenbank")
+    write_clip(tmp_path / "__MACOSX" / "wav" / "._03a01Fa.wav", "corrupt")  # macOS zip metadata
+    result = emodb_prepare(tmp_path, tmp_path / "m.csv")
+    assert labels(result) == expected and result.n_speakers == 10 and result.skipped.total == 0
+
+
+def test_duplicate_clip_keeps_the_first_usable_copy(tmp_path):
+    write_clip(tmp_path / "copy1" / "wav" / "03a01Fa.wav", "corrupt")
+    write_clip(tmp_path / "copy2" / "wav" / "03a01Fa.wav")
+    write_clip(tmp_path / "copy3" / "wav" / "03a01Fa.wav")
+    with pytest.warns(SkippedClipsWarning, match="skipped 2 of 3 emodb clips"):
+        result = emodb_prepare(tmp_path, tmp_path / "m.csv")
+    assert result.skipped.as_dict() == {"unreadable": 1, "duplicate": 1}
+    assert read_manifest(result.manifest)["path"].tolist() == [str(tmp_path / "copy2" / "wav" / "03a01Fa.wav")]
+
+
+def test_ravdess_nested_and_duplicated_folders_video_and_emotion_names(tmp_path):
+    names = {  # every emotion code once; odd actors male, even female
+        "03-01-01-01-01-01-01.wav": ("ravdess-01", "male", "neutral"),
+        "03-01-02-02-01-02-02.wav": ("ravdess-02", "female", "calm"),
+        "03-01-03-01-02-01-03.wav": ("ravdess-03", "male", "happiness"),
+        "03-01-04-02-02-02-04.wav": ("ravdess-04", "female", "sadness"),
+        "03-01-05-01-01-01-13.wav": ("ravdess-13", "male", "anger"),
+        "03-01-06-02-01-02-12.wav": ("ravdess-12", "female", "fear"),
+        "03-01-07-01-02-01-23.wav": ("ravdess-23", "male", "disgust"),
+        "03-01-08-02-02-02-24.wav": ("ravdess-24", "female", "surprise"),
+    }
+    twice = tmp_path / "Audio_Speech_Actors_01-24" / "Audio_Speech_Actors_01-24"  # unzipped into its own name
+    for i, name in enumerate(names):
+        actor = f"Actor_{name[-6:-4]}"
+        write_clip(twice / actor / name, seconds=0.35, seed=i)
+        if i % 2:  # the Kaggle copy holds Actor_XX/ and audio_speech_actors_01-24/Actor_XX/ with the same clips
+            copy = tmp_path / "audio_speech_actors_01-24" / actor / name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(twice / actor / name, copy)
+    (tmp_path / "Video_Speech_Actor_01" / "Actor_01").mkdir(parents=True)
+    (tmp_path / "Video_Speech_Actor_01" / "Actor_01" / "01-01-01-01-01-01-01.mp4").write_bytes(b"\0" * 500)
+    write_clip(tmp_path / "extracted" / "01-01-05-01-01-01-01.wav")  # audio taken from a full-AV video: same take
+    write_clip(tmp_path / "extracted" / "02-01-05-01-01-01-01.wav")  # video-only
+    write_clip(twice / "Actor_01" / "03-02-05-01-01-01-01.wav")  # song: left out by default
+    with pytest.warns(SkippedClipsWarning, match="skipped 6 of 14 ravdess clips"):
+        result = ravdess_prepare(tmp_path, tmp_path / "m.csv")
+    assert labels(result) == names
+    assert result.skipped.as_dict() == {"duplicate": 4, "video-modality": 2}
+
+
+def test_cremad_repo_layout_mp3_copies_empty_clip_and_demographics_in_parent(tmp_path):
+    root = tmp_path / "CREMA-D"
+    expected = {
+        "1001_DFA_ANG_XX.wav": ("crema-d-1001", "male", "anger"),
+        "1002_IEO_HAP_HI.wav": ("crema-d-1002", "female", "happiness"),
+        "1076_MTI_NEU_XX.wav": ("crema-d-1076", "female", "neutral"),
+        "1091_IEO_FEA_MD.wav": ("crema-d-1091", "female", "fear"),
+        "1005_ITS_DIS_XX.wav": ("crema-d-1005", "male", "disgust"),
+    }
+    for i, name in enumerate(expected):
+        write_clip(root / "AudioWAV" / name, seconds=0.35, seed=i)
+        write_clip(root / "AudioMP3" / name.replace(".wav", ".mp3"), seconds=0.35, seed=i)  # the same clips again
+    sf.write(root / "AudioWAV" / "1076_MTI_SAD_XX.wav", np.zeros(0, np.float32), 16_000, subtype="PCM_16")
+    assert (root / "AudioWAV" / "1076_MTI_SAD_XX.wav").stat().st_size == 44  # as in the real repo
+    (root / "VideoFlash").mkdir()
+    (root / "VideoFlash" / "1001_DFA_ANG_XX.flv").write_bytes(b"FLV")
+    (root / "VideoDemographics.csv").write_text(
+        "ActorID,Age,Sex,Race,Ethnicity\r\n1001,51,Male,Caucasian,Not Hispanic\r\n1002,21,Female,Caucasian,"
+        "Not Hispanic\r\n1005,36,Male,African American,Not Hispanic\r\n1076,25,Female,Asian,Not Hispanic\r\n"
+        "1091,29,Female,Asian,Not Hispanic\r\n", encoding="utf-8-sig")  # with a byte-order mark
+    for source in (root, root / "AudioWAV"):  # the repo, or its AudioWAV folder (demographics one level up)
+        empty = r"skipped 1 of 6 crema-d clips \(1 empty\), e.g. .*1076_MTI_SAD_XX"
+        with pytest.warns(SkippedClipsWarning, match=empty):
+            result = cremad_prepare(source, tmp_path / "m.csv")
+        assert labels(result) == expected
+
+
+def test_tess_kaggle_copy_folder_and_file_name_quirks(tmp_path):
+    files = {  # folder/file as found in the copies -> one clip each
+        "OAF_angry/OAF_back_angry.wav": ("tess-oaf", "female", "anger"),
+        "OAF_Fear/OAF_back_fear.wav": ("tess-oaf", "female", "fear"),
+        "YAF_fear/YAF_back_fear.wav": ("tess-yaf", "female", "fear"),
+        "OAF_Pleasant_surprise/OAF_back_ps.wav": ("tess-oaf", "female", "surprise"),
+        "YAF_pleasant_surprised/YAF_back_ps.wav": ("tess-yaf", "female", "surprise"),
+        "OAF_neutral/OAF_back_neutral.wav": ("tess-oaf", "female", "neutral"),
+        "YAF_neutral/YAF_back_Neutral.WAV": ("tess-yaf", "female", "neutral"),
+        "OAF_Sad/OAF_bath_sad.wav.wav": ("tess-oaf", "female", "sadness"),
+        "YAF_disgust/YAF_bath_disgust_disgust.wav": ("tess-yaf", "female", "disgust"),
+        "YAF_happy/YA_bath_happy.wav": ("tess-yaf", "female", "happiness"),
+    }
+    outer = tmp_path / "TESS Toronto emotional speech set data"
+    for i, rel in enumerate(files):
+        write_clip(outer / "TESS Toronto emotional speech set data" / rel, seconds=0.35, seed=i)
+        write_clip(outer / rel.replace("OAF_", "oaf_").replace("YAF_", "yaf_"), seconds=0.35, seed=i)  # second copy
+    with pytest.warns(SkippedClipsWarning, match="skipped 10 of 20 tess clips \\(10 duplicate\\)"):
+        result = tess_prepare(tmp_path, tmp_path / "m.csv")
+    df = read_manifest(result.manifest)
+    got = sorted(zip(df["speaker"], df["gender"], df["emotion"]))
+    assert got == sorted(files.values()) and result.n_speakers == 2
+    assert all("TESS Toronto emotional speech set data/TESS" in p for p in df["path"])  # the first copy, sorted
+    assert dict(zip(df["speaker"], df["age_group"])) == {"tess-oaf": "older", "tess-yaf": "younger"}
 
 
 def test_csv_corpus_keeps_extra_columns_and_names_bad_rows(tmp_path):
