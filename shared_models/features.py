@@ -430,6 +430,8 @@ def collate(features: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError("cannot collate an empty batch")
     lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.int64)
     first = features[0]
+    if all(f.shape == first.shape for f in features):  # nothing to pad: one copy, not one per clip
+        return torch.from_numpy(np.stack(features).astype(np.float32, copy=False)), lengths
     x = torch.zeros((len(features), int(lengths.max()), *first.shape[1:]), dtype=torch.float32)
     for i, f in enumerate(features):
         x[i, : f.shape[0]] = torch.from_numpy(np.asarray(f, dtype=np.float32))

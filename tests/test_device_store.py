@@ -98,3 +98,26 @@ def test_answers_keep_arousal_and_valence_on_the_label_scale(tmp_path):
         assert set(answers) == {"a", "b"} and store.pending() == []
         assert (answers["a"]["emotion"], answers["a"]["arousal"], answers["a"]["valence"]) == ("", 0.6, -0.2)
         assert (answers["b"]["emotion"], answers["b"]["arousal"]) == ("happiness", -1.0)
+
+
+def test_cached_reads_follow_every_write_to_their_table_and_are_private_copies(tmp_path):
+    store = DeviceStore(tmp_path)
+    other = DeviceStore(tmp_path)  # another process's view of the same file (a labelling session)
+    with store.cached():
+        assert store.answers() == {} and store.active_pseudo() == {} and store.queued_clips() == set()
+        other.answer("z", "fear")  # not this object's write: unseen until the block ends
+        assert store.answers() == {}
+        store.add_pseudo(1, [{"clip": "a", "emotion": "anger"}])
+        assert set(store.active_pseudo()) == {"a"}  # its own write to that table is seen at once
+        assert store.answers() == {}  # reads of other tables stay cached
+        store.enqueue(1, [{"clip": "q"}])
+        assert store.queued_clips() == {"q"} and [p["clip"] for p in store.pending()] == ["q"]
+        store.answer("q", "sadness")  # changes the answers and the queue
+        assert set(store.answers()) == {"q", "z"} and store.pending() == []
+        got = store.active_pseudo()
+        got["a"]["emotion"] = "changed by the caller"
+        got.pop("a")
+        assert store.active_pseudo()["a"]["emotion"] == "anger"
+    assert set(store.answers()) == {"q", "z"}
+    store.close()
+    other.close()
