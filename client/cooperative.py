@@ -930,13 +930,15 @@ class CoopState:
             unlabelled = np.flatnonzero(~self.labelled0)
             self._global_view = (unlabelled, *view_predictions(model, [data.x[i] for i in unlabelled],
                                                                views=1, noise=0.0))
-        self._t_train = time.perf_counter()
-        self._t_global = self._t_train - t0  # part of the cooperative step's time
         if settings["freeze"]:
             freeze_frontend(model, True)
         train = self.training_data(data)
         if settings["upsample"]:
             train = upsample(train)
+        self._t_train = time.perf_counter()
+        # part of the cooperative step's time: the global model's view and merging the
+        # person's answers and the pseudo-labels into the training set
+        self._t_global = self._t_train - t0
         return train
 
     # -- the cooperative step ---------------------------------------------------------
@@ -953,9 +955,9 @@ class CoopState:
         dict
             Counts reported to the coordinator (see :meth:`_counts`) plus ``added``,
             ``dropped``, ``queries``, ``rater_answers`` (this round), ``skipped`` (1 when the
-            pool was empty and the step skipped), ``seconds`` (the step, with the global
-            model's view taken before training) and
-            ``train_seconds`` (local training).
+            pool was empty and the step skipped), ``seconds`` (the step, with what it does
+            before training: the global model's view and building the training set from
+            the person's answers and the pseudo-labels) and ``train_seconds`` (local training).
         """
         t0 = time.perf_counter()
         with self.reads_cached():
