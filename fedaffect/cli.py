@@ -159,18 +159,20 @@ TABLE_FAIRNESS = ("worst_uar", "gap_uar", "worst_ccc", "gap_ccc")
 def _final_table(summary: dict[str, Any]) -> Table:
     from server.app import FINAL_METRICS
 
-    table = Table(title="Final metrics (held-out speakers)")
+    folds = len(summary.get("folds") or [])
+    table = Table(title="Final metrics (held-out speakers)" + (f", {folds} folds" if folds > 1 else ""))
     table.add_column("metric")
-    table.add_column("mean", justify="right")
-    table.add_column("std", justify="right")
+    table.add_column("mean" if folds > 1 else "value", justify="right")
+    if folds > 1:  # a standard deviation over one fold says nothing
+        table.add_column("std", justify="right")
     for k, v in summary["final"].items():
         # Blank: a head this task does not train. The other fairness measures are in the JSON.
         if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS) or k == "dp_epsilon"):
-            table.add_row(k, _fmt(v["mean"]), _fmt(v["std"]))
+            table.add_row(k, _fmt(v["mean"]), *([_fmt(v["std"])] if folds > 1 else []))
     for attr, groups in summary["per_group"].items():
         for g, metrics in groups.items():
             key = "uar" if metrics.get("uar") is not None else "ccc_arousal"
-            table.add_row(f"{key} {attr}={g}", _fmt(metrics.get(key)), "")
+            table.add_row(f"{key} {attr}={g}", _fmt(metrics.get(key)), *([""] if folds > 1 else []))
     return table
 
 
