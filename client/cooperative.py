@@ -63,6 +63,13 @@ Transfer learning
     the front-end's parameters get no gradient and its batch-norm layers keep their running
     statistics (:func:`freeze_frontend`).
 
+Cost
+    Scoring a pool clip takes ``pseudo-views`` forward passes after training (plus one with
+    the received model before it). A device whose unlabelled pool is larger than
+    ``pool-sample`` (default 512) scores its pseudo-labelled clips and a new random sample of
+    ``pool-sample`` others each round, so that the step's cost does not grow with the number
+    of recordings; the re-check still covers every pseudo-label each round.
+
 Everything a device keeps lives in :class:`client.device_store.DeviceStore` under its data
 directory. The pure pieces (schedule, label split, selection, re-check, rater stopping rule,
 round aggregation) are plain functions of arrays, tested on hand-made inputs.
@@ -171,7 +178,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
         ``pseudo-global-view``, ``pseudo-knn``,
         ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
-        ``query-per-round``, ``query-total``, ``rater-reliability``, ``agreement-min``,
+        ``query-per-round``, ``query-total``, ``pool-sample``, ``rater-reliability``, ``agreement-min``,
         ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
         freeze-rounds``: devices train only the heads).
     """
@@ -192,6 +199,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         "upsample": int(cfg.upsample),
         "query-per-round": int(cfg.query_per_round),
         "query-total": int(cfg.query_total),
+        "pool-sample": int(cfg.pool_sample),
         "rater-reliability": cfg.rater_reliability,
         "agreement-min": int(cfg.agreement_min),
         "agreement-max": int(cfg.agreement_max),
@@ -848,6 +856,7 @@ class CoopState:
     _meta_written: bool = field(default=False, repr=False)
     _global_view: tuple | None = field(default=None, repr=False)  # (clip rows, probs, av)
     _t_global: float = field(default=0.0, repr=False)
+    _scored: tuple | None = field(default=None, repr=False)  # (round, clip rows the step scores)
     _clip_vectors: tuple | None = field(default=None, repr=False)  # (features list, clip_vectors of it)
 
     @property
@@ -927,7 +936,7 @@ class CoopState:
         if settings["coop-mode"] in SELF_LABELLING and settings["pseudo-global-view"]:
             # The received global model's clean predictions of the clips without a label at
             # the start (the pool is among them): one more view for the step.
-            unlabelled = np.flatnonzero(~self.labelled0)
+            unlabelled = self._round_candidates(settings, server_round)
             self._global_view = (unlabelled, *view_predictions(model, [data.x[i] for i in unlabelled],
                                                                views=1, noise=0.0))
         if settings["freeze"]:
@@ -940,6 +949,29 @@ class CoopState:
         # person's answers and the pseudo-labels into the training set
         self._t_global = self._t_train - t0
         return train
+
+    def _round_candidates(self, settings: Mapping[str, Any], server_round: int) -> np.ndarray:
+        """Sorted rows of the clips without a label at the start that this round's step scores.
+
+        All of them, unless there are more than ``pool-sample``: then every clip holding a
+        pseudo-label (each is re-checked every round) plus a seeded random sample of
+        ``pool-sample`` others, a new one each round. Scoring a clip costs ``pseudo-views`` + 1
+        forward passes, so a device with thousands of unlabelled recordings would otherwise
+        spend most of a round predicting them. The same rows for the received model's view
+        (before training) and the step (after).
+        """
+        if self._scored is not None and self._scored[0] == server_round:
+            return self._scored[1]
+        rows = np.flatnonzero(~self.labelled0)
+        cap = int(settings.get("pool-sample", 0))
+        if 0 < cap < rows.size:
+            active = self.store.active_pseudo()
+            held = np.array([self.paths[i] in active for i in rows], dtype=bool)
+            rng = np.random.default_rng([self.seed, server_round, 11])
+            rest = rows[~held]
+            rows = np.sort(np.concatenate([rows[held], rng.choice(rest, size=min(cap, rest.size), replace=False)]))
+        self._scored = (server_round, rows)
+        return rows
 
     # -- the cooperative step ---------------------------------------------------------
     def after_training(self, model: nn.Module, data: LocalData, round_cfg: Mapping[str, Any],
@@ -978,6 +1010,9 @@ class CoopState:
                 self._meta_written = True
             answered = set(self.store.answers())
             pool = ~self.labelled0 & np.array([p not in answered for p in self.paths], dtype=bool)
+            scored = np.zeros_like(pool)
+            scored[self._round_candidates(settings, server_round)] = True
+            pool &= scored
             if not pool.any():
                 log.info("%s: the unlabelled pool is empty; cooperative step skipped", self.data_dir.name)
                 step["skipped"] = 1
@@ -986,7 +1021,7 @@ class CoopState:
             if self.simulated and mode in ACTIVE:
                 self._oracle(settings, server_round, step)
         step["seconds"] = time.perf_counter() - t0 + self._t_global
-        self._t_global = 0.0
+        self._t_global, self._scored = 0.0, None
         return {**self._counts(), **step}
 
     def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:

@@ -191,6 +191,10 @@ class RunConfig:
         (``mc-dropout``) samples; an arousal/valence pseudo-label needs std <= ``av-max-std``.
     query_per_round, query_total : int
         Active learning budget per device: clips queued per round and in total.
+    pool_sample : int
+        Most unlabelled clips a device's cooperative step scores a round besides those holding
+        a pseudo-label (a new seeded random sample each round; 0: the whole pool). Bounds the
+        step's cost on a device with many recordings.
     rater_reliability, agreement_min, agreement_max, max_raters : str, int, int, int
         Simulated raters (dynamic active learning, Yue Zhang et al. 2015): comma-separated
         probabilities of giving the true label (asked most reliable first); the agreement
@@ -290,6 +294,7 @@ class RunConfig:
     av_max_std: float = _opt(_non_negative, default=0.05)
     query_per_round: int = _opt(_non_negative, default=2)
     query_total: int = _opt(_non_negative, default=10)
+    pool_sample: int = _opt(_non_negative, default=512)
     rater_reliability: str = _opt(_reliabilities, default="0.9,0.85,0.8,0.75,0.7")
     agreement_min: int = _opt(_positive, default=2)
     agreement_max: int = _opt(_positive, default=3)

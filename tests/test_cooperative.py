@@ -511,3 +511,34 @@ def test_nearest_neighbour_votes_and_clip_vectors():
     np.testing.assert_array_equal(clip_vectors([np.array([1.0, 2.0])]), [[1.0, 2.0]])
     np.testing.assert_array_equal(clip_vectors([np.array([[1.0, 2.0], [3.0, 4.0]])]), [[2.0, 3.0]])
     assert clip_vectors([np.zeros(16000)]) is None and clip_vectors([]) is None
+
+
+def test_a_large_pool_is_scored_by_a_new_sample_each_round_plus_every_pseudo_label(tmp_path, monkeypatch):
+    import client.cooperative as coop
+
+    cfg, data, state = _coop_state(tmp_path, n=42)  # 2 labelled clips, a pool of 40
+    cfg = cfg.replace(pool_sample=5)
+    state.cfg = cfg
+    scored = []  # the clips of every view_predictions call: (round, clip rows)
+    real = coop.view_predictions
+
+    def spy(model, xs, **kw):
+        scored.append({next(i for i, x in enumerate(data.x) if x is c) for c in xs})
+        return real(model, xs, **kw)
+
+    monkeypatch.setattr(coop, "view_predictions", spy)
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "pseudo-per-class": 3}
+    state.before_training(_biased(0), data, round_cfg, 1)
+    report = state.after_training(_biased(0), data, round_cfg, 1)
+    assert scored[0] == scored[1] and len(scored[0]) == 5 and not scored[0] & {0, 1}  # the received model's view too
+    assert report["added"] == 3
+    pseudo = {int(c.split("/")[-1][:-4]) for c in DeviceStore(tmp_path / "dev").active_pseudo()}
+    assert pseudo <= scored[0]
+    state.before_training(_biased(0), data, {**round_cfg, "pseudo-per-class": 0}, 2)
+    report = state.after_training(_biased(0), data, {**round_settings(cfg, 2), "pseudo-threshold": 0.9,
+                                                      "pseudo-per-class": 0}, 2)
+    assert scored[2] == scored[3] and pseudo < scored[2] and len(scored[2]) == 5 + 3  # re-checked + 5 new
+    assert scored[2] - pseudo != scored[0] - pseudo  # a new sample
+    assert report["dropped"] == 0 and report["pseudo_total"] == 3 + (len(scored[2]) - 3)
+    whole = RunConfig(mode="self-labelling", task="emotion", pool_sample=0)
+    assert round_settings(whole, 1)["pool-sample"] == 0
