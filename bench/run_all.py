@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 #: (script, arguments) in order of running time.
 COMMANDS = [
     ("inference.py", []),
+    ("train_step.py", ["--models", "egemaps-mlp,logmel-crnn,wave-cnn-gru"]),
     ("speed.py", ["--model", "egemaps-mlp", "--rounds", "5"]),
     ("speed.py", ["--model", "logmel-crnn", "--rounds", "5"]),
     ("speed.py", ["--memory", "--devices", "200", "--rounds", "3"]),
