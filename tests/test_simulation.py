@@ -66,6 +66,15 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
     for key in ("uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence"):
         assert summary["final"][key]["mean"] is not None
     assert set(summary["per_group"]["gender"]) == {"female", "male"}
+    assert "2 folds" in res.output and "std" in res.output  # mean and std over the folds
+    from rich.console import Console
+
+    from fedaffect.cli import _final_table
+
+    console = Console(record=True, width=100)
+    console.print(_final_table({**summary, "folds": summary["folds"][:1]}))  # one fold: no std to show
+    one = console.export_text()
+    assert "value" in one and "std" not in one and "folds" not in one
     report = tmp_path / "runs" / summary["runs"][-1] / "report"
     for png in ("loss.png", "metrics.png", "groups.png"):
         data = (report / png).read_bytes()
