@@ -60,3 +60,15 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path
+
+
+def model_names(parser, value: str) -> list[str]:
+    """The comma-separated model names of a ``--models`` option; a parser error naming the
+    unknown ones (and the known ones) otherwise."""
+    from shared_models.models import MODELS
+
+    names = [m for m in value.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        parser.error(f"unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(MODELS)}")
+    return names

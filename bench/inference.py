@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from common import save
+from common import model_names, save
 
 from shared_models.features import collate
 from shared_models.models import MODELS, build_model, count_parameters, for_inference, frontend_for
@@ -36,9 +36,7 @@ def main() -> None:
                         "(default: the models' own; 0: whole clips)")
     p.add_argument("--tag", default="", help="suffix of the result file name (default: overwrite inference.json)")
     args = p.parse_args()
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    names = model_names(p, args.models)
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     seconds = args.seconds
@@ -46,7 +44,7 @@ def main() -> None:
     wave = (0.3 * np.sin(2 * np.pi * 160 * t * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t)))
             + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         frontend, trained = frontend_for(name), build_model(name, 6).eval()
         model = trained if args.no_fuse else for_inference(trained)  # what `fedaffect predict` runs
         if args.chunk_values is not None and hasattr(model, "chunk_values"):

@@ -19,9 +19,9 @@ import statistics
 import time
 
 import torch
-from common import save
+from common import model_names, save
 
-from shared_models.models import MODELS, build_model
+from shared_models.models import build_model
 
 
 def _batch(name: str, batch: int, seconds: float) -> torch.Tensor:
@@ -40,13 +40,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is kept)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
-    unknown = [m for m in args.models.split(",") if m not in MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    names = model_names(p, args.models)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         model = build_model(name, 6).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         x, y = _batch(name, args.batch, args.seconds), torch.randint(0, 6, (args.batch,))
