@@ -45,7 +45,6 @@ Messages carry only weights, counts and statistics: see :func:`device_statistics
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import zlib
@@ -299,20 +298,19 @@ def train(msg: Message, context: Context) -> Message:
     extra.update(_pre_stats(cfg, device, model, round_cfg, faireg, held, extra.get("eval-stats")))
     coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
     data = device.data if held is None else _without_labels(device.data, held)  # before any upsampling
-    with coop.reads_cached() if coop else contextlib.nullcontext():  # one store snapshot a round
-        data = coop.before_training(model, data, round_cfg, server_round) if coop else data
-        result = train_local(
-            model,
-            data if faireg is None else normalise_data(data, faireg),
-            task=cfg.task,
-            epochs=int(round_cfg.get("local-epochs", cfg.local_epochs)),
-            lr=float(round_cfg.get("lr", cfg.lr)),
-            batch_size=cfg.local_batch_size,
-            seed=cfg.seed * 100_003 + server_round * 1_009 + max(device.partition_id, 0),
-            proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
-        )
-        if coop:
-            extra["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
+    data = coop.before_training(model, data, round_cfg, server_round) if coop else data
+    result = train_local(
+        model,
+        data if faireg is None else normalise_data(data, faireg),
+        task=cfg.task,
+        epochs=int(round_cfg.get("local-epochs", cfg.local_epochs)),
+        lr=float(round_cfg.get("lr", cfg.lr)),
+        batch_size=cfg.local_batch_size,
+        seed=cfg.seed * 100_003 + server_round * 1_009 + max(device.partition_id, 0),
+        proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
+    )
+    if coop:
+        extra["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
     n_examples = int(result["num_examples"]) or int(bool(coop and coop.active))  # FedAvg needs a weight > 0
     metrics = MetricRecord(
         {"num-examples": n_examples, "train_loss": float(result["train_loss"])}

@@ -77,7 +77,6 @@ round aggregation) are plain functions of arrays, tested on hand-made inputs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -920,14 +919,7 @@ class CoopState:
         Arousal/valence in the returned set are on the label scale; with FaiReg the caller
         normalises them (``client/app.py`` ``train``).
         """
-        with self.reads_cached():
-            return self._before_training(model, data, round_cfg, server_round)
-
-    def reads_cached(self):
-        """A context in which the device store's reads are served from memory until the
-        store changes (:meth:`DeviceStore.cached`): one round's steps read the same tables
-        several times. Nothing for a supervised run, which has no store."""
-        return self.store.cached() if self.active else contextlib.nullcontext()
+        return self._before_training(model, data, round_cfg, server_round)
 
     def _before_training(self, model, data, round_cfg, server_round) -> LocalData:
         t0 = time.perf_counter()
@@ -991,9 +983,7 @@ class CoopState:
             before training: the global model's view and building the training set from
             the person's answers and the pseudo-labels) and ``train_seconds`` (local training).
         """
-        t0 = time.perf_counter()
-        with self.reads_cached():
-            return self._after_training(model, data, round_cfg, server_round, t0)
+        return self._after_training(model, data, round_cfg, server_round, time.perf_counter())
 
     def _after_training(self, model, data, round_cfg, server_round, t0: float) -> dict[str, Any]:
         freeze_frontend(model, False)

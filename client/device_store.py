@@ -43,15 +43,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
+import json
 import math
-import pickle
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (JSON, DateTime, Float, Integer, String, Text, create_engine, delete, event, insert, select,
+                        update)
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["DeviceStore", "STORE_FILE", "PENDING", "ANSWERED", "DROPPED"]
 
@@ -179,67 +181,31 @@ def _check_av(arousal: float | None, valence: float | None) -> None:
 
 
 def _columns(model):
-    """``SELECT`` of every column of ``model``'s table: plain rows (attribute access by column
-    name), several times faster to read than ORM objects."""
-    return select(*model.__table__.c)
+    """``SELECT`` of every column of ``model``'s table, oldest row first."""
+    return select(*model.__table__.c).order_by(model.__table__.c[next(iter(model.__table__.primary_key.columns)).name])
 
 
-def _pseudo_dict(r: PseudoLabel) -> dict[str, Any]:
+def _pseudo_dict(r) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "confidence": r.confidence, "round_added": r.round_added, "round_dropped": r.round_dropped,
             "reason": r.reason}
 
 
-def _queue_dict(r: QueueItem) -> dict[str, Any]:
+def _queue_dict(r) -> dict[str, Any]:
     av_guess = None if r.arousal_guess is None or r.valence_guess is None else [r.arousal_guess, r.valence_guess]
     return {"clip": r.clip, "duration": r.duration, "guesses": list(r.guesses or []), "av_guess": av_guess,
             "uncertainty": r.uncertainty, "round_queued": r.round_queued, "status": r.status, "note": r.note}
 
 
-def _answer_dict(r: Answer) -> dict[str, Any]:
+def _answer_dict(r) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "source": r.source, "n_raters": r.n_raters, "rater_labels": list(r.rater_labels or []),
             "round": r.round}
 
 
-def _read(*tables: str):
-    """A read of the store's ``tables``, served from :meth:`DeviceStore.cached`'s snapshot
-    while one is open. The snapshot keeps the result pickled, so every caller gets its own
-    copy (callers may change what they get; a pickle round trip is ~10x cheaper than
-    ``copy.deepcopy`` for these rows)."""
-
-    def decorate(method):
-        @functools.wraps(method)
-        def read(self, *args, **kwargs):
-            if self._cache is None:
-                return method(self, *args, **kwargs)
-            key = (method.__name__, args, tuple(sorted(kwargs.items())))
-            if key not in self._cache:
-                self._cache[key] = (frozenset(tables), pickle.dumps(method(self, *args, **kwargs), -1))
-            return pickle.loads(self._cache[key][1])
-
-        return read
-
-    return decorate
-
-
-def _write(*tables: str):
-    """A change to the store's ``tables``: drops the snapshot's reads of those tables (reads
-    of other tables stay valid: a new pseudo-label does not change the answers)."""
-
-    def decorate(method):
-        @functools.wraps(method)
-        def write(self, *args, **kwargs):
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                if self._cache:
-                    for key in [k for k, (read, _) in self._cache.items() if read & set(tables)]:
-                        del self._cache[key]
-
-        return write
-
-    return decorate
+def _copy(row: dict[str, Any]) -> dict[str, Any]:
+    """A caller's own copy of a mirrored row (its lists copied too)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in row.items()}
 
 
 class DeviceStore:
@@ -253,7 +219,13 @@ class DeviceStore:
         Create the file when missing (False: raise FileNotFoundError instead; used by the
         labelling session, which must not invent an empty queue in a mistyped folder).
 
-    Every method that changes something commits before it returns.
+    Every method that changes something commits before it returns. Reads are served from a
+    mirror of the tables in memory, which this object's own writes keep current; before a read
+    or a write it asks SQLite whether *another* connection committed since (``PRAGMA
+    data_version``: a labelling session answering queries) and reloads the mirror if so. A
+    write takes SQLite's write lock first (``BEGIN IMMEDIATE``), so no other process commits
+    between that check and the write. A cooperative step reads the same tables ~10 times a
+    round: each read was a query (~1 ms through SQLAlchemy), now a dictionary copy.
     """
 
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
@@ -263,32 +235,73 @@ class DeviceStore:
             if not create:
                 raise FileNotFoundError(f"no label queue in {self.data_dir} (no {STORE_FILE})")
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{self.path.resolve()}", connect_args={"timeout": 30})
+        self.engine = create_engine(f"sqlite:///{self.path.resolve()}",
+                                    connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)  # an older store: add the columns it lacks
-        self._cache: dict | None = None
+        self._lock = threading.RLock()
+        self._conn = None  # one connection for every read and write (data_version is per connection)
+        self._mirror: dict[str, Any] | None = None
+        self._version = None
+
+    # -- connection, mirror ------------------------------------------------------------
+    def _connection(self):
+        if self._conn is None:
+            self._conn = self.engine.connect()
+            # SQLAlchemy then issues no BEGIN of its own: we say when a transaction starts.
+            self._conn.connection.driver_connection.isolation_level = None
+        return self._conn
+
+    def _data_version(self) -> int:
+        return self._connection().connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
+
+    def _load(self, in_transaction: bool) -> None:
+        """(Re)read every table into the mirror, in one snapshot."""
+        conn = self._connection()
+        with contextlib.nullcontext() if in_transaction else conn.begin():
+            if not in_transaction:
+                conn.exec_driver_sql("BEGIN")
+            pseudo = [_pseudo_dict(r) for r in conn.execute(_columns(PseudoLabel))]
+            queue = {r.clip: _queue_dict(r) for r in conn.execute(_columns(QueueItem))}
+            answers = {r.clip: _answer_dict(r) for r in conn.execute(_columns(Answer))}
+            meta = {r.key: r.value for r in conn.execute(select(Meta.__table__.c.key, Meta.__table__.c.value))}
+        self._mirror = {"pseudo": pseudo, "queue": queue, "answers": answers, "meta": meta}
+
+    def _current(self, in_transaction: bool = False) -> dict[str, Any]:
+        """The mirror, reloaded first if another connection committed since it was read."""
+        version = self._data_version()
+        if self._mirror is None or version != self._version:
+            self._load(in_transaction)
+            self._version = version
+        return self._mirror
 
     @contextlib.contextmanager
-    def cached(self):
-        """Within the block, repeated reads are answered from memory until this store object
-        changes the table they read (its own writes drop those reads: a new pseudo-label
-        drops ``active_pseudo``, not ``answers``). Changes made meanwhile by *another* process
-        (a labelling session) are seen after the block. Used by a device's cooperative step,
-        which reads the same tables several times a round."""
-        outer = self._cache
-        self._cache = {} if outer is None else outer
-        try:
-            yield self
-        finally:
-            self._cache = outer
+    def _writing(self):
+        """A write transaction holding SQLite's write lock, with the mirror current; yields
+        (connection, mirror). The caller changes both; on an error the mirror is dropped."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.begin():
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    yield conn, self._current(in_transaction=True)
+            except BaseException:
+                self._mirror = None
+                raise
 
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def _reading(self):
+        with self._lock:
+            return self._current()
 
     def close(self) -> None:
-        """Release the database connections (the file stays)."""
-        self.engine.dispose()
+        """Release the database connection (the file stays)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._mirror = None
+            self.engine.dispose()
 
     def __enter__(self) -> "DeviceStore":
         return self
@@ -297,21 +310,19 @@ class DeviceStore:
         self.close()
 
     # -- meta -------------------------------------------------------------------------
-    @_write("meta")
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key``."""
-        with self._session() as s:
-            s.merge(Meta(key=key, value=value))
-            s.commit()
+        table = Meta.__table__
+        with self._writing() as (conn, mirror):
+            conn.execute(delete(table).where(table.c.key == key))
+            conn.execute(insert(table).values(key=key, value=value))
+            mirror["meta"][key] = json.loads(json.dumps(value))
 
-    @_read("meta")
     def get_meta(self, key: str, default: Any = None) -> Any:
-        with self._session() as s:
-            row = s.get(Meta, key)
-            return default if row is None else row.value
+        meta = self._reading()["meta"]
+        return json.loads(json.dumps(meta[key])) if key in meta else default
 
     # -- pseudo-labels ----------------------------------------------------------------
-    @_write("pseudo")
     def add_pseudo(self, server_round: int, items: Iterable[dict[str, Any]]) -> int:
         """Accept pseudo-labels: each item has ``clip`` and any of ``emotion``, ``arousal``,
         ``valence``, ``confidence``. A clip with an active pseudo-label keeps the old one.
@@ -322,97 +333,91 @@ class DeviceStore:
             Pseudo-labels added.
         """
         items = list(items)
-        with self._session() as s:
-            active = set(s.scalars(select(PseudoLabel.clip).where(PseudoLabel.round_dropped.is_(None))))
-            new = [PseudoLabel(round_added=server_round, **{k: v for k, v in i.items() if k in
-                                                            ("clip", "emotion", "arousal", "valence", "confidence")})
-                   for i in items if i["clip"] not in active]
-            s.add_all(new)
-            s.commit()
+        with self._writing() as (conn, mirror):
+            active = {r["clip"] for r in mirror["pseudo"] if r["round_dropped"] is None}
+            new = []
+            for i in items:
+                if i["clip"] in active:
+                    continue
+                active.add(i["clip"])
+                new.append({"clip": i["clip"], "emotion": i.get("emotion", ""), "arousal": i.get("arousal"),
+                            "valence": i.get("valence"), "confidence": float(i.get("confidence", 0.0)),
+                            "round_added": server_round, "round_dropped": None, "reason": ""})
+            if new:
+                conn.execute(insert(PseudoLabel.__table__), new)
+                mirror["pseudo"].extend(new)
             return len(new)
 
-    @_write("pseudo")
     def drop_pseudo(self, server_round: int, clips: Iterable[str], reason: str = "") -> int:
         """Drop the active pseudo-labels of ``clips`` (kept in the history). Returns how many."""
         clips = set(clips)
         if not clips:
             return 0
-        with self._session() as s:
-            rows = s.scalars(select(PseudoLabel).where(PseudoLabel.round_dropped.is_(None), PseudoLabel.clip.in_(clips)))
-            n = 0
-            for row in rows:
-                row.round_dropped, row.reason, n = server_round, reason, n + 1
-            s.commit()
-            return n
+        table = PseudoLabel.__table__
+        with self._writing() as (conn, mirror):
+            hit = [r for r in mirror["pseudo"] if r["round_dropped"] is None and r["clip"] in clips]
+            if hit:
+                conn.execute(update(table).where(table.c.round_dropped.is_(None), table.c.clip.in_(clips))
+                             .values(round_dropped=server_round, reason=reason))
+                for r in hit:
+                    r["round_dropped"], r["reason"] = server_round, reason
+            return len(hit)
 
-    @_read("pseudo")
     def active_pseudo(self) -> dict[str, dict[str, Any]]:
-        """The pseudo-labels in force, ``{clip: {...}}``."""
-        with self._session() as s:
-            rows = s.execute(_columns(PseudoLabel).where(PseudoLabel.round_dropped.is_(None)).order_by(PseudoLabel.id))
-            return {r.clip: _pseudo_dict(r) for r in rows}
+        """The pseudo-labels in force, ``{clip: {...}}``, oldest first."""
+        return {r["clip"]: _copy(r) for r in self._reading()["pseudo"] if r["round_dropped"] is None}
 
-    @_read("pseudo")
     def pseudo_history(self, clip: str | None = None) -> list[dict[str, Any]]:
         """Every pseudo-label ever accepted (of one clip, or all), oldest first."""
-        with self._session() as s:
-            q = _columns(PseudoLabel).order_by(PseudoLabel.id)
-            if clip is not None:
-                q = q.where(PseudoLabel.clip == clip)
-            return [_pseudo_dict(r) for r in s.execute(q)]
+        return [_copy(r) for r in self._reading()["pseudo"] if clip is None or r["clip"] == clip]
 
     # -- label queue ------------------------------------------------------------------
-    @_write("queue")
     def enqueue(self, server_round: int, items: Iterable[dict[str, Any]]) -> int:
         """Queue clips for a human label; each item has ``clip`` and optionally ``duration``,
         ``guesses`` (``[[label, probability], ...]``, best first), ``av_guess`` (the model's
         ``[arousal, valence]`` on the label scale) and ``uncertainty``. A clip queued before
         (whatever its status) is not queued again. Returns how many were queued."""
         items = list(items)
-        with self._session() as s:
-            known = set(s.scalars(select(QueueItem.clip)))
-            new = []
+        with self._writing() as (conn, mirror):
+            new = {}
             for i in items:
-                if i["clip"] in known:
+                if i["clip"] in mirror["queue"] or i["clip"] in new:
                     continue
                 a, v = (None, None) if i.get("av_guess") is None else (float(x) for x in i["av_guess"])
-                new.append(QueueItem(clip=i["clip"], duration=i.get("duration"), guesses=i.get("guesses", []),
-                                     arousal_guess=a, valence_guess=v,
-                                     uncertainty=float(i.get("uncertainty", 0.0)), round_queued=server_round))
-            s.add_all(new)
-            s.commit()
+                new[i["clip"]] = {"clip": i["clip"], "duration": i.get("duration"),
+                                  "guesses": json.loads(json.dumps(i.get("guesses", []))),
+                                  "arousal_guess": a, "valence_guess": v,
+                                  "uncertainty": float(i.get("uncertainty", 0.0)), "round_queued": server_round,
+                                  "status": PENDING, "note": ""}
+            if new:
+                conn.execute(insert(QueueItem.__table__), list(new.values()))
+                for clip, row in new.items():
+                    mirror["queue"][clip] = _queue_dict(SimpleNamespace(**row))
             return len(new)
 
-    @_read("queue")
     def pending(self) -> list[dict[str, Any]]:
         """Queued clips still waiting for a label, in the order they were queued."""
-        with self._session() as s:
-            rows = s.execute(_columns(QueueItem).where(QueueItem.status == PENDING).order_by(QueueItem.id))
-            return [_queue_dict(r) for r in rows]
+        return [_copy(q) for q in self._reading()["queue"].values() if q["status"] == PENDING]
 
-    @_read("queue")
     def queue(self) -> list[dict[str, Any]]:
         """Every clip ever queued, with its status, in queue order."""
-        with self._session() as s:
-            return [_queue_dict(r) for r in s.execute(_columns(QueueItem).order_by(QueueItem.id))]
+        return [_copy(q) for q in self._reading()["queue"].values()]
 
-    @_read("queue")
     def queued_clips(self) -> set[str]:
         """Clips ever queued (pending, answered or dropped): each clip is asked about once."""
-        with self._session() as s:
-            return set(s.scalars(select(QueueItem.clip)))
+        return set(self._reading()["queue"])
 
-    @_write("queue")
     def drop_queued(self, clip: str, note: str) -> None:
         """Take a pending clip off the queue (e.g. its file has gone), saying why."""
-        with self._session() as s:
-            row = s.scalar(select(QueueItem).where(QueueItem.clip == clip))
-            if row is not None and row.status == PENDING:
-                row.status, row.note, row.updated_at = DROPPED, note, _now()
-                s.commit()
+        table = QueueItem.__table__
+        with self._writing() as (conn, mirror):
+            item = mirror["queue"].get(clip)
+            if item is not None and item["status"] == PENDING:
+                conn.execute(update(table).where(table.c.clip == clip)
+                             .values(status=DROPPED, note=note, updated_at=_now()))
+                item["status"], item["note"] = DROPPED, note
 
     # -- answers ----------------------------------------------------------------------
-    @_write("answers", "queue")
     def answer(self, clip: str, emotion: str = "", *, arousal: float | None = None, valence: float | None = None,
                source: str = "person", n_raters: int = 1, rater_labels: list | None = None,
                server_round: int | None = None) -> None:
@@ -428,26 +433,26 @@ class DeviceStore:
             For only one of arousal/valence, or a value outside [-1, 1] (nothing is stored).
         """
         _check_av(arousal, valence)
-        arousal = None if arousal is None else float(arousal)
-        valence = None if valence is None else float(valence)
-        with self._session() as s:
-            row = s.scalar(select(Answer).where(Answer.clip == clip))
-            if row is None:
-                row = Answer(clip=clip)
-                s.add(row)
-            row.emotion, row.arousal, row.valence, row.source = emotion, arousal, valence, source
-            row.n_raters, row.rater_labels, row.round = int(n_raters), list(rater_labels or []), server_round
-            item = s.scalar(select(QueueItem).where(QueueItem.clip == clip))
+        row = {"clip": clip, "emotion": emotion, "arousal": None if arousal is None else float(arousal),
+               "valence": None if valence is None else float(valence), "source": source,
+               "n_raters": int(n_raters), "rater_labels": json.loads(json.dumps(list(rater_labels or []))),
+               "round": server_round}
+        answers, queue = Answer.__table__, QueueItem.__table__
+        with self._writing() as (conn, mirror):
+            if clip in mirror["answers"]:
+                conn.execute(update(answers).where(answers.c.clip == clip).values(**row))
+            else:
+                conn.execute(insert(answers).values(**row))
+            item = mirror["queue"].get(clip)
             if item is not None:
-                item.status, item.updated_at = ANSWERED, _now()
-            s.commit()
+                conn.execute(update(queue).where(queue.c.clip == clip).values(status=ANSWERED, updated_at=_now()))
+                item["status"] = ANSWERED
+            mirror["answers"][clip] = row
 
-    @_read("answers")
     def answers(self) -> dict[str, dict[str, Any]]:
-        """Every human label, ``{clip: {...}}``."""
-        with self._session() as s:
-            return {r.clip: _answer_dict(r) for r in s.execute(_columns(Answer).order_by(Answer.id))}
+        """Every human label, ``{clip: {...}}``, oldest first."""
+        return {c: _copy(a) for c, a in self._reading()["answers"].items()}
 
     def effort(self) -> int:
         """Human effort so far: rater answers summed over all answers."""
-        return sum(a["n_raters"] for a in self.answers().values())
+        return sum(a["n_raters"] for a in self._reading()["answers"].values())

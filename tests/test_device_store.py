@@ -100,24 +100,37 @@ def test_answers_keep_arousal_and_valence_on_the_label_scale(tmp_path):
         assert (answers["b"]["emotion"], answers["b"]["arousal"]) == ("happiness", -1.0)
 
 
-def test_cached_reads_follow_every_write_to_their_table_and_are_private_copies(tmp_path):
+def test_reads_see_every_commit_at_once_and_are_private_copies(tmp_path):
     store = DeviceStore(tmp_path)
     other = DeviceStore(tmp_path)  # another process's view of the same file (a labelling session)
-    with store.cached():
-        assert store.answers() == {} and store.active_pseudo() == {} and store.queued_clips() == set()
-        other.answer("z", "fear")  # not this object's write: unseen until the block ends
-        assert store.answers() == {}
-        store.add_pseudo(1, [{"clip": "a", "emotion": "anger"}])
-        assert set(store.active_pseudo()) == {"a"}  # its own write to that table is seen at once
-        assert store.answers() == {}  # reads of other tables stay cached
-        store.enqueue(1, [{"clip": "q"}])
-        assert store.queued_clips() == {"q"} and [p["clip"] for p in store.pending()] == ["q"]
-        store.answer("q", "sadness")  # changes the answers and the queue
-        assert set(store.answers()) == {"q", "z"} and store.pending() == []
-        got = store.active_pseudo()
-        got["a"]["emotion"] = "changed by the caller"
-        got.pop("a")
-        assert store.active_pseudo()["a"]["emotion"] == "anger"
-    assert set(store.answers()) == {"q", "z"}
+    assert store.answers() == {} and store.active_pseudo() == {} and store.queued_clips() == set()
+    other.answer("z", "fear")  # another connection's commit: seen by the next read
+    assert set(store.answers()) == {"z"}
+    store.add_pseudo(1, [{"clip": "a", "emotion": "anger"}])
+    assert set(store.active_pseudo()) == {"a"} and set(other.active_pseudo()) == {"a"}
+    other.enqueue(1, [{"clip": "q"}])
+    assert store.enqueue(2, [{"clip": "q"}, {"clip": "r"}]) == 1  # a write sees the other's commit too
+    assert [p["clip"] for p in store.pending()] == ["q", "r"] and other.queued_clips() == {"q", "r"}
+    store.answer("q", "sadness")  # changes the answers and the queue
+    assert set(store.answers()) == {"z", "q"} and [p["clip"] for p in other.pending()] == ["r"]
+    got = store.active_pseudo()
+    got["a"]["emotion"] = "changed by the caller"
+    got.pop("a")
+    queue = store.queue()
+    queue[0]["guesses"].append(["x", 1.0])
+    assert store.active_pseudo()["a"]["emotion"] == "anger" and store.queue()[0]["guesses"] == []
     store.close()
     other.close()
+    with DeviceStore(tmp_path) as again:  # everything was committed
+        assert set(again.answers()) == {"z", "q"} and set(again.active_pseudo()) == {"a"}
+        assert [q["status"] for q in again.queue()] == ["answered", "pending"]
+
+
+def test_a_failed_write_changes_neither_the_file_nor_the_reads(tmp_path):
+    with DeviceStore(tmp_path) as store:
+        store.add_pseudo(1, [{"clip": "a", "emotion": "anger"}])
+        with pytest.raises(Exception):
+            store.add_pseudo(2, [{"clip": "b", "emotion": "fear"}, {"clip": "c", "emotion": object()}])
+        assert set(store.active_pseudo()) == {"a"}
+    with DeviceStore(tmp_path) as store:
+        assert set(store.active_pseudo()) == {"a"}
