@@ -231,7 +231,8 @@ class DeviceStore:
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
         self.data_dir = Path(data_dir).expanduser()
         self.path = self.data_dir / STORE_FILE
-        if not self.path.exists():
+        fresh = not self.path.exists()
+        if fresh:
             if not create:
                 raise FileNotFoundError(f"no label queue in {self.data_dir} (no {STORE_FILE})")
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +240,11 @@ class DeviceStore:
                                     connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         _Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)  # an older store: add the columns it lacks
+        if not fresh:
+            _add_missing_columns(self.engine)  # an older store: add the columns it lacks
         self._lock = threading.RLock()
         self._conn = None  # one connection for every read and write (data_version is per connection)
+        self._sqlite = None  # its sqlite3 connection
         self._mirror: dict[str, Any] | None = None
         self._version = None
 
@@ -249,12 +252,15 @@ class DeviceStore:
     def _connection(self):
         if self._conn is None:
             self._conn = self.engine.connect()
+            self._sqlite = self._conn.connection.driver_connection
             # SQLAlchemy then issues no BEGIN of its own: we say when a transaction starts.
-            self._conn.connection.driver_connection.isolation_level = None
+            self._sqlite.isolation_level = None
         return self._conn
 
     def _data_version(self) -> int:
-        return self._connection().connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
+        if self._conn is None:
+            self._connection()
+        return self._sqlite.execute("PRAGMA data_version").fetchone()[0]
 
     def _load(self, in_transaction: bool) -> None:
         """(Re)read every table into the mirror, in one snapshot."""
@@ -299,7 +305,7 @@ class DeviceStore:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
-                self._conn = None
+                self._conn = self._sqlite = None
             self._mirror = None
             self.engine.dispose()
 
@@ -432,22 +438,46 @@ class DeviceStore:
         ValueError
             For only one of arousal/valence, or a value outside [-1, 1] (nothing is stored).
         """
-        _check_av(arousal, valence)
-        row = {"clip": clip, "emotion": emotion, "arousal": None if arousal is None else float(arousal),
-               "valence": None if valence is None else float(valence), "source": source,
-               "n_raters": int(n_raters), "rater_labels": json.loads(json.dumps(list(rater_labels or []))),
-               "round": server_round}
+        self.answer_many([{"clip": clip, "emotion": emotion, "arousal": arousal, "valence": valence,
+                           "source": source, "n_raters": n_raters, "rater_labels": rater_labels,
+                           "server_round": server_round}])
+
+    def answer_many(self, items: Iterable[dict[str, Any]]) -> int:
+        """Store several human labels in one transaction (the simulated raters answer a
+        round's queue at once); each item has :meth:`answer`'s arguments as keys (``clip``
+        required). Returns how many were stored.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`answer`, for any item (then nothing is stored).
+        """
+        rows = []
+        for i in items:
+            arousal, valence = i.get("arousal"), i.get("valence")
+            _check_av(arousal, valence)
+            rows.append({"clip": i["clip"], "emotion": i.get("emotion", ""),
+                         "arousal": None if arousal is None else float(arousal),
+                         "valence": None if valence is None else float(valence), "source": i.get("source", "person"),
+                         "n_raters": int(i.get("n_raters", 1)),
+                         "rater_labels": json.loads(json.dumps(list(i.get("rater_labels") or []))),
+                         "round": i.get("server_round")})
+        if not rows:
+            return 0
         answers, queue = Answer.__table__, QueueItem.__table__
         with self._writing() as (conn, mirror):
-            if clip in mirror["answers"]:
-                conn.execute(update(answers).where(answers.c.clip == clip).values(**row))
-            else:
-                conn.execute(insert(answers).values(**row))
-            item = mirror["queue"].get(clip)
-            if item is not None:
-                conn.execute(update(queue).where(queue.c.clip == clip).values(status=ANSWERED, updated_at=_now()))
-                item["status"] = ANSWERED
-            mirror["answers"][clip] = row
+            for row in rows:
+                clip = row["clip"]
+                if clip in mirror["answers"]:
+                    conn.execute(update(answers).where(answers.c.clip == clip).values(**row))
+                else:
+                    conn.execute(insert(answers).values(**row))
+                item = mirror["queue"].get(clip)
+                if item is not None:
+                    conn.execute(update(queue).where(queue.c.clip == clip).values(status=ANSWERED, updated_at=_now()))
+                    item["status"] = ANSWERED
+                mirror["answers"][clip] = row
+        return len(rows)
 
     def answers(self) -> dict[str, dict[str, Any]]:
         """Every human label, ``{clip: {...}}``, oldest first."""

@@ -134,3 +134,15 @@ def test_a_failed_write_changes_neither_the_file_nor_the_reads(tmp_path):
         assert set(store.active_pseudo()) == {"a"}
     with DeviceStore(tmp_path) as store:
         assert set(store.active_pseudo()) == {"a"}
+
+
+def test_answers_given_together_are_stored_together_or_not_at_all(tmp_path):
+    with DeviceStore(tmp_path) as store:
+        store.enqueue(1, [{"clip": "a"}, {"clip": "b"}])
+        with pytest.raises(ValueError, match="valence must be"):
+            store.answer_many([{"clip": "a", "emotion": "fear"}, {"clip": "b", "arousal": 0.1, "valence": 2.0}])
+        assert store.answers() == {} and len(store.pending()) == 2
+        assert store.answer_many([{"clip": "a", "emotion": "fear", "n_raters": 3, "source": "oracle"},
+                                  {"clip": "b", "arousal": 0.1, "valence": -0.2}]) == 2
+        assert store.pending() == [] and store.effort() == 4
+        assert store.answers()["b"]["arousal"] == 0.1 and store.answers()["a"]["source"] == "oracle"
