@@ -77,6 +77,7 @@ round aggregation) are plain functions of arrays, tested on hand-made inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -295,22 +296,24 @@ def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc
     av : np.ndarray, shape (views, N, 2)
         Arousal and valence.
     """
-    modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
-    for m, _ in modes:  # eval mode; setting the flag directly (no nn.Module.__setattr__) costs a tenth of model.eval()
-        object.__setattr__(m, "training", mc_dropout and isinstance(m, nn.Dropout))
     n_classes = getattr(model, "n_classes", 0)
     probs = np.zeros((views, len(xs), n_classes), np.float32)
     avs = np.zeros((views, len(xs), 2), np.float32)
-    gen = torch.Generator().manual_seed(int(seed))
     if not xs:
         return probs, avs
+    gen = torch.Generator().manual_seed(int(seed))  # the views' noise
     size = max(x.size if isinstance(x, np.ndarray) else int(np.prod(np.shape(x))) for x in xs[:batch_size])  # numbers per clip
     step = max(1, min(len(xs), max_numbers // max(1, size * views)))  # clips per forward pass
+    modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
+    for m, _ in modes:  # eval mode; setting the flag directly (no nn.Module.__setattr__) costs a tenth of model.eval()
+        object.__setattr__(m, "training", mc_dropout and isinstance(m, nn.Dropout))
     try:
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only (what fork_rng restores); torch.manual_seed would also
-            # queue lazy CUDA/XPU seeding, formatting a stack trace each call (~0.5 ms)
-            torch.default_generator.manual_seed(int(seed))
+        # Dropout draws from torch's global generator: seeded (and restored afterwards) for
+        # Monte-Carlo dropout only. The CPU generator only (what fork_rng restores);
+        # torch.manual_seed would also queue lazy CUDA/XPU seeding (~0.5 ms a call).
+        with torch.random.fork_rng(devices=[]) if mc_dropout else contextlib.nullcontext():
+            if mc_dropout:
+                torch.default_generator.manual_seed(int(seed))
             for start in range(0, len(xs), step):  # all views of a batch in one forward pass
                 x, lengths = collate(xs[start : start + step])
                 b = x.shape[0]
@@ -853,6 +856,7 @@ class CoopState:
     _meta_written: bool = field(default=False, repr=False)
     _global_view: tuple | None = field(default=None, repr=False)  # (clip rows, probs, av)
     _t_global: float = field(default=0.0, repr=False)
+    _frozen: bool = field(default=False, repr=False)  # before_training froze the round's model
     _scored: tuple | None = field(default=None, repr=False)  # (round, clip rows the step scores)
     _clip_vectors: tuple | None = field(default=None, repr=False)  # (features list, clip_vectors of it)
 
@@ -929,7 +933,8 @@ class CoopState:
             unlabelled = self._round_candidates(settings, server_round)
             self._global_view = (unlabelled, *view_predictions(model, [data.x[i] for i in unlabelled],
                                                                views=1, noise=0.0))
-        if settings["freeze"]:
+        self._frozen = bool(settings["freeze"])
+        if self._frozen:
             freeze_frontend(model, True)
         train = self.training_data(data)
         if settings["upsample"]:
@@ -984,7 +989,9 @@ class CoopState:
         return self._after_training(model, data, round_cfg, server_round, time.perf_counter())
 
     def _after_training(self, model, data, round_cfg, server_round, t0: float) -> dict[str, Any]:
-        freeze_frontend(model, False)
+        if self._frozen:
+            freeze_frontend(model, False)
+            self._frozen = False
         settings = _settings(self.cfg, round_cfg, server_round)
         mode = settings["coop-mode"]
         step = {"mode": mode, "added": 0, "added_correct": 0, "dropped": 0, "queries": 0,

@@ -339,6 +339,8 @@ class DeviceStore:
             Pseudo-labels added.
         """
         items = list(items)
+        if not items:
+            return 0
         with self._writing() as (conn, mirror):
             active = {r["clip"] for r in mirror["pseudo"] if r["round_dropped"] is None}
             new = []
@@ -384,6 +386,8 @@ class DeviceStore:
         ``[arousal, valence]`` on the label scale) and ``uncertainty``. A clip queued before
         (whatever its status) is not queued again. Returns how many were queued."""
         items = list(items)
+        if not items:
+            return 0
         with self._writing() as (conn, mirror):
             new = {}
             for i in items:

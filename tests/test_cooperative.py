@@ -154,7 +154,16 @@ def test_views_mc_dropout_and_upsampling():
     mc, mc_av = view_predictions(model, xs, views=4, noise=0.0, mc_dropout=True, seed=1)
     assert not np.allclose(mc, mc[0]) and not np.allclose(mc_av, mc_av[0])  # dropout samples differ
     assert np.allclose(view_predictions(model, xs, views=4, noise=0.0, mc_dropout=True, seed=1)[0], mc)  # seeded
+    state = torch.get_rng_state()
     noisy, _ = view_predictions(model, xs, views=3, noise=0.5, max_numbers=88 * 3 * 2)  # 2 clips per pass
+    view_predictions(model, xs, views=2, noise=0.0, mc_dropout=True, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is left as it was
+    frozen = next(m for m in model.modules() if m is not model)
+    frozen.eval()  # a part the caller holds in eval mode stays so; the rest returns to training
+    view_predictions(model, xs, views=2, noise=0.1)
+    assert not frozen.training and model.training
+    assert view_predictions(model, [], views=2, noise=0.1)[0].shape == (2, 0, 3) and model.training
+    frozen.train()
     assert np.allclose(noisy[0], probs[0], atol=1e-6) and not np.allclose(noisy[1], noisy[0])
     data = LocalData(xs, np.array([0, 0, 0, 1, -1]), np.full((5, 2), np.nan))
     even = upsample(data)
