@@ -998,10 +998,9 @@ class CoopState:
                 "rater_answers": 0, "skipped": 0, "train_seconds": t0 - self._t_train if self._t_train else 0.0}
         if mode != "supervised":
             if not self._meta_written:  # what `fedaffect device label` offers the person
-                if self.store.get_meta("emotions") != list(self.emotions):
-                    self.store.set_meta("emotions", list(self.emotions))  # the answers the person may give
-                if self.store.get_meta("task") != self.cfg.task:
-                    self.store.set_meta("task", self.cfg.task)  # which answers (labels, arousal/valence) it uses
+                meta = {"emotions": list(self.emotions),  # the answers the person may give
+                        "task": self.cfg.task}  # which answers (labels, arousal/valence) it uses
+                self.store.update_meta({k: v for k, v in meta.items() if self.store.get_meta(k) != v})
                 self._meta_written = True
             answered = set(self.store.answers())
             pool = ~self.labelled0 & np.array([p not in answered for p in self.paths], dtype=bool)

@@ -41,8 +41,10 @@ def test_pseudo_label_history_and_effort(tmp_path):
         store.answer("y", "anger", source="oracle", n_raters=2)
         assert store.effort() == 5
         store.set_meta("emotions", ["anger", "fear"])
+        store.update_meta({"task": "av", "emotions": ["fear"]})
     with DeviceStore(tmp_path) as store:
-        assert store.get_meta("emotions") == ["anger", "fear"] and store.get_meta("missing", 7) == 7
+        assert store.get_meta("emotions") == ["fear"] and store.get_meta("missing", 7) == 7
+        assert store.get_meta("task") == "av"
         assert store.pseudo_history()[1]["arousal"] == 0.5
 
 
@@ -146,3 +148,24 @@ def test_answers_given_together_are_stored_together_or_not_at_all(tmp_path):
                                   {"clip": "b", "arousal": 0.1, "valence": -0.2}]) == 2
         assert store.pending() == [] and store.effort() == 4
         assert store.answers()["b"]["arousal"] == 0.1 and store.answers()["a"]["source"] == "oracle"
+
+
+def test_a_new_store_has_the_schema_create_all_makes(tmp_path):
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from client.device_store import STORE_FILE, _Base
+
+    DeviceStore(tmp_path / "new").close()  # a new file: the precompiled script
+    engine = create_engine(f"sqlite:///{tmp_path / 'ref.db'}")
+    _Base.metadata.create_all(engine)
+    engine.dispose()
+
+    def schema(path):
+        with sqlite3.connect(path) as conn:
+            return sorted((t, n, " ".join(sql.replace("IF NOT EXISTS ", "").split()))
+                          for t, n, sql in conn.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+
+    assert schema(tmp_path / "new" / STORE_FILE) == schema(tmp_path / "ref.db")
+    assert len(schema(tmp_path / "ref.db")) >= 6  # four tables and their indexes
