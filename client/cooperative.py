@@ -317,10 +317,12 @@ def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc
             for start in range(0, len(xs), step):  # all views of a batch in one forward pass
                 x, lengths = collate(xs[start : start + step])
                 b = x.shape[0]
-                xv = x.repeat(views, *([1] * (x.dim() - 1)))
-                if views > 1 and noise > 0:
-                    xv[b:] += noise * torch.randn(xv[b:].shape, generator=gen, dtype=x.dtype)
-                out = model(xv, None if lengths is None else lengths.repeat(views))
+                if views > 1:
+                    x = x.repeat(views, *([1] * (x.dim() - 1)))
+                    lengths = None if lengths is None else lengths.repeat(views)
+                    if noise > 0:
+                        x[b:] += noise * torch.randn(x[b:].shape, generator=gen, dtype=x.dtype)
+                out = model(x, lengths)
                 probs[:, start : start + b] = torch.softmax(out["emotion"], dim=1).cpu().numpy().reshape(views, b, -1)
                 avs[:, start : start + b] = out["av"].cpu().numpy().reshape(views, b, 2)
     finally:
