@@ -923,7 +923,13 @@ class CoopState:
         Arousal/valence in the returned set are on the label scale; with FaiReg the caller
         normalises them (``client/app.py`` ``train``).
         """
-        return self._before_training(model, data, round_cfg, server_round)
+        with self._unchecked_reads():
+            return self._before_training(model, data, round_cfg, server_round)
+
+    def _unchecked_reads(self):
+        """The store's :meth:`DeviceStore.unchecked_reads` (nothing for a supervised run, which
+        has no store): within one step, another process's answers can wait for the next."""
+        return self.store.unchecked_reads() if self.active else contextlib.nullcontext()
 
     def _before_training(self, model, data, round_cfg, server_round) -> LocalData:
         t0 = time.perf_counter()
@@ -988,7 +994,9 @@ class CoopState:
             before training: the global model's view and building the training set from
             the person's answers and the pseudo-labels) and ``train_seconds`` (local training).
         """
-        return self._after_training(model, data, round_cfg, server_round, time.perf_counter())
+        t0 = time.perf_counter()
+        with self._unchecked_reads():
+            return self._after_training(model, data, round_cfg, server_round, t0)
 
     def _after_training(self, model, data, round_cfg, server_round, t0: float) -> dict[str, Any]:
         if self._frozen:
@@ -1165,10 +1173,13 @@ class CoopState:
 
     def _oracle(self, settings, server_round, step) -> None:
         """Simulation: the raters answer every pending query from the hidden labels."""
+        pending = self.store.pending()
+        if not pending:
+            return
         oracle = Oracle.from_settings(settings, len(self.emotions))
         rng = np.random.default_rng([self.seed, server_round, 7])
         given = []
-        for item in self.store.pending():
+        for item in pending:
             i = self._index.get(item["clip"])
             truth_e = int(self.truth_emotion[i]) if i is not None else -1
             truth_av = self.truth_av[i] if i is not None else None

@@ -290,6 +290,7 @@ class DeviceStore:
         self._conn = None  # one connection for every read and write (data_version is per connection)
         self._sqlite = None  # its sqlite3 connection
         self._mirror: dict[str, Any] | None = None
+        self._unchecked = 0  # depth of unchecked_reads() blocks
         self._version = None
 
     # -- connection, mirror ------------------------------------------------------------
@@ -346,7 +347,23 @@ class DeviceStore:
 
     def _reading(self):
         with self._lock:
+            if self._unchecked and self._mirror is not None:
+                return self._mirror
             return self._current()
+
+    @contextlib.contextmanager
+    def unchecked_reads(self):
+        """Within the block, reads are served from the mirror without asking SQLite whether
+        another connection committed (a ``PRAGMA`` per read, ~10 a cooperative step); a
+        labelling session's answers given meanwhile are seen after the block. Writes always
+        ask, under the write lock, so nothing is ever lost or written twice."""
+        with self._lock:
+            self._unchecked += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._unchecked -= 1
 
     def close(self) -> None:
         """Release the database connection (the file stays)."""

@@ -169,3 +169,18 @@ def test_a_new_store_has_the_schema_create_all_makes(tmp_path):
 
     assert schema(tmp_path / "new" / STORE_FILE) == schema(tmp_path / "ref.db")
     assert len(schema(tmp_path / "ref.db")) >= 6  # four tables and their indexes
+
+
+def test_unchecked_reads_wait_for_the_block_but_writes_never_miss_a_commit(tmp_path):
+    store, other = DeviceStore(tmp_path), DeviceStore(tmp_path)
+    with store.unchecked_reads():
+        assert store.answers() == {}
+        other.enqueue(1, [{"clip": "q"}])
+        other.answer("q", "fear")
+        assert store.answers() == {}  # another connection's commit: not yet seen
+        assert store.enqueue(2, [{"clip": "q"}, {"clip": "r"}]) == 1  # a write checks: q is known
+        assert set(store.answers()) == {"q"}  # and the mirror it reloaded is current
+    other.answer("r", "anger")
+    assert set(store.answers()) == {"q", "r"}  # after the block every read checks again
+    store.close()
+    other.close()
