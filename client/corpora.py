@@ -86,7 +86,10 @@ __all__ = [
     "SYNTH_SENTENCES",
 ]
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+#: Audio files the readers take: what soundfile reads (libsndfile >= 1.1 reads MP3 too), in
+#: order of preference. When a corpus holds the same recording in two formats (the CREMA-D
+#: repository's ``AudioWAV/`` and ``AudioMP3/``), the copy with the earlier suffix is kept.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
 @dataclass
@@ -134,8 +137,11 @@ def _source_dir(source: str | PathLike, what: str) -> Path:
 
 
 def _audio_files(folder: Path, suffixes: Sequence[str] = AUDIO_SUFFIXES, recursive: bool = True) -> list[Path]:
+    """Audio files under ``folder``: the preferred format first (:data:`AUDIO_SUFFIXES`), then by path."""
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in suffixes and p.is_file())
+    rank = {s: i for i, s in enumerate(AUDIO_SUFFIXES)}
+    return sorted((p for p in found if p.suffix.lower() in suffixes and p.is_file()),
+                  key=lambda p: (rank.get(p.suffix.lower(), len(rank)), str(p)))
 
 
 def _progress(items: Iterable, description: str, total: int | None = None) -> Iterable:
@@ -199,7 +205,7 @@ def _prepare_named(
     what: str,
     example: str,
     parse: Callable[[Path], tuple[object, Record] | str | None],
-    suffixes: Sequence[str] = (".wav",),
+    suffixes: Sequence[str] = AUDIO_SUFFIXES,
 ) -> PrepareResult:
     """Scan ``source`` for files named by a corpus convention.
 
@@ -236,8 +242,9 @@ def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     Parameters
     ----------
     source : path
-        The corpus folder; ``*.wav`` files are searched recursively (normally ``wav/``; the
-        archive's ``lablaut/``, ``labsilb/`` and ``silb/`` hold no audio and are not read).
+        The corpus folder; audio files (``.wav``, or any format of :data:`AUDIO_SUFFIXES`) are
+        searched recursively (normally ``wav/``; the archive's ``lablaut/``, ``labsilb/`` and
+        ``silb/`` hold no audio and are not read).
         ``03a01Fa.wav``: speaker ``03``, text ``a01``, emotion letter, version ``a`` (``b``,
         ``c``, ... for further takes). Letters: W anger, L boredom, E disgust, A fear,
         F happiness, T sadness, N neutral.
@@ -282,7 +289,8 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
     ----------
     source : path
         The corpus folder (``Actor_01/`` ... ``Actor_24/``, at any depth, e.g.
-        ``Audio_Speech_Actors_01-24/Actor_01/``); ``*.wav`` searched recursively.
+        ``Audio_Speech_Actors_01-24/Actor_01/``); audio files (``.wav``, ``.flac``, ``.ogg``,
+        ``.mp3``) searched recursively.
         ``03-01-06-01-02-01-12.wav``: modality, vocal channel, emotion, intensity, statement,
         repetition, actor. Only modality 03 (audio-only) is read: the ``.mp4`` videos (01
         full-AV, 02 video-only) are not audio, and a ``.wav`` with modality 01 or 02 (sound
@@ -347,8 +355,9 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
     Parameters
     ----------
     source : path
-        The corpus folder (the repository, or its ``AudioWAV/``); ``*.wav`` searched
-        recursively, so ``AudioMP3/`` (the same clips again) and the videos are not read.
+        The corpus folder (the repository, or its ``AudioWAV/`` or ``AudioMP3/``); audio files
+        searched recursively. A clip in both ``AudioWAV/`` and ``AudioMP3/`` is listed once, as
+        its WAV file; a copy holding only ``AudioMP3/`` is read as MP3. Videos are not read.
         ``1001_DFA_ANG_XX.wav``: actor, sentence, emotion (ANG anger, DIS disgust, FEA fear,
         HAP happiness, NEU neutral, SAD sadness), level (LO MD HI XX, not used). Gender is read
         from the first ``VideoDemographics.csv`` found under ``source``, or else next to it (in
@@ -404,7 +413,7 @@ def tess_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     Parameters
     ----------
     source : path
-        The corpus folder (``OAF_angry/OAF_back_angry.wav``, ...); ``*.wav`` searched recursively
+        The corpus folder (``OAF_angry/OAF_back_angry.wav``, ...); audio files searched recursively
         (the Kaggle copy nests ``TESS Toronto emotional speech set data/`` twice).
         ``YAF_bath_ps.wav``: speaker, word, emotion. Emotions, in any case: angry -> anger,
         disgust, fear, happy -> happiness, neutral, sad -> sadness, and ``ps``,

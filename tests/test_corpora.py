@@ -210,9 +210,10 @@ def test_cremad_repo_layout_mp3_copies_empty_clip_and_demographics_in_parent(tmp
         "ActorID,Age,Sex,Race,Ethnicity\r\n1001,51,Male,Caucasian,Not Hispanic\r\n1002,21,Female,Caucasian,"
         "Not Hispanic\r\n1005,36,Male,African American,Not Hispanic\r\n1076,25,Female,Asian,Not Hispanic\r\n"
         "1091,29,Female,Asian,Not Hispanic\r\n", encoding="utf-8-sig")  # with a byte-order mark
-    for source in (root, root / "AudioWAV"):  # the repo, or its AudioWAV folder (demographics one level up)
-        empty = r"skipped 1 of 6 crema-d clips \(1 empty\), e.g. .*1076_MTI_SAD_XX"
-        with pytest.warns(SkippedClipsWarning, match=empty):
+    # the repo (each clip also as MP3: the WAV kept), or its AudioWAV folder (demographics one level up)
+    for source, warning in ((root, r"skipped 6 of 11 crema-d clips \(5 duplicate, 1 empty\)"),
+                            (root / "AudioWAV", r"skipped 1 of 6 crema-d clips \(1 empty\), e.g. .*1076_MTI_SAD_XX")):
+        with pytest.warns(SkippedClipsWarning, match=warning):
             result = cremad_prepare(source, tmp_path / "m.csv")
         assert labels(result) == expected
 
@@ -314,3 +315,15 @@ def test_synth_without_espeak_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
         synth_prepare(tmp_path / "s", tmp_path / "s.csv", n_speakers=1, clips_per_emotion=1)
+
+
+def test_cremad_mp3_only_copy_is_read(tmp_path):
+    root = tmp_path / "CREMA-D"
+    for i, name in enumerate(["1001_DFA_ANG_XX.mp3", "1002_IEO_HAP_HI.mp3", "1005_ITS_DIS_XX.mp3"]):
+        write_clip(root / "AudioMP3" / name, seconds=0.6, seed=i)
+    (root / "VideoDemographics.csv").write_text("ActorID,Age,Sex\n1001,51,Male\n1002,21,Female\n1005,36,Male\n")
+    result = cremad_prepare(root, tmp_path / "m.csv")
+    assert labels(result) == {"1001_DFA_ANG_XX.mp3": ("crema-d-1001", "male", "anger"),
+                              "1002_IEO_HAP_HI.mp3": ("crema-d-1002", "female", "happiness"),
+                              "1005_ITS_DIS_XX.mp3": ("crema-d-1005", "male", "disgust")}
+    assert (read_manifest(result.manifest)["duration"] > 0.5).all()  # decoded, not just listed
