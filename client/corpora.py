@@ -296,8 +296,9 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
         full-AV, 02 video-only) are not audio, and a ``.wav`` with modality 01 or 02 (sound
         taken from a video, the same take as its 03 file) is skipped as ``video-modality``.
         Emotions: 01 neutral, 02 calm (kept as ``calm``, a class of its own), 03 happiness,
-        04 sadness, 05 anger, 06 fear, 07 disgust, 08 surprise. Intensity (normal/strong) is
-        not used: arousal and valence are left empty.
+        04 sadness, 05 anger, 06 fear, 07 disgust, 08 surprise. Intensity is kept in an extra
+        column ``intensity`` (``normal``/``strong``; RAVDESS has no strong neutral), e.g. to
+        keep only strong clips or to declare it a group; arousal and valence are left empty.
     out : path
         Manifest CSV to write.
     include_song : bool, default False
@@ -320,19 +321,23 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
         m = _RAVDESS_NAME.fullmatch(path.stem)
         if not m:
             return "bad-name"
-        modality, channel, emotion, _intensity, _statement, _rep, actor = m.groups()
+        modality, channel, emotion, intensity, _statement, _rep, actor = m.groups()
         if modality != "03":
             return "video-modality"
         if channel == "02" and not include_song:
             return None
         gender = "male" if int(actor) % 2 else "female"
-        return path.stem, Record(str(path), f"ravdess-{actor}", gender, _RAVDESS_EMOTIONS[emotion])
+        return path.stem, Record(str(path), f"ravdess-{actor}", gender, _RAVDESS_EMOTIONS[emotion],
+                                 extra={"intensity": "normal" if intensity == "01" else "strong"})
 
     return _prepare_named(source, out, "ravdess", "Actor_01/03-01-05-01-02-01-01.wav", parse)
 
 
 # --------------------------------------------------------------------------- CREMA-D
 
+#: CREMA-D's emotion level (the file name's last field): only sentence IEO was spoken at three
+#: levels; the others are ``XX``.
+_CREMAD_LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified"}
 _CREMAD_NAME = re.compile(r"(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{2})", re.IGNORECASE)
 _CREMAD_EMOTIONS = dict(ANG="anger", DIS="disgust", FEA="fear", HAP="happiness", NEU="neutral", SAD="sadness")
 
@@ -359,7 +364,8 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
         searched recursively. A clip in both ``AudioWAV/`` and ``AudioMP3/`` is listed once, as
         its WAV file; a copy holding only ``AudioMP3/`` is read as MP3. Videos are not read.
         ``1001_DFA_ANG_XX.wav``: actor, sentence, emotion (ANG anger, DIS disgust, FEA fear,
-        HAP happiness, NEU neutral, SAD sadness), level (LO MD HI XX, not used). Gender is read
+        HAP happiness, NEU neutral, SAD sadness), level (LO MD HI XX: extra column ``level``,
+        ``low``/``medium``/``high``/``unspecified``). Gender is read
         from the first ``VideoDemographics.csv`` found under ``source``, or else next to it (in
         its parent folder): columns ``ActorID``, ``Sex`` = Male/Female; without it gender is
         left empty. The real ``1076_MTI_SAD_XX.wav`` holds no audio and is skipped as ``empty``.
@@ -383,8 +389,9 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
         m = _CREMAD_NAME.fullmatch(path.stem)
         if not m:
             return "bad-name"
-        actor, _sentence, emotion, _level = m.groups()
-        record = Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()])
+        actor, _sentence, emotion, level = m.groups()
+        record = Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()],
+                        extra={"level": _CREMAD_LEVELS.get(level.upper(), "unspecified")})
         return path.stem.upper(), record
 
     return _prepare_named(source, out, "crema-d", "AudioWAV/1001_DFA_ANG_XX.wav", parse)

@@ -120,6 +120,10 @@ def test_ravdess_song_only_on_request_and_paths_absolute(tmp_path, monkeypatch):
     assert (speech.n_clips, both.n_clips, speech.skipped.total) == (1, 2, 0)
     written = pd.read_csv(speech.manifest)["path"].tolist()
     assert written == [str(tmp_path / "Actor_05" / "03-01-04-01-01-01-05.wav")]
+    write_clip(tmp_path / "Actor_05" / "03-01-04-02-01-01-05.wav")  # intensity 02: strong
+    df = pd.read_csv(ravdess_prepare(".", "out/intensity.csv").manifest)
+    assert dict(zip(df["path"].map(lambda p: Path(p).name), df["intensity"])) == {
+        "03-01-04-01-01-01-05.wav": "normal", "03-01-04-02-01-01-05.wav": "strong"}
 
 
 def labels(result) -> dict:
@@ -216,6 +220,9 @@ def test_cremad_repo_layout_mp3_copies_empty_clip_and_demographics_in_parent(tmp
         with pytest.warns(SkippedClipsWarning, match=warning):
             result = cremad_prepare(source, tmp_path / "m.csv")
         assert labels(result) == expected
+        levels = read_manifest(result.manifest).set_index("path")["level"]
+        assert {Path(k).name: v for k, v in levels.items()}["1002_IEO_HAP_HI.wav"] == "high"
+        assert sorted(levels) == ["high", "medium", "unspecified", "unspecified", "unspecified"]
 
 
 def test_tess_kaggle_copy_folder_and_file_name_quirks(tmp_path):
