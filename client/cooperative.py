@@ -279,11 +279,12 @@ def label_split(strata: Sequence[Any], fraction: float, seed: int | Sequence[int
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc_dropout: bool = False,
-                     seed: int = 0, batch_size: int = 64, max_numbers: int = 2**22) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int = 0, batch_size: int = 64, max_numbers: int = 2**22,
+                     include_clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Predict every clip under ``views`` views.
 
     View 0 is the clean input; views 1.. add ``N(0, noise^2)`` to the (standardised)
-    features. The model is in eval mode, except its dropout layers with ``mc_dropout``
+    features (``include_clean=False``: every view is a noisy one). The model is in eval mode, except its dropout layers with ``mc_dropout``
     (Monte-Carlo dropout, every view samples new masks; batch-norm stays in eval mode). Every
     module's mode and the global torch random state are restored afterwards. All views of a batch
     go through the model in one forward pass; a batch holds as many clips as keep the
@@ -320,8 +321,9 @@ def view_predictions(model: nn.Module, xs: list, *, views: int, noise: float, mc
                 if views > 1:
                     x = x.repeat(views, *([1] * (x.dim() - 1)))
                     lengths = None if lengths is None else lengths.repeat(views)
-                    if noise > 0:
-                        x[b:] += noise * torch.randn(x[b:].shape, generator=gen, dtype=x.dtype)
+                first = b if include_clean else 0  # the rows that get noise
+                if noise > 0 and x.shape[0] > first:
+                    x[first:] += noise * torch.randn(x[first:].shape, generator=gen, dtype=x.dtype)
                 out = model(x, lengths)
                 probs[:, start : start + b] = torch.softmax(out["emotion"], dim=1).cpu().numpy().reshape(views, b, -1)
                 avs[:, start : start + b] = out["av"].cpu().numpy().reshape(views, b, 2)
@@ -378,6 +380,43 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float, max_std: float, pe
         ok &= np.asarray(candidates, dtype=bool)
     idx = _cap_per_class(ok, label, conf, per_class)
     return idx, label[idx], conf[idx]
+
+
+def could_pass(clean: Sequence[np.ndarray], threshold: float, n_views: int) -> np.ndarray:
+    """Clips that :func:`select_pseudo_labels` could still accept once all ``n_views`` views
+    are known, judged from some of them (the clean ones, which cost one forward pass).
+
+    Every view must predict the class and the mean of its probability over ``n_views`` views
+    must reach ``threshold``; as each unseen view gives at most 1, a known view's
+    probability must be at least ``n_views * threshold - (n_views - 1)``. A necessary
+    condition only: the clips it rejects cannot pass, the ones it keeps still have to.
+
+    Parameters
+    ----------
+    clean : list of np.ndarray, each of shape (N, C)
+        Probabilities under the views already known.
+    threshold : float
+    n_views : int
+        Views the selection will see in all (known ones included).
+
+    Returns
+    -------
+    np.ndarray of bool, shape (N,)
+    """
+    clean = [np.asarray(c, dtype=np.float64) for c in clean]
+    label = clean[0].argmax(axis=1)
+    bound = n_views * threshold - (n_views - 1)
+    rows = np.arange(label.size)
+    ok = np.ones(label.size, dtype=bool)
+    for c in clean:
+        ok &= (c.argmax(axis=1) == label) & (c[rows, label] >= bound)
+    return ok
+
+
+#: Numbers per clip from which the cooperative step scores the pool in two stages (the clean
+#: view first, the noisy views only for the clips that could become pseudo-labels): log-Mel
+#: and waveform inputs, where a forward pass costs more than the extra call; not eGeMAPS (88).
+TWO_STAGE_MIN_NUMBERS = 4096
 
 
 def clip_vectors(xs: Sequence[Any]) -> np.ndarray | None:
@@ -1028,12 +1067,52 @@ class CoopState:
         self._t_global, self._scored = 0.0, None
         return {**self._counts(), **step}
 
+    def _pool_views(self, model, data, settings, server_round, pool_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The trained model's ``pseudo-views`` views of the pool clips: ``probs`` (V, N, C),
+        ``av`` (V, N, 2), and ``full`` (N,) bool, the clips all views were computed for.
+
+        For large inputs (:data:`TWO_STAGE_MIN_NUMBERS`) in a self-labelling round that
+        queues no clip for a person, the clean view comes first and the noisy views only for
+        the clips that hold a pseudo-label (re-checked) or :func:`could_pass` the selection
+        given the clean view and the received model's; the others keep the clean view in
+        every row and are left out of the selection (they could not pass it). The same
+        pseudo-labels, for a fraction of the forward passes.
+        """
+        views = int(settings["pseudo-views"])
+        kw = dict(noise=float(settings["view-noise"]), mc_dropout=settings["uncertainty"] == "mc-dropout",
+                  seed=self.seed * 1_000_003 + server_round)
+        xs = [data.x[i] for i in pool_idx]
+        full = np.ones(len(xs), dtype=bool)
+        two_stage = (views > 1 and not kw["mc_dropout"] and self.cfg.task in ("emotion", "both")
+                     and settings["coop-mode"] in SELF_LABELLING and not self._queries_due(settings)
+                     and max(np.size(x) for x in xs) >= TWO_STAGE_MIN_NUMBERS)
+        if not two_stage:
+            return (*view_predictions(model, xs, views=views, **kw), full)
+        probs, av = view_predictions(model, xs, views=1, **kw)
+        clean = [probs[0]]
+        if self._global_view is not None:
+            unlabelled, g_probs, _ = self._global_view
+            clean.append(g_probs[0, np.searchsorted(unlabelled, pool_idx)])
+        active = self.store.active_pseudo()
+        full = could_pass(clean, float(settings["pseudo-threshold"]), views + len(clean) - 1)
+        full |= np.array([self.paths[i] in active for i in pool_idx], dtype=bool)
+        probs, av = np.repeat(probs, views, axis=0), np.repeat(av, views, axis=0)
+        if full.any():  # the noisy views 1.. of those clips
+            at = np.flatnonzero(full)
+            probs[1:, at], av[1:, at] = view_predictions(model, [xs[j] for j in at], views=views - 1,
+                                                         include_clean=False, **kw)
+        return probs, av, full
+
+    def _queries_due(self, settings) -> bool:
+        """Whether this round's step may queue clips for a person (active modes, budget left)."""
+        if settings["coop-mode"] not in ACTIVE:
+            return False
+        left = int(settings["query-total"]) - len(self.store.queued_clips())
+        return min(int(settings["query-per-round"]), left) > 0
+
     def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:
         task = self.cfg.task
-        probs, av = view_predictions(
-            model, [data.x[i] for i in pool_idx], views=int(settings["pseudo-views"]),
-            noise=float(settings["view-noise"]), mc_dropout=settings["uncertainty"] == "mc-dropout",
-            seed=self.seed * 1_000_003 + server_round)
+        probs, av, full = self._pool_views(model, data, settings, server_round, pool_idx)
         if faireg is not None:  # everything below (re-check, queue, selection) works on the label scale
             keys = faireg_group_keys(data.groups, faireg.attributes, len(data))[pool_idx]
             av = av_to_label_scale(av, faireg, keys)
@@ -1080,7 +1159,7 @@ class CoopState:
         if mode in SELF_LABELLING:
             if mode not in ACTIVE:
                 queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
-            free = np.array([c not in active and c not in queued for c in clips], dtype=bool)
+            free = np.array([c not in active and c not in queued for c in clips], dtype=bool) & full
             items = self._select(sel_probs, sel_av, free, clips, settings, task, data, pool_idx)
             step["added"] = self.store.add_pseudo(server_round, items)
             if self.simulated:

@@ -165,6 +165,8 @@ def test_views_mc_dropout_and_upsampling():
     assert view_predictions(model, [], views=2, noise=0.1)[0].shape == (2, 0, 3) and model.training
     frozen.train()
     assert np.allclose(noisy[0], probs[0], atol=1e-6) and not np.allclose(noisy[1], noisy[0])
+    only_noisy, _ = view_predictions(model, xs, views=1, noise=0.5, include_clean=False)
+    assert not np.allclose(only_noisy[0], probs[0], atol=1e-3)
     data = LocalData(xs, np.array([0, 0, 0, 1, -1]), np.full((5, 2), np.nan))
     even = upsample(data)
     assert np.bincount(even.emotion[even.emotion >= 0]).tolist() == [3, 3] and (even.emotion == -1).sum() == 1
@@ -264,6 +266,48 @@ def test_a_pseudo_label_needs_the_nearest_human_labels_with_pseudo_knn(tmp_path,
     for r in (1, 2):  # the second round reuses the device's clip vectors
         report = state.after_training(_biased(model_cls), data, {**round_cfg, "server-round": r}, r)
         assert report["added"] == (added if r == 1 else 0)
+
+
+def test_could_pass_by_hand():
+    from client.cooperative import could_pass
+
+    # 6 views, threshold 0.9: a known view needs >= 6 * 0.9 - 5 = 0.4 for the class all predict
+    trained = np.array([[0.5, 0.5 - 1e-9, 0.0], [0.39, 0.3, 0.31], [0.8, 0.1, 0.1], [0.1, 0.9, 0.0]])
+    received = np.array([[0.45, 0.3, 0.25], [0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.0, 0.41, 0.59]])
+    assert could_pass([trained], 0.9, 6).tolist() == [True, False, True, True]
+    assert could_pass([trained, received], 0.9, 6).tolist() == [True, False, False, False]
+    assert could_pass([trained], 0.5, 2).tolist() == [True, True, True, True]  # bound 0: anything
+
+
+def test_large_inputs_get_the_same_pseudo_labels_from_fewer_forward_passes(tmp_path, monkeypatch):
+    import client.cooperative as coop
+
+    rng = np.random.default_rng(0)
+    n, classes = 24, 4
+    xs = [rng.standard_normal((80, 64)).astype(np.float32) * (0.1 + 0.6 * (i % 6)) + i % 3 for i in range(n)]
+    data = LocalData(xs, np.array([0, 1, 2, 3] + [-1] * (n - 4)), np.full((n, 2), np.nan))  # log-Mel sized
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", classes)
+    with torch.no_grad():
+        model.emotion.weight.mul_(10.0)  # sure of some clips (max probability up to .97), not of others (.33)
+    rows = []
+    model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    cfg = RunConfig(mode="self-labelling", task="emotion", pseudo_per_class=0, model="logmel-crnn")
+    # 5 views, threshold 0.9: a clip whose clean view is under 5 * 0.9 - 4 = 0.5 cannot pass
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "view-noise": 0.0, "pseudo-global-view": 0}
+
+    def step(folder):
+        state = CoopState(cfg, tmp_path / folder, [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                          ["anger", "sadness", "fear", "happiness"], data.emotion >= 0, None, None)
+        rows.clear()
+        report = state.after_training(model, data, round_cfg, 1)
+        return report["added"], sorted(DeviceStore(tmp_path / folder).active_pseudo()), sum(rows)
+
+    added, chosen, two_stage_rows = step("two-stage")
+    monkeypatch.setattr(coop, "TWO_STAGE_MIN_NUMBERS", 10**9)  # every clip under every view
+    assert step("one-stage")[:2] == (added, chosen) and 0 < added < n - 4
+    assert step("again")[2] == 5 * (n - 4) > two_stage_rows  # 5 views of the 20 pool clips
+    assert two_stage_rows == (n - 4) + 4 * (n - 4 - 3)  # the clean view of all, 4 noisy of the 17 above 0.5
 
 
 def test_device_step_queries_the_least_certain_and_the_oracle_answers(tmp_path):
