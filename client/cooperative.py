@@ -26,8 +26,15 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
       this round, before local training, is one more view that must agree: the local model
       has just fitted a handful of labels and is confidently wrong more often (co-training
       with the federation's model, in the spirit of Blum and Mitchell, COLT 1998);
+    - with ``pseudo-align = 1`` (default), all of the above is judged on probabilities
+      aligned with the class distribution of the device's own human labels (distribution
+      alignment, Berthelot et al., ReMixMatch, ICLR 2020; :func:`align_distribution`): a
+      model that calls much of the pool one class is believed less for that class.
 
-    for arousal/valence the uncertainty is the std of the views' predictions (both
+    Large inputs (log-Mel, waveform) are scored in two stages: the clean view first, the
+    noisy views only for clips that :func:`could_pass` (``TWO_STAGE_MIN_NUMBERS``).
+
+    For arousal/valence the uncertainty is the std of the views' predictions (both
     dimensions at most ``av-max-std``), and the per-class cap applies to the four
     arousal/valence quadrants. Every accepted pseudo-label is re-checked each round and
     dropped when the current model no longer supports it (its class is no longer the
@@ -176,7 +183,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
     dict
         ``coop-mode``, ``pseudo-threshold`` (this round's, :func:`threshold_schedule`),
         ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
-        ``pseudo-global-view``, ``pseudo-knn``,
+        ``pseudo-global-view``, ``pseudo-knn``, ``pseudo-align``,
         ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
         ``query-per-round``, ``query-total``, ``pool-sample``, ``rater-reliability``, ``agreement-min``,
         ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
@@ -192,6 +199,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         "pseudo-recheck": int(cfg.pseudo_recheck),
         "pseudo-global-view": int(cfg.pseudo_global_view),
         "pseudo-knn": int(cfg.pseudo_knn),
+        "pseudo-align": int(cfg.pseudo_align),
         "pseudo-views": int(cfg.pseudo_views),
         "view-noise": float(cfg.view_noise),
         "uncertainty": cfg.uncertainty,
@@ -380,6 +388,40 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float, max_std: float, pe
         ok &= np.asarray(candidates, dtype=bool)
     idx = _cap_per_class(ok, label, conf, per_class)
     return idx, label[idx], conf[idx]
+
+
+def align_distribution(probs: np.ndarray, prior: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Distribution alignment (Berthelot et al., "ReMixMatch", ICLR 2020): scale every class
+    probability by ``prior / mean`` and renormalise, where ``mean`` is the class distribution
+    the model predicts over the clips (all views of ``reference``, by default ``probs``).
+
+    A device's model that calls most of the pool one class (on synth: bored clips called sad)
+    then has that class's probabilities lowered and the neglected ones raised, so that the
+    predictions on the pool follow the class distribution the device's labels show.
+
+    Parameters
+    ----------
+    probs : np.ndarray, shape (V, N, C)
+        Class probabilities of N clips under V views.
+    prior : np.ndarray, shape (C,)
+        Expected class distribution (positive; normalised here).
+    reference : np.ndarray, shape (V', N, C), optional
+        The views whose mean sets the weights (the cooperative step uses the clean ones, so
+        that the weights are known before the noisy views are).
+
+    Returns
+    -------
+    np.ndarray, shape (V, N, C)
+        Aligned probabilities (each row sums to 1). ``probs`` itself when N is 0.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[1] == 0:
+        return probs
+    prior = np.asarray(prior, dtype=np.float64)
+    prior = prior / prior.sum()
+    mean = np.asarray(probs if reference is None else reference, dtype=np.float64).mean(axis=(0, 1))
+    aligned = probs * (prior / np.maximum(mean, 1e-12))
+    return aligned / np.maximum(aligned.sum(axis=2, keepdims=True), 1e-12)
 
 
 def could_pass(clean: Sequence[np.ndarray], threshold: float, n_views: int) -> np.ndarray:
@@ -1067,14 +1109,16 @@ class CoopState:
         self._t_global, self._scored = 0.0, None
         return {**self._counts(), **step}
 
-    def _pool_views(self, model, data, settings, server_round, pool_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pool_views(self, model, data, settings, server_round, pool_idx,
+                    prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The trained model's ``pseudo-views`` views of the pool clips: ``probs`` (V, N, C),
         ``av`` (V, N, 2), and ``full`` (N,) bool, the clips all views were computed for.
 
         For large inputs (:data:`TWO_STAGE_MIN_NUMBERS`) in a self-labelling round that
         queues no clip for a person, the clean view comes first and the noisy views only for
         the clips that hold a pseudo-label (re-checked) or :func:`could_pass` the selection
-        given the clean view and the received model's; the others keep the clean view in
+        given the clean view and the received model's (aligned with ``prior`` as the step
+        aligns them, :func:`align_distribution`); the others keep the clean view in
         every row and are left out of the selection (they could not pass it). The same
         pseudo-labels, for a fraction of the forward passes.
         """
@@ -1094,6 +1138,8 @@ class CoopState:
             unlabelled, g_probs, _ = self._global_view
             clean.append(g_probs[0, np.searchsorted(unlabelled, pool_idx)])
         active = self.store.active_pseudo()
+        if prior is not None and prior.size == clean[0].shape[1]:
+            clean = list(align_distribution(np.stack(clean), prior))
         full = could_pass(clean, float(settings["pseudo-threshold"]), views + len(clean) - 1)
         full |= np.array([self.paths[i] in active for i in pool_idx], dtype=bool)
         probs, av = np.repeat(probs, views, axis=0), np.repeat(av, views, axis=0)
@@ -1112,7 +1158,13 @@ class CoopState:
 
     def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:
         task = self.cfg.task
-        probs, av, full = self._pool_views(model, data, settings, server_round, pool_idx)
+        prior = None
+        if settings.get("pseudo-align") and task in ("emotion", "both") and len(pool_idx):
+            # the class distribution of the device's human labels (add-one: uniform without any)
+            emotion, _ = self._human_labels(data)
+            n = len(self.emotions)  # the model's classes
+            prior = np.bincount(emotion[(emotion >= 0) & (emotion < n)], minlength=n) + 1.0
+        probs, av, full = self._pool_views(model, data, settings, server_round, pool_idx, prior)
         if faireg is not None:  # everything below (re-check, queue, selection) works on the label scale
             keys = faireg_group_keys(data.groups, faireg.attributes, len(data))[pool_idx]
             av = av_to_label_scale(av, faireg, keys)
@@ -1125,6 +1177,11 @@ class CoopState:
                 g_av = av_to_label_scale(g_av, faireg, keys)
             sel_probs, sel_av = np.concatenate([probs, g_probs]), np.concatenate([av, g_av])
             self._global_view = None
+        if prior is not None and prior.size == sel_probs.shape[2]:
+            # weights from the clean views (the trained model's, the received one's): known
+            # before the noisy views, so that two-stage scoring can bound the aligned selection
+            clean = sel_probs[[0, -1]] if sel_probs.shape[0] > probs.shape[0] else sel_probs[:1]
+            sel_probs = align_distribution(sel_probs, prior, reference=clean)
         clips = [self.paths[i] for i in pool_idx]
         pos = {c: j for j, c in enumerate(clips)}
         mode = settings["coop-mode"]

@@ -183,6 +183,12 @@ class RunConfig:
         clips labelled by the device's person (standardised features; sequences averaged over
         time) to be the predicted class: a second, model-free opinion (co-training, Blum and
         Mitchell 1998). 0: off. No effect on raw waveforms.
+    pseudo_align : int
+        1: before choosing and re-checking categorical pseudo-labels, align the pool's predicted
+        class distribution with the device's own labels (distribution alignment, Berthelot et
+        al., ReMixMatch, ICLR 2020; :func:`client.cooperative.align_distribution`). On synth
+        the commonest wrong pseudo-label was a bored clip called sad (46 % of the errors):
+        alignment raised precision by 5-11 points at equal UAR (docs/BENCHMARKS.md).
     upsample : int
         1: upsample the labelled set (labels, answers, pseudo-labels) to an even class
         distribution before local training (cross-task self-labelling).
@@ -289,6 +295,7 @@ class RunConfig:
     pseudo_recheck: int = _opt(_flag, default=1)
     pseudo_global_view: int = _opt(_flag, default=1)
     pseudo_knn: int = _opt(_non_negative, default=0)
+    pseudo_align: int = _opt(_flag, default=1)
     upsample: int = _opt(_flag, default=0)
     uncertainty: str = _opt(_choice(("views", "mc-dropout")), default="views")
     av_max_std: float = _opt(_non_negative, default=0.05)
