@@ -1128,15 +1128,13 @@ class CoopState:
         xs = [data.x[i] for i in pool_idx]
         full = np.ones(len(xs), dtype=bool)
         two_stage = (views > 1 and not kw["mc_dropout"] and self.cfg.task in ("emotion", "both")
-                     and settings["coop-mode"] in SELF_LABELLING and not self._queries_due(settings)
+                     and settings["coop-mode"] in SELF_LABELLING and self._query_budget(settings) == 0
                      and max(np.size(x) for x in xs) >= TWO_STAGE_MIN_NUMBERS)
         if not two_stage:
             return (*view_predictions(model, xs, views=views, **kw), full)
         probs, av = view_predictions(model, xs, views=1, **kw)
-        clean = [probs[0]]
-        if self._global_view is not None:
-            unlabelled, g_probs, _ = self._global_view
-            clean.append(g_probs[0, np.searchsorted(unlabelled, pool_idx)])
+        received = self._global_rows(pool_idx)
+        clean = [probs[0]] if received is None else [probs[0], received[0][0]]
         active = self.store.active_pseudo()
         if prior is not None and prior.size == clean[0].shape[1]:
             clean = list(align_distribution(np.stack(clean), prior))
@@ -1149,12 +1147,22 @@ class CoopState:
                                                          include_clean=False, **kw)
         return probs, av, full
 
-    def _queries_due(self, settings) -> bool:
-        """Whether this round's step may queue clips for a person (active modes, budget left)."""
+    def _query_budget(self, settings) -> int:
+        """Clips this round's step may queue for a person: ``query-per-round``, within what is
+        left of ``query-total`` (0 outside the active modes)."""
         if settings["coop-mode"] not in ACTIVE:
-            return False
+            return 0
         left = int(settings["query-total"]) - len(self.store.queued_clips())
-        return min(int(settings["query-per-round"]), left) > 0
+        return max(0, min(int(settings["query-per-round"]), left))
+
+    def _global_rows(self, pool_idx) -> tuple[np.ndarray, np.ndarray] | None:
+        """The received model's view (:meth:`before_training`) of the pool clips: probabilities
+        (1, N, C) and arousal/valence (1, N, 2); None without that view."""
+        if self._global_view is None:
+            return None
+        unlabelled, g_probs, g_av = self._global_view
+        at = np.searchsorted(unlabelled, pool_idx)  # the pool is a subset of the unlabelled clips
+        return g_probs[:, at], g_av[:, at]
 
     def _step(self, model, data, settings, server_round, pool_idx, step, faireg: FaiRegParams | None = None) -> None:
         task = self.cfg.task
@@ -1169,18 +1177,18 @@ class CoopState:
             keys = faireg_group_keys(data.groups, faireg.attributes, len(data))[pool_idx]
             av = av_to_label_scale(av, faireg, keys)
         sel_probs, sel_av = probs, av  # the views that pseudo-labels are chosen and re-checked with
-        if self._global_view is not None:
-            unlabelled, g_probs, g_av = self._global_view
-            at = np.searchsorted(unlabelled, pool_idx)  # the pool is a subset of the unlabelled clips
-            g_probs, g_av = g_probs[:, at], g_av[:, at]
+        clean = probs[:1]  # the clean views: the trained model's, and the received one's
+        received = self._global_rows(pool_idx)
+        if received is not None:
+            g_probs, g_av = received
             if faireg is not None:
                 g_av = av_to_label_scale(g_av, faireg, keys)
             sel_probs, sel_av = np.concatenate([probs, g_probs]), np.concatenate([av, g_av])
+            clean = np.concatenate([probs[:1], g_probs])
             self._global_view = None
         if prior is not None and prior.size == sel_probs.shape[2]:
-            # weights from the clean views (the trained model's, the received one's): known
-            # before the noisy views, so that two-stage scoring can bound the aligned selection
-            clean = sel_probs[[0, -1]] if sel_probs.shape[0] > probs.shape[0] else sel_probs[:1]
+            # weights from the clean views: known before the noisy views, so that two-stage
+            # scoring (_pool_views) can bound the aligned selection
             sel_probs = align_distribution(sel_probs, prior, reference=clean)
         clips = [self.paths[i] for i in pool_idx]
         pos = {c: j for j, c in enumerate(clips)}
@@ -1193,7 +1201,7 @@ class CoopState:
             active = self.store.active_pseudo()
         if mode in ACTIVE:
             queued = self.store.queued_clips()
-            budget = min(int(settings["query-per-round"]), int(settings["query-total"]) - len(queued))
+            budget = self._query_budget(settings)
             if budget > 0:
                 uncertainty = emotion_uncertainty(probs) if task in ("emotion", "both") else av_uncertainty(av)
                 cand = np.array([c not in active and c not in queued for c in clips], dtype=bool)
