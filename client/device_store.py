@@ -242,8 +242,10 @@ def _answer_dict(r) -> dict[str, Any]:
 
 
 def _copy(row: dict[str, Any]) -> dict[str, Any]:
-    """A caller's own copy of a mirrored row (its lists copied too)."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in row.items()}
+    """A caller's own copy of a mirrored row: its lists copied, and the lists inside them
+    (a queue item's ``guesses`` are ``[[label, probability], ...]``)."""
+    return {k: [list(x) if isinstance(x, list) else x for x in v] if isinstance(v, list) else v
+            for k, v in row.items()}
 
 
 class DeviceStore:

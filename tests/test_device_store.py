@@ -126,6 +126,9 @@ def test_reads_see_every_commit_at_once_and_are_private_copies(tmp_path):
     with DeviceStore(tmp_path) as again:  # everything was committed
         assert set(again.answers()) == {"z", "q"} and set(again.active_pseudo()) == {"a"}
         assert [q["status"] for q in again.queue()] == ["answered", "pending"]
+        again.enqueue(3, [{"clip": "g", "guesses": [["fear", 0.6]]}])
+        again.pending()[-1]["guesses"][0][1] = 0.0  # a list inside a list is the caller's own too
+        assert again.pending()[-1]["guesses"] == [["fear", 0.6]]
 
 
 def test_a_failed_write_changes_neither_the_file_nor_the_reads(tmp_path):
