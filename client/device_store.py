@@ -47,6 +47,8 @@ import functools
 import json
 import math
 import threading
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
@@ -223,6 +225,56 @@ def _schema_script() -> str:
     return "\n".join(parts)
 
 
+#: Most stores that hold an open connection at once in one process. Each holds 3 file
+#: descriptors (the database, its write-ahead log and shared-memory index); a simulation
+#: runs one store per cooperative device, and 1024 descriptors is a common per-process
+#: limit. Past the cap the least recently used store lets its connection go and reopens
+#: it (and reloads its tables, ~4 ms) when next used.
+MAX_OPEN_STORES = 128
+
+_open_lock = threading.Lock()
+_open: "OrderedDict[int, weakref.ref]" = OrderedDict()  # id(store) -> store, least recent first
+
+
+def _note_open(store: "DeviceStore") -> None:
+    """Mark ``store`` as the most recently used open store and release the connections of
+    the least recently used ones beyond :data:`MAX_OPEN_STORES` (skipping any busy in
+    another thread)."""
+    key = id(store)
+    with _open_lock:
+        if key in _open:
+            _open.move_to_end(key)
+            return
+        _open[key] = weakref.ref(store)
+        excess = len(_open) - MAX_OPEN_STORES
+        if excess <= 0:
+            return
+        victims = []
+        for k, ref in list(_open.items()):
+            if len(victims) >= excess or k == key:
+                break
+            other = ref()
+            if other is None:
+                del _open[k]
+                excess -= 1
+            elif other._lock.acquire(blocking=False):
+                if other._conn is not None and other._conn.in_transaction():
+                    other._lock.release()  # mid-write in this very thread: leave it
+                    continue
+                del _open[k]
+                victims.append(other)
+    for other in victims:
+        try:
+            other._release()
+        finally:
+            other._lock.release()
+
+
+def _forget_open(store: "DeviceStore") -> None:
+    with _open_lock:
+        _open.pop(id(store), None)
+
+
 def _pseudo_dict(r) -> dict[str, Any]:
     return {"clip": r.clip, "emotion": r.emotion, "arousal": r.arousal, "valence": r.valence,
             "confidence": r.confidence, "round_added": r.round_added, "round_dropped": r.round_dropped,
@@ -266,6 +318,9 @@ class DeviceStore:
     write takes SQLite's write lock first (``BEGIN IMMEDIATE``), so no other process commits
     between that check and the write. A cooperative step reads the same tables ~10 times a
     round: each read was a query (~1 ms through SQLAlchemy), now a dictionary copy.
+
+    At most :data:`MAX_OPEN_STORES` stores of a process keep their connection open; the
+    least recently used beyond that close theirs and reopen it on their next use.
     """
 
     def __init__(self, data_dir: str | Path, *, create: bool = True) -> None:
@@ -294,6 +349,8 @@ class DeviceStore:
         self._mirror: dict[str, Any] | None = None
         self._unchecked = 0  # depth of unchecked_reads() blocks
         self._version = None
+        with self._lock:  # the connection that set the schema up, now held (and counted)
+            self._connection()
 
     # -- connection, mirror ------------------------------------------------------------
     def _connection(self):
@@ -302,11 +359,21 @@ class DeviceStore:
             self._sqlite = self._conn.connection.driver_connection
             # SQLAlchemy then issues no BEGIN of its own: we say when a transaction starts.
             self._sqlite.isolation_level = None
+        _note_open(self)
         return self._conn
 
+    def _release(self) -> None:
+        """Close the connection and its file descriptors (caller holds ``self._lock``). The
+        mirror goes too: ``data_version`` is per connection, so a new one cannot tell whether
+        another process wrote meanwhile; the next use reconnects and reloads."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = self._sqlite = None
+        self._mirror = self._version = None
+        self.engine.dispose()
+
     def _data_version(self) -> int:
-        if self._conn is None:
-            self._connection()
+        self._connection()
         return self._sqlite.execute("PRAGMA data_version").fetchone()[0]
 
     def _load(self, in_transaction: bool) -> None:
@@ -370,11 +437,8 @@ class DeviceStore:
     def close(self) -> None:
         """Release the database connection (the file stays)."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = self._sqlite = None
-            self._mirror = None
-            self.engine.dispose()
+            self._release()
+        _forget_open(self)
 
     def __enter__(self) -> "DeviceStore":
         return self

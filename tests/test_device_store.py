@@ -187,3 +187,38 @@ def test_unchecked_reads_wait_for_the_block_but_writes_never_miss_a_commit(tmp_p
     assert set(store.answers()) == {"q", "r"}  # after the block every read checks again
     store.close()
     other.close()
+
+
+def _open_files_under(folder) -> int:
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_many_stores_keep_few_files_open_and_lose_nothing(tmp_path, monkeypatch):
+    """A simulation holds one store per device: only MAX_OPEN_STORES keep their connection
+    (3 descriptors each), so hundreds of devices stay under a 1024-descriptor limit; a store
+    that let its connection go still sees another connection's commit when it comes back."""
+    import client.device_store as device_store
+
+    monkeypatch.setattr(device_store, "MAX_OPEN_STORES", 2)
+    stores = [DeviceStore(tmp_path / str(i)) for i in range(5)]
+    for i, s in enumerate(stores):
+        s.add_pseudo(1, [{"clip": f"c{i}", "emotion": "anger"}])
+    assert _open_files_under(tmp_path) <= 2 * 3
+    labeller = DeviceStore(tmp_path / "0")  # a labelling session on device 0, whose store was released
+    labeller.answer("q", "fear")
+    labeller.close()
+    assert set(stores[0].answers()) == {"q"} and set(stores[0].active_pseudo()) == {"c0"}
+    assert [set(s.active_pseudo()) for s in stores] == [{f"c{i}"} for i in range(5)]
+    assert _open_files_under(tmp_path) <= 2 * 3
+    for s in stores:
+        s.close()
+    assert _open_files_under(tmp_path) == 0
