@@ -973,11 +973,13 @@ class CoopState:
         index = self._index
         for clip, p in self.store.active_pseudo().items():
             i = index.get(clip)
-            if i is None or emotion[i] >= 0 or np.isfinite(av[i]).any():
-                continue  # a human label wins over a machine label
-            if p["emotion"] in self.emotions:
+            if i is None:
+                continue
+            # a human label wins over a machine label, kind by kind: a clip in an av run's
+            # pool may have a human emotion but no arousal/valence, and the other way round
+            if p["emotion"] in self.emotions and emotion[i] < 0:
                 emotion[i] = self.emotions.index(p["emotion"])
-            if p["arousal"] is not None and p["valence"] is not None:
+            if p["arousal"] is not None and p["valence"] is not None and not np.isfinite(av[i]).any():
                 av[i] = (p["arousal"], p["valence"])
         return LocalData(data.x, emotion, av, data.groups)
 
@@ -1304,7 +1306,7 @@ class CoopState:
         if i is None:
             return False
         if item.get("emotion"):
-            t = self.truth_emotion[i]
+            t = int(self.truth_emotion[i])  # -1: no hidden emotion among the run's classes
             return t >= 0 and self.emotions[t] == item["emotion"]
         t = self.truth_av[i]
         return bool(np.isfinite(t).all() and av_quadrant(t)[0] == av_quadrant([item["arousal"], item["valence"]])[0])

@@ -616,3 +616,34 @@ def test_a_large_pool_is_scored_by_a_new_sample_each_round_plus_every_pseudo_lab
     assert report["dropped"] == 0 and report["pseudo_total"] == 3 + (len(scored[2]) - 3)
     whole = RunConfig(mode="self-labelling", task="emotion", pool_sample=0)
     assert round_settings(whole, 1)["pool-sample"] == 0
+
+
+def test_counts_stay_json_when_a_pseudo_labelled_clip_has_no_hidden_emotion(tmp_path):
+    """A pool clip whose emotion is outside the run's classes (truth -1) may get a
+    pseudo-label; the device's reply (JSON) must still carry the counts."""
+    cfg, data, state = _coop_state(tmp_path)
+    state.truth_emotion = np.array([0, 1, -1, 0, 0, 0])
+    state.store.add_pseudo(1, [{"clip": "/clips/2.wav", "emotion": "anger"},
+                               {"clip": "/clips/3.wav", "emotion": "anger"}])
+    counts = json.loads(json.dumps(state._counts()))
+    assert counts["pseudo_total"] == 2 and counts["pseudo_correct"] == 1
+
+
+def test_a_pseudo_label_fills_only_the_kind_of_label_a_clip_lacks(tmp_path):
+    """An av run's pool clip may carry a human emotion without arousal/valence: its
+    arousal/valence pseudo-label is trained on, the human emotion kept."""
+    cfg = RunConfig(mode="self-labelling", task="av")
+    n = 3
+    data = LocalData([np.zeros(88, np.float32)] * n, np.array([0, 1, -1]),
+                     np.array([[0.5, 0.5], [np.nan, np.nan], [np.nan, np.nan]]))
+    state = CoopState(cfg, tmp_path, [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                      ["anger", "sadness"], data.labelled("av"), None, None)
+    state.store.add_pseudo(1, [{"clip": "/clips/1.wav", "emotion": "anger", "arousal": -0.2, "valence": 0.1},
+                               {"clip": "/clips/2.wav", "emotion": "anger", "arousal": 0.3, "valence": 0.4}])
+    train = state.training_data(data)
+    assert train.emotion.tolist() == [0, 1, 0]  # clip 1's human emotion wins
+    np.testing.assert_allclose(train.av, [[0.5, 0.5], [-0.2, 0.1], [0.3, 0.4]])
+
+
+class _Pickled:
+    """An arbitrary object: a checkpoint holding one is refused (weights-only loading)."""
