@@ -144,7 +144,7 @@ def heldout_arousal(cfg: RunConfig) -> dict:
     import torch
 
     ckpt = torch.load(Path(cfg.run_dir) / cfg.run_name / "checkpoints" / f"round-{cfg.num_server_rounds:04d}.pt",
-                      weights_only=False)
+                      weights_only=True)
     run_cfg = RunConfig.from_mapping(ckpt["config"])
     plans = plan_federation(read_manifest(run_cfg.manifest), partition=run_cfg.partition,
                             num_devices=run_cfg.num_devices, folds=run_cfg.folds, fold=run_cfg.fold,

@@ -132,7 +132,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"init checkpoint not found: {path} (make one with `fedaffect pretrain`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # tensors and plain Python values only: unpickling arbitrary objects could run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
         raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
     if not isinstance(ckpt, dict) or not {"model", "emotions", "state_dict"} <= set(ckpt):

@@ -434,5 +434,5 @@ class RunStore:
         for row in rows:
             path = Path(row.path)
             if path.exists() and _sha256(path) == row.sha256:
-                return row.round, torch.load(path, weights_only=False)
+                return row.round, torch.load(path, weights_only=True)  # tensors and plain values only
         return None

@@ -409,6 +409,9 @@ def test_pretrain_then_init_a_federation(tone_manifest, tmp_path):
         load_initial(build_model("logmel-crnn", 2), ckpt, "logmel-crnn", ["anger", "sadness"])
     with pytest.raises(FileNotFoundError):
         load_initial(model, tmp_path / "none.pt", "egemaps-mlp", ["anger"])
+    torch.save({**payload, "extra": _Pickled()}, tmp_path / "code.pt")  # unpickling it would run code
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_initial(build_model("egemaps-mlp", 2), tmp_path / "code.pt", "egemaps-mlp", ["anger", "sadness"])
     if not torch.cuda.is_available():  # a GPU asked for where there is none: refused by name, nothing written
         res = CliRunner().invoke(cli, ["pretrain", "--manifest", str(tone_manifest), "--out", str(tmp_path / "gpu.pt"),
                                        "--compute-device", "cuda", "--cache-dir", cache])
