@@ -126,16 +126,17 @@ class DeviceConfig:
         path.write_text(tomli_w.dumps({"name": self.name, "role": self.role}))
 
 
-def init_device(data_dir: Path, name: str | None = None, role: str = "train") -> dict[str, str]:
-    """Initialise a device's data directory (idempotent: existing keys are kept).
+def init_device(data_dir: Path, name: str | None = None, role: str | None = None) -> dict[str, str]:
+    """Initialise a device's data directory (idempotent: existing keys, name and role are
+    kept unless given).
 
     Parameters
     ----------
     data_dir : Path
     name : str, optional
-        Device name (default: the folder's name).
-    role : str
-        ``train`` or ``heldout``.
+        Device name (default: the one in ``device.toml``, else the folder's name).
+    role : str, optional
+        ``train`` or ``heldout`` (default: the one in ``device.toml``, else ``train``).
 
     Returns
     -------
@@ -150,7 +151,9 @@ def init_device(data_dir: Path, name: str | None = None, role: str = "train") ->
         For a bad name or role.
     """
     paths = DevicePaths(Path(data_dir).expanduser().resolve())
-    name = name or (DeviceConfig.load(paths.config).name if paths.config.exists() else paths.root.name)
+    old = DeviceConfig.load(paths.config) if paths.config.exists() else None
+    name = name or (old.name if old else paths.root.name)
+    role = role or (old.role if old else "train")  # re-running init never turns a held-out device into a trainer
     check_device_name(name)
     if role not in ("train", "heldout"):
         raise ValueError(f"role {role!r}: must be train or heldout")

@@ -585,7 +585,8 @@ def train(
 def device_init(
     data_dir: Path = typer.Option(..., help="the device's data directory"),
     name: Optional[str] = typer.Option(None, help="device name (default: the folder's name)"),
-    role: str = typer.Option("train", help="train (trains and evaluates) or heldout (evaluates only)"),
+    role: Optional[str] = typer.Option(None, help="train (trains and evaluates) or heldout (evaluates only); "
+                                       "default: the device's current role, train for a new device"),
 ) -> None:
     """Make the device's key pair, local config and label queue; show the public key to enrol."""
     _setup_logging(False)

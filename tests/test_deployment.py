@@ -86,6 +86,9 @@ def test_device_init_makes_a_private_p384_openssh_key_once(tmp_path):
     again = init_device(tmp_path / "phone-07")  # re-running never replaces an enrolled key
     assert again["public-key"] == info["public-key"] and again["created"] == "no"
     assert (tmp_path / "phone-07" / "cooperative.db").exists()  # the label queue
+    init_device(tmp_path / "phone-07", role="heldout")
+    init_device(tmp_path / "phone-07")  # e.g. to see the key again: the role stays
+    assert DeviceConfig.load(tmp_path / "phone-07" / "device.toml") == DeviceConfig("phone-07", "heldout")
     with pytest.raises(ValueError, match="role"):
         init_device(tmp_path / "x", role="boss")
 
