@@ -68,11 +68,32 @@ from shared_models.models import build_model, clippable_update, frontend_for, lo
 from shared_models.training import LocalData, compute_device, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
-__all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod"]
+__all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod", "private_errors_mod"]
 
 log = logging.getLogger("fedaffect.client")
 
-app = ClientApp()
+
+def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
+    """Keep a failing handler's error message on the device.
+
+    Flower sends the text of an exception raised by a handler to the coordinator, and
+    fedaffect's texts name the device's files and manifest values (``.../manifest.csv: line
+    5, column emotion: ... 'furious'``). The full error goes to the device's own log; the
+    coordinator gets the exception's type only.
+
+    Raises
+    ------
+    RuntimeError
+        ``"device failed: <type> (details in the device's log)"``, for any exception.
+    """
+    try:
+        return call_next(msg, context)
+    except Exception as ex:
+        log.exception("%s message failed", msg.metadata.message_type)
+        raise RuntimeError(f"device failed: {type(ex).__name__} (details in the device's log)") from None
+
+
+app = ClientApp(mods=[private_errors_mod])
 
 
 @dataclass

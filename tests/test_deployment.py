@@ -9,6 +9,7 @@ tests/test_deployment_e2e.py (slow).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import stat
 import uuid
@@ -398,3 +399,22 @@ def test_server_start_serves_tls_and_stops_cleanly_on_sigterm(tmp_path):
 
     assert children and not any(running(pid) for pid in children)
     assert (paths.logs / "superlink.log").exists() and paths.superlink_db.exists()
+
+
+def test_a_failing_device_tells_the_coordinator_the_error_type_only(tmp_path, caplog):
+    """Flower sends a handler's exception text to the coordinator; fedaffect's name the
+    device's files, so only the type leaves the device and the details stay in its log."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    secret = tmp_path / "alice-private-recordings"
+    secret.mkdir()  # no manifest.csv: loading the device fails
+    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    context = Context(run_id=7, node_id=1, node_config={"data-dir": str(secret)}, state=RecordDict(),
+                      run_config=RunConfig(manifest="x.csv").to_mapping())
+    with caplog.at_level(logging.ERROR, logger="fedaffect.client"):
+        with pytest.raises(RuntimeError) as err:
+            client_app(msg, context)
+    assert "device failed" in str(err.value) and "alice" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained original either
+    assert "alice-private-recordings" in caplog.text  # the device's own log has the details
