@@ -114,6 +114,8 @@ class Device:
         Emotion classes in output order of the model's categorical head.
     n_skipped : int
         Clips that could not be used (unreadable, silent, too short).
+    task : str
+        The run's task; ``n-labelled`` counts the clips with a label it trains on.
     """
 
     name: str
@@ -123,6 +125,7 @@ class Device:
     emotions: list[str]
     n_skipped: int
     coop: Any = None  # client.cooperative.CoopState of a training device (cooperative learning)
+    task: str = "both"  # the run's task: which labels count as labels (RunConfig.task)
 
     def info(self) -> dict[str, Any]:
         """Description sent to the coordinator: counts only, no clip, path or feature."""
@@ -131,7 +134,7 @@ class Device:
             "role": self.role,
             "partition-id": self.partition_id,
             "n-clips": len(self.data),
-            "n-labelled": int((self.data.emotion >= 0).sum()),
+            "n-labelled": int(self.data.labelled(self.task).sum()),  # labels the run's task trains on
             "n-skipped": self.n_skipped,
             **(self.coop.info() if self.coop is not None else {}),
             "groups": json.dumps(
@@ -221,7 +224,7 @@ def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Devi
         av=table[["arousal", "valence"]].to_numpy(dtype=np.float32),
         groups={a: _group_column(table, a, node_config) for a in cfg.protected_list},
     )
-    device = Device(name, role, partition_id, data, emotions, skipped.total)
+    device = Device(name, role, partition_id, data, emotions, skipped.total, task=cfg.task)
     device.coop = attach_cooperative(device, cfg, table, node_config)  # may hide labels (label-fraction)
     _DEVICES[key] = device
     return device

@@ -99,3 +99,16 @@ def test_metrics_of_an_untrained_head_are_blanked():
     assert [r[2] for r in av_rows] == ["ccc_arousal", "n"]
     both, both_rows = task_metrics(metrics, rows, "both")
     assert both == metrics and both_rows == rows
+
+
+def test_a_device_with_only_arousal_valence_labels_counts_as_labelled_for_an_av_run():
+    """The coordinator trains on devices whose ``n-labelled`` > 0: for task av, clips with
+    arousal/valence but no emotion are labels (a dimension-only corpus trained nowhere before)."""
+    from client.app import Device
+    from shared_models.training import LocalData
+
+    data = LocalData([np.zeros(88, np.float32)] * 3, np.array([-1, -1, 0]),
+                     np.array([[0.1, 0.2], [0.3, np.nan], [np.nan, np.nan]]))
+    counts = {task: Device("d", "train", 0, data, ["anger"], 0, task=task).info()["n-labelled"]
+              for task in ("emotion", "av", "both")}
+    assert counts == {"emotion": 1, "av": 2, "both": 3}
