@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -273,7 +275,9 @@ def _pool_evaluation(parts: list[tuple[dict[str, Any], dict[str, Any], dict[str,
     stats = [s for s, _, _ in parts]
     devices = [row for _, _, row in parts]
     metrics, groups = pooled_metrics(stats)
-    losses = [(m["eval_loss"], m["num-examples"]) for _, m, _ in parts]
+    # a device without labels for the task evaluates nothing: its loss is NaN over 0 clips
+    losses = [(l, n) for l, n in ((float(m["eval_loss"]), m["num-examples"]) for _, m, _ in parts)
+              if n > 0 and math.isfinite(l)]
     total = sum(n for _, n in losses)
     metrics["eval_loss"] = float(sum(l * n for l, n in losses) / total) if total else float("nan")
     metrics["eval_failures"] = expected - len(devices)

@@ -54,6 +54,20 @@ def test_pooled_metrics_without_categorical_labels_are_nan_not_an_error():
     assert metrics["ccc_arousal"] > 0.9
 
 
+def test_a_device_without_labels_does_not_make_the_round_loss_nan():
+    from server.app import _pool_evaluation
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 10)
+    labelled = device_stats(y, y, rng.uniform(-1, 1, 10), rng.uniform(-1, 1, 10), np.array(["f"] * 10))
+    empty = {"cm": np.zeros((3, 3), int), "sums_arousal": np.zeros(6), "sums_valence": np.zeros(6), "groups": {}}
+    parts = [(labelled, {"eval_loss": 0.5, "num-examples": 10}, {"device": "a"}),
+             (empty, {"eval_loss": float("nan"), "num-examples": 0}, {"device": "b"})]
+    metrics, devices, _ = _pool_evaluation(parts, 3)
+    assert metrics["eval_loss"] == 0.5 and metrics["uar"] == 1.0
+    assert metrics["eval_failures"] == 1 and len(devices) == 2
+
+
 def test_store_round_trip_and_duplicate_run(tmp_path):
     store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
     run = store.create_run("r1", {"model": "egemaps-mlp"}, engine="inprocess")
