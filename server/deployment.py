@@ -572,8 +572,12 @@ def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: s
         app_dir = stage_app(tmp / "app")  # not "fedaffect": flwr takes a folder named like the connection for an app
         run_config = tmp / "run-config.toml"
         run_config.write_text(tomli_w.dumps(run_cfg.to_mapping()))
-        result = follow_run(app_dir, CONNECTION, run_config, env, tmp, log_path=log_path, tail=tail,
-                            timeout_s=timeout_s, on_line=on_line)
+        try:
+            result = follow_run(app_dir, CONNECTION, run_config, env, tmp, log_path=log_path, tail=tail,
+                                timeout_s=timeout_s, on_line=on_line)
+        except BaseException as err:  # follow_run stopped the Flower run; the store says so too
+            store.fail_unfinished(name, f"{type(err).__name__}: {err}".rstrip(": "))
+            raise
     try:
         run = store.get_run(name)
         store_status, error = run.status, (run.error or "").strip().splitlines()[-1:]

@@ -108,16 +108,6 @@ def federation_config(num_devices: int, compute_device: str, cuda_available: boo
     return f"num-supernodes={num_devices} client-resources-num-cpus=1 client-resources-num-gpus={gpus}"
 
 
-def _mark_failed(store: RunStore, name: str, problem: BaseException) -> None:
-    """Mark the stored run failed if the ServerApp was stopped before it could say so."""
-    try:
-        run = store.get_run(name)
-    except KeyError:
-        return
-    if run.status not in ("completed", "failed"):
-        store.finish_run(run.id, "failed", error=f"{type(problem).__name__}: {problem}")
-
-
 def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dict[str, Any]:
     """Run one federated run on Flower's Simulation Engine (Ray) and return its summary.
 
@@ -236,7 +226,7 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dic
             terminate_tree(superlink)
             pump.join(timeout=5)
             if problem is not None:
-                _mark_failed(store, cfg.run_name, problem)
+                store.fail_unfinished(cfg.run_name, f"{type(problem).__name__}: {problem}")
 
     from server.app import run_summary
 

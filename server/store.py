@@ -232,6 +232,19 @@ class RunStore:
                 run.summary = summary
             s.commit()
 
+    def fail_unfinished(self, ref: str | int, error: str) -> bool:
+        """Mark a run ``failed`` with ``error`` unless it already completed or failed (its
+        ServerApp was stopped before it could say so). Returns whether it was marked; a run
+        that does not exist is left alone (False)."""
+        try:
+            run = self.get_run(ref)
+        except KeyError:
+            return False
+        if run.status in ("completed", "failed"):
+            return False
+        self.finish_run(run.id, "failed", error=error)
+        return True
+
     def reopen_run(self, ref: str | int, config: dict[str, Any]) -> tuple[Run, tuple[int, dict[str, Any]] | None]:
         """Prepare a stored run to be resumed (``fedaffect train --resume RUN``).
 

@@ -235,7 +235,8 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     ------
     RuntimeError
         If ``flwr run`` cannot submit the app, ``alive`` reports a problem, or the run
-        does not finish within ``timeout_s`` (the caller stops it).
+        does not finish within ``timeout_s``. On any error or interruption after the
+        submission, the run is stopped (``flwr stop``) before the error is raised.
     """
     args = ["run", str(app_dir), connection, "--run-config", str(run_config), "--format", "json"]
     if federation_config:
@@ -254,6 +255,7 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     pump = LogPump(streamer.stdout, log_path, tail, "[run] ", on_line=on_line)
     deadline = t0 + timeout_s
     unknown = 0
+    status = ""
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -281,6 +283,12 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
             except subprocess.TimeoutExpired:
                 pass
         return FlowerRun(run_id, status, time.monotonic() - t0)
+    except BaseException:  # timed out, interrupted (Ctrl-C) or lost: the run must not go on alone
+        if not status.startswith("finished"):
+            stop = flwr_cli(["stop", str(run_id), connection], env, cwd)
+            tail.append(f"[fedaffect] stopped Flower run {run_id}" if stop.returncode == 0 else
+                        f"[fedaffect] could not stop Flower run {run_id}: {(stop.stdout + stop.stderr).strip()[-300:]}")
+        raise
     finally:
         if streamer.poll() is None:
             streamer.terminate()

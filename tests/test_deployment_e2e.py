@@ -200,6 +200,18 @@ def test_train_two_rounds_on_three_devices(federation):
     assert store.latest_checkpoint(run.id)[0] == 2
 
 
+def test_a_run_that_times_out_is_stopped_and_marked_failed(federation):
+    """`fedaffect train --timeout` must not leave the run going on the devices alone."""
+    proc = federation.train("--rounds", "200", "--run-name", "cut", "--timeout", "45")
+    assert proc.wait(timeout=300) == 1
+    assert "timed out" in (federation.root / "train.log").read_text()
+    run = federation.store().get_run("cut")
+    assert run.status == "failed", run.error
+    stored = len(federation.stored_rounds("cut"))
+    time.sleep(20)  # a run still going would store a round every few seconds
+    assert len(federation.stored_rounds("cut")) == stored < 200
+
+
 def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
     """One run, two faults: dev2 is killed during round 1 (the round goes on without it),
     then the whole coordinator is killed as soon as round 1 is stored (round 2 is training:
