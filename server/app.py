@@ -357,7 +357,7 @@ def _faireg_config(grid: Grid, cfg: RunConfig, train_ids: list[int]) -> dict[str
     return {"faireg": params.to_json()}
 
 
-def _wait_for_devices(grid: Grid, min_devices: int, timeout: float) -> None:
+def _wait_for_devices(grid: Grid, min_devices: int, timeout: float, key: str = "min-devices") -> None:
     """Wait until ``min_devices`` devices are connected (deployment: SuperNodes may still
     be starting when a run is submitted).
 
@@ -374,7 +374,7 @@ def _wait_for_devices(grid: Grid, min_devices: int, timeout: float) -> None:
         if n >= min_devices:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {n} of min-devices={min_devices} devices connected after {timeout:.0f}s")
+            raise RuntimeError(f"only {n} of {key}={min_devices} devices connected after {timeout:.0f}s")
         log.info("waiting for devices: %d of %d connected", n, min_devices)
         time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
@@ -491,6 +491,9 @@ def run_federation(
         )
         emotions = cfg.emotion_list
         torch.manual_seed(cfg.seed)
+        # Flower's strategies sample devices with Python's random module (fraction-train < 1):
+        # seeded, so that runs with one seed (a fair and a FedAvg run, say) sample alike
+        random.seed(cfg.seed * 1_000_003 + start_round)
         initial = build_model(cfg.model, max(len(emotions), 1))
         if cfg.init:  # transfer learning: start from a pre-trained checkpoint (client/transfer.py)
             log.info(load_initial(initial, cfg.init, cfg.model, emotions))
@@ -501,7 +504,12 @@ def run_federation(
             arrays = to_record(initial)
             coop.load_state_dict(resumed[1].get("coop", {}))
         strategy = build_strategy(cfg, len(train_ids))
+        min_train = max(1, min(cfg.min_train_devices, len(train_ids)))  # the strategy's minimum too
         train_grid = NodeSubset(grid, train_ids)
+        # aggregates of the devices' updates computed so far (differential privacy spends
+        # budget on each): a resumed run counts those before its checkpoint, including one
+        # that may have gone out in the exchange that was cut short
+        aggregates = int(resumed[1].get("aggregates", start_round)) if resumed else 0
         round_extra = _faireg_config(grid, cfg, train_ids)
         ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
 
@@ -519,6 +527,8 @@ def run_federation(
                     # model it receives before training it (client.app.train, ``eval-stats``)
                     "eval-stats": in_sample and eval_round is not None,
                 })
+                # Flower's sampling would wait for the strategy's minimum without end
+                _wait_for_devices(train_grid, min_train, cfg.round_timeout, "min-train-devices")
                 train_msgs = list(strategy.configure_train(train_round, arrays, train_config, train_grid))
             eval_msgs: list[Message] = []
             if eval_round is not None:
@@ -556,17 +566,20 @@ def run_federation(
         # they receive before training it. The last round is evaluated alone.
         pending = None  # the train outcome of the round evaluated next
         t0 = time.perf_counter()
-        if start_round > 0:  # resumed: round start_round - 1 is stored, start_round not trained yet
+        if 0 < start_round <= cfg.num_server_rounds:  # resumed: round start_round - 1 is stored
             _, pending, new_arrays = phase(None, start_round, arrays)
-            arrays = new_arrays if new_arrays is not None else arrays
+            if new_arrays is not None:
+                arrays, aggregates = new_arrays, aggregates + 1
         for server_round in range(start_round, cfg.num_server_rounds + 1):
             next_round = server_round + 1 if server_round < cfg.num_server_rounds else None
+            released = aggregates  # the aggregates devices have received so far
             (eval_metrics, eval_devices, groups), outcome, new_arrays = phase(server_round, next_round, arrays)
+            aggregates += new_arrays is not None
             devices = list(pending["devices"]) if pending else []
             train_metrics: dict[str, Any] = dict(pending["metrics"]) if pending else {}
             train_metrics.update(coop.update(pending["infos"] if pending else []))
             if hasattr(strategy, "epsilon"):  # differential privacy (strategies/dp.py): spent so far
-                train_metrics["dp_epsilon"] = strategy.epsilon(server_round)
+                train_metrics["dp_epsilon"] = strategy.epsilon(released)
             eval_metrics, groups = task_metrics(eval_metrics, groups, cfg.task)
             if pending:
                 groups = groups + pending["weights"]
@@ -581,6 +594,7 @@ def run_federation(
                 server_round,
                 {"round": server_round, "model": cfg.model, "emotions": emotions,
                  "state_dict": _state_dict(initial, arrays), "config": cfg.to_mapping(), "coop": coop.state_dict(),
+                 "aggregates": aggregates,
                  # FaiReg: the model's arousal/valence are normalised; predict maps them back with these
                  "faireg": round_extra.get("faireg", "")},
                 ckpt_dir,

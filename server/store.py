@@ -257,18 +257,27 @@ class RunStore:
         -------
         (run, checkpoint)
             ``checkpoint`` is ``(round, payload)``, or None when the run has no valid
-            checkpoint (it then starts again from round 0).
+            checkpoint (it then starts again from round 0; only when it never stored one).
+            The rows of the checkpoints after it (corrupt) are deleted with the rounds.
 
         Raises
         ------
         KeyError
             If there is no such run.
+        RuntimeError
+            If the run has checkpoints but none can be read (files moved or all corrupt):
+            its stored rounds are kept and the run is not resumed.
         """
         run = self.get_run(ref)
         checkpoint = self.latest_checkpoint(run.id)
         last = checkpoint[0] if checkpoint else -1
         with self._session() as s:
-            for table in (Round, DeviceMetric, GroupMetric):
+            if checkpoint is None:
+                paths = list(s.scalars(select(Checkpoint.path).where(Checkpoint.run_id == run.id)))
+                if paths:  # moved or unreadable files are no reason to throw stored rounds away
+                    raise RuntimeError(f"run {run.name}: none of its {len(paths)} checkpoints can be read "
+                                       f"({', '.join(paths)}); refusing to discard its stored rounds")
+            for table in (Round, DeviceMetric, GroupMetric, Checkpoint):
                 for row in s.scalars(select(table).where(table.run_id == run.id, table.round > last)):
                     s.delete(row)
             row = s.get(Run, run.id)
@@ -422,6 +431,9 @@ class RunStore:
         os.replace(tmp, path)
         digest = hashlib.sha256(buffer.getvalue()).hexdigest()
         with self._session() as s:
+            for row in s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id,
+                                                          Checkpoint.round == server_round)):
+                s.delete(row)  # a round run again (resumed run): its file was just replaced
             s.add(Checkpoint(run_id=run_id, round=server_round, path=str(path), sha256=digest))
             old = list(
                 s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.round.desc()))

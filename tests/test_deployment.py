@@ -196,8 +196,10 @@ class RecordingGrid(InProcessGrid):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sent: list[bytes] = []
+        self.types: list[str] = []
 
     def _deliver(self, msg):
+        self.types.append(msg.metadata.message_type)
         reply = super()._deliver(msg)
         self.sent.append(message_to_proto(msg).SerializeToString())
         self.sent.append(message_to_proto(reply).SerializeToString())
@@ -269,6 +271,34 @@ def test_resume_continues_from_the_last_valid_checkpoint(device_dirs, tmp_path):
     # one row per (round, device, phase): the re-run round 3 replaced the old one
     rows = [(m["round"], m["device"], m["phase"]) for m in store.device_metrics(run.id)]
     assert len(rows) == len(set(rows))
+    # Aggregates computed (what differential privacy counts): rounds 1-3, then round 3 again
+    # after the resume (the first one may have reached the devices) and 4.
+    assert store.latest_checkpoint(run.id)[1]["aggregates"] == 5
+    # Resuming a finished run with no more rounds asks no device to train.
+    cfg3, grid3 = _federation(device_dirs, tmp_path, **{"num-server-rounds": 4, "resume": "dep"})
+    _run(grid3, cfg3, store)
+    assert "train" not in grid3.types and store.rounds(run.id) == after
+
+
+def test_too_few_training_devices_left_fail_the_run_instead_of_hanging(device_dirs, tmp_path):
+    """Flower's sampling waits without end for the strategy's minimum of devices; the
+    coordinator waits ``round-timeout`` and fails the run (which can be resumed)."""
+    cfg, grid = _federation(device_dirs, tmp_path, **{"min-train-devices": 3, "round-timeout": 1.0,
+                                                       "num-server-rounds": 3})
+    nodes = grid.get_node_ids()
+    online = grid.get_node_ids
+
+    def going(messages, *, timeout=None):  # a device goes offline after the first exchange
+        replies = type(grid).send_and_receive(grid, messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" for m in messages):
+            grid.get_node_ids = lambda: [n for n in online() if n != nodes[-1]]
+        return replies
+
+    grid.send_and_receive = going
+    store = RunStore(cfg.store_url)
+    with pytest.raises(RuntimeError, match="only 2 of min-train-devices=3"):
+        _run(grid, cfg, store)
+    assert store.get_run("dep").status == "failed" and [r["round"] for r in store.rounds(store.get_run("dep").id)] == [0]
 
 
 def test_resume_of_an_unknown_run_is_refused(device_dirs, tmp_path):

@@ -98,6 +98,27 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     assert rnd == 2 and payload["round"] == 2
 
 
+def test_a_resumed_run_keeps_as_many_checkpoints_and_is_not_wiped_for_unreadable_ones(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run = store.create_run("r", {})
+    folder = tmp_path / "ckpt"
+    for r in range(6):
+        store.add_round(run.id, r, {"uar": r / 10})
+        store.save_checkpoint(run.id, r, {"round": r}, folder, keep=3)
+    (folder / "round-0005.pt").write_bytes(b"torn write")
+    _, (last, _) = store.reopen_run("r", {})
+    assert last == 4 and [r["round"] for r in store.rounds(run.id)] == [0, 1, 2, 3, 4]
+    for r in (5, 6, 7):  # the resumed run stores round 5 again, then goes on
+        store.save_checkpoint(run.id, r, {"round": r}, folder, keep=3)
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["round-0005.pt", "round-0006.pt", "round-0007.pt"]
+    assert store.latest_checkpoint(run.id)[0] == 7
+    for p in folder.glob("*.pt"):
+        p.rename(tmp_path / p.name)  # the run's folder moved: no checkpoint can be read
+    with pytest.raises(RuntimeError, match="none of its 3 checkpoints"):
+        store.reopen_run("r", {})
+    assert [r["round"] for r in store.rounds(run.id)] == [0, 1, 2, 3, 4]  # nothing thrown away
+
+
 def test_metrics_of_an_untrained_head_are_blanked():
     from server.app import task_metrics
 
