@@ -32,7 +32,8 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
       model that calls much of the pool one class is believed less for that class.
 
     Large inputs (log-Mel, waveform) are scored in two stages: the clean view first, the
-    noisy views only for clips that :func:`could_pass` (``TWO_STAGE_MIN_NUMBERS``).
+    noisy views only for clips that :func:`could_pass` (``TWO_STAGE_MIN_NUMBERS``); the
+    queries of mode ``cooperative`` are ranked on the clean view, known for every clip.
 
     For arousal/valence the uncertainty is the std of the views' predictions (both
     dimensions at most ``av-max-std``), and the per-class cap applies to the four
@@ -52,8 +53,9 @@ Self-labelling (modes ``self-labelling`` and ``cooperative``)
 
 Dynamic active learning (modes ``active`` and ``cooperative``)
     Each round, after the re-check and before new pseudo-labels are chosen, the least
-    certain pool clips (normalised entropy of the mean class probabilities; for
-    arousal/valence only, the views' std) go to the device's label queue, ``query-per-round``
+    certain pool clips (the normalised entropy of the trained model's clean prediction,
+    least-confidence sampling as in the paper below; for arousal/valence only, the views'
+    std) go to the device's label queue, ``query-per-round``
     per round and ``query-total`` in all. In deployment the person answers them with
     ``fedaffect device label``; in simulation an :class:`Oracle` answers from the hidden
     labels through simulated raters of configurable reliability, asked one at a time, most
@@ -72,7 +74,8 @@ Transfer learning
 
 Cost
     Scoring a pool clip takes ``pseudo-views`` forward passes after training (plus one with
-    the received model before it). A device whose unlabelled pool is larger than
+    the received model before it) in the self-labelling modes, one in mode ``active``
+    (categorical queries). A device whose unlabelled pool is larger than
     ``pool-sample`` (default 512) scores its pseudo-labelled clips and a new random sample of
     ``pool-sample`` others each round, so that the step's cost does not grow with the number
     of recordings; the re-check still covers every pseudo-label each round.
@@ -1116,22 +1119,26 @@ class CoopState:
         """The trained model's ``pseudo-views`` views of the pool clips: ``probs`` (V, N, C),
         ``av`` (V, N, 2), and ``full`` (N,) bool, the clips all views were computed for.
 
-        For large inputs (:data:`TWO_STAGE_MIN_NUMBERS`) in a self-labelling round that
-        queues no clip for a person, the clean view comes first and the noisy views only for
+        Only the clean view (V = 1) where no pseudo-label is chosen and queries are ranked on
+        it (mode ``active``, tasks ``emotion`` and ``both``).
+
+        For large inputs (:data:`TWO_STAGE_MIN_NUMBERS`) in a self-labelling round (modes
+        ``self-labelling`` and ``cooperative``), the clean view comes first and the noisy views only for
         the clips that hold a pseudo-label (re-checked) or :func:`could_pass` the selection
         given the clean view and the received model's (aligned with ``prior`` as the step
         aligns them, :func:`align_distribution`); the others keep the clean view in
         every row and are left out of the selection (they could not pass it). The same
         pseudo-labels, for a fraction of the forward passes.
         """
-        views = int(settings["pseudo-views"])
+        views, mode, task = int(settings["pseudo-views"]), settings["coop-mode"], self.cfg.task
+        if mode not in SELF_LABELLING and task != "av":
+            views = 1  # a categorical query is ranked on the clean view alone: no noisy view needed
         kw = dict(noise=float(settings["view-noise"]), mc_dropout=settings["uncertainty"] == "mc-dropout",
                   seed=self.seed * 1_000_003 + server_round)
         xs = [data.x[i] for i in pool_idx]
         full = np.ones(len(xs), dtype=bool)
-        two_stage = (views > 1 and not kw["mc_dropout"] and self.cfg.task in ("emotion", "both")
-                     and settings["coop-mode"] in SELF_LABELLING and self._query_budget(settings) == 0
-                     and max(np.size(x) for x in xs) >= TWO_STAGE_MIN_NUMBERS)
+        two_stage = (views > 1 and not kw["mc_dropout"] and task in ("emotion", "both")
+                     and mode in SELF_LABELLING and max(np.size(x) for x in xs) >= TWO_STAGE_MIN_NUMBERS)
         if not two_stage:
             return (*view_predictions(model, xs, views=views, **kw), full)
         probs, av = view_predictions(model, xs, views=1, **kw)
@@ -1205,14 +1212,16 @@ class CoopState:
             queued = self.store.queued_clips()
             budget = self._query_budget(settings)
             if budget > 0:
-                uncertainty = emotion_uncertainty(probs) if task in ("emotion", "both") else av_uncertainty(av)
+                # Least confident under the trained model's clean view (its normalised
+                # entropy); arousal/valence: the spread over the views (or dropout samples).
+                uncertainty = emotion_uncertainty(probs[:1]) if task in ("emotion", "both") else av_uncertainty(av)
                 cand = np.array([c not in active and c not in queued for c in clips], dtype=bool)
                 chosen = least_certain(uncertainty, budget, cand)
-                mean, mean_av = probs.mean(axis=0), av.mean(axis=0)
+                mean, mean_av = probs[0], av[0]
                 items = []
                 for j in chosen:
-                    # The person sees the model's guesses of what the task learns (an av
-                    # run's emotion head is untrained); arousal/valence on the label scale.
+                    # The person sees the model's clean guesses of what the task learns (an
+                    # av run's emotion head is untrained); arousal/valence on the label scale.
                     top = np.argsort(-mean[j], kind="stable")[:3] if task in ("emotion", "both") else []
                     items.append({
                         "clip": clips[j], "uncertainty": float(uncertainty[j]),

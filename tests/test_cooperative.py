@@ -331,6 +331,39 @@ def test_large_inputs_get_the_same_pseudo_labels_from_fewer_forward_passes(tmp_p
         assert two_stage_rows == (n - 4) + 4 * (n - 4 - 3)  # the clean view of all, 4 noisy of the 17 above 0.5
 
 
+@pytest.mark.parametrize("mode", ["active", "cooperative"])
+def test_queries_are_ranked_on_the_clean_view_and_large_inputs_still_score_in_two_stages(tmp_path, mode):
+    """A categorical query is the clip least certain under the trained model's clean view:
+    mode active scores the pool once, mode cooperative keeps the two stages in a round
+    that queues (before, a queueing round scored every clip under every view)."""
+    from client.cooperative import emotion_uncertainty, view_predictions
+
+    rng = np.random.default_rng(1)
+    n, classes = 24, 4
+    xs = [rng.standard_normal((80, 64)).astype(np.float32) * (0.1 + 0.6 * (i % 6)) + i % 3 for i in range(n)]
+    data = LocalData(xs, np.array([0, 1, 2, 3] + [-1] * (n - 4)), np.full((n, 2), np.nan))  # log-Mel sized
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", classes)
+    with torch.no_grad():
+        model.emotion.weight.mul_(10.0)
+    clean = view_predictions(model, xs[4:], views=1, noise=0.0)[0]
+    rows = []
+    model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    cfg = RunConfig(mode=mode, task="emotion", model="logmel-crnn", pseudo_align=0, query_per_round=3,
+                    query_total=3)
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "pseudo-global-view": 0}
+    state = CoopState(cfg, tmp_path, [f"/clips/{i}.wav" for i in range(n)], np.full(n, 1.0),
+                      ["anger", "sadness", "fear", "happiness"], data.emotion >= 0, None, None)
+    report = state.after_training(model, data, round_cfg, 1)
+    expected = 4 + np.argsort(-emotion_uncertainty(clean), kind="stable")[:3]
+    assert report["queries"] == 3
+    assert [q["clip"] for q in DeviceStore(tmp_path).queue()] == [f"/clips/{i}.wav" for i in expected]
+    if mode == "active":
+        assert sum(rows) == n - 4  # the clean view of the 20 pool clips, nothing else
+    else:
+        assert n - 4 <= sum(rows) < 5 * (n - 4)  # the clean view of all, noisy views of a few
+
+
 def test_device_step_queries_the_least_certain_and_the_oracle_answers(tmp_path):
     cfg, data, state = _coop_state(tmp_path, mode="active")
     model = _biased(0)
