@@ -24,12 +24,13 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from shared_models.config import RunConfig
+from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig
 from shared_models.features import extract_features
 from shared_models.federation import emotion_classes, plan_federation
 from shared_models.manifest import read_manifest
@@ -200,7 +201,12 @@ def _run_inprocess(cfg: RunConfig, num_devices: int, on_round=None) -> dict[str,
     run_id = int(uuid.uuid4().int % 2**31) + 1
     grid = InProcessGrid(_client_app(), node_configs, cfg.to_mapping(), run_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
-    return run_federation(grid, cfg, RunStore(cfg.store_url), engine="inprocess", on_round=on_round)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(MODEL_SIMULATION_THREADS.get(cfg.model, threads))  # the devices run one after the other
+    try:
+        return run_federation(grid, cfg, RunStore(cfg.store_url), engine="inprocess", on_round=on_round)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _client_app() -> ClientApp:

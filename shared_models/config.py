@@ -84,6 +84,13 @@ def _reliabilities(value: Any) -> str | None:
 MODEL_BATCH_SIZES = {"egemaps-mlp": 32, "logmel-crnn": 8, "wave-cnn-gru": 8}
 DEFAULT_BATCH_SIZE = 32
 
+#: Torch threads of the in-process simulation per model (absent: torch's default, one per
+#: core). egemaps-mlp's operations (a 32 x 88 batch) are too small to share between threads:
+#: with two threads on a 2-core box that had other work, its synth cooperative runs took 3x
+#: longer (13-24 s against 5 s) for identical results, while logmel-crnn ran as fast with
+#: one as with two (docs/BENCHMARKS.md, issue 3).
+MODEL_SIMULATION_THREADS = {"egemaps-mlp": 1}
+
 
 def _opt(check, **kw):
     return field(metadata={"check": check}, **kw)

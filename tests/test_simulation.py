@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedaffect.cli import app as cli
@@ -17,7 +18,9 @@ def test_three_device_federation_improves_over_round_zero(synth_manifest, tmp_pa
     # 4 speakers, 4 folds: 3 training devices, 1 held-out speaker never trained on.
     cfg = RunConfig(manifest=str(synth_manifest), folds=4, fold=0, num_server_rounds=2, local_epochs=3,
                     task="both", run_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
-    summary = simulate(cfg, all_folds=False, progress=False)
+    threads, seen = torch.get_num_threads(), []
+    summary = simulate(cfg, all_folds=False, progress=False, on_round=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1, 1] and torch.get_num_threads() == threads  # egemaps-mlp: one thread, then restored
     rounds = summary["folds"][0]["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["train_devices"] == 3
