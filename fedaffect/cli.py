@@ -206,19 +206,21 @@ def simulate(
 ) -> None:
     """Simulate a federation (one device per speaker by default) and report held-out metrics."""
     _setup_logging(verbose)
-    cfg = _build_config(config, {
+    options = {
         "manifest": str(manifest) if manifest else None, "model": model, "task": task, "partition": partition,
         "num-devices": num_devices, "dirichlet-alpha": alpha, "folds": folds, "fold": fold,
         "num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "strategy": strategy, "seed": seed,
         "run-dir": str(run_dir) if run_dir else None, "store-url": store_url,
         "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None,
-    }, set_)
+    }
+    cfg = _build_config(config, options, set_)
+    one_fold = "fold" in _config_values(config, options, set_)  # named anywhere: option, file or --set
     from server.report import write_report
     from server.simulation import simulate as run_simulation
     from server.store import RunStore, default_store_url
     from shared_models.manifest import ManifestError
 
-    n_folds = cfg.folds if (fold is None and cfg.folds > 1) else 1
+    n_folds = cfg.folds if (not one_fold and cfg.folds > 1) else 1
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     with progress:
@@ -229,7 +231,7 @@ def simulate(
                             f"CCC-A {_fmt(m.get('ccc_arousal'))}")
 
         try:
-            summary = run_simulation(cfg, engine=engine, all_folds=fold is None, on_round=on_round)
+            summary = run_simulation(cfg, engine=engine, all_folds=not one_fold, on_round=on_round)
         except (ValueError, FileNotFoundError, ManifestError) as err:
             progress.stop()
             _fail(str(err))

@@ -86,6 +86,17 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
     assert "metrics.png" in html and summary["runs"][-1] in html
 
 
+def test_a_fold_named_in_the_experiment_file_runs_that_fold_only(tone_manifest, tmp_path):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'manifest = "{tone_manifest}"\nfolds = 2\nfold = 1\nnum-server-rounds = 1\n'
+                   f'cache-dir = "{tmp_path / "c"}"\n')
+    out = tmp_path / "summary.json"
+    res = CliRunner().invoke(cli, ["simulate", "--config", str(exp), "--run-dir", str(tmp_path / "runs"),
+                                   "--summary-json", str(out), "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(out.read_text())["folds"]) == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--manifest", "/nonexistent/m.csv"], "m.csv"),
     (["--set", "num-server-round=3"], "num-server-round"),
