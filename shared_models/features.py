@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -228,11 +229,13 @@ class FeatureCache:
     Parameters
     ----------
     root : str or Path
-        Cache directory (created on first write).
+        Cache directory (created on first write). A cache that cannot be written (full,
+        read-only, a file in the way) warns once and the features are returned uncached.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._write_failed = False
 
     def path_for(self, clip_path: str | os.PathLike, frontend: FrontEnd) -> Path:
         """Cache file of ``clip_path`` under ``frontend``. Raises OSError if the clip is missing."""
@@ -260,11 +263,19 @@ class FeatureCache:
             except (OSError, ValueError, EOFError):
                 pass  # damaged cache file: recompute
         features = frontend(load_audio(clip_path))
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, features)
-        os.replace(tmp, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                np.save(fh, features)
+            os.replace(tmp, target)
+        except OSError as err:  # a full or read-only cache costs time, never the clip
+            if not self._write_failed:
+                warnings.warn(f"feature cache {self.root} cannot be written ({err}); features are not cached",
+                              RuntimeWarning, stacklevel=2)
+                self._write_failed = True
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
         return features
 
 

@@ -90,6 +90,14 @@ def test_corrupt_clip_raises_and_is_skipped(clip, tmp_path):
     assert skipped.total == 2 and skipped.as_dict() == {"unreadable": 2}
 
 
+def test_a_cache_that_cannot_be_written_costs_no_clip(clip, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        feats, skipped = extract_features([clip, clip], get_frontend("wave"), blocked / "cache", progress=False)
+    assert [f.shape for f in feats] == [(SR,), (SR,)] and skipped.total == 0
+
+
 def test_standardiser_round_trip():
     rng = np.random.default_rng(0)
     seqs = [rng.normal(3.0, 2.0, size=(n, 5)).astype(np.float32) for n in (10, 20, 30)]
