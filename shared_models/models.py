@@ -139,7 +139,8 @@ def _conv_pool(conv: nn.Sequential, x: torch.Tensor, pool: int, chunk_values: in
     cost 4x its arithmetic on one core (22 ms -> 5 ms for that block). Not for training: a
     training-mode batch norm needs the statistics of the whole output.
     """
-    if chunk_values <= 0:  # training, or chunking switched off
+    if chunk_values <= 0 or any(m.training for m in conv if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        # training, chunking switched off, or a batch norm gathering statistics (AdaBN)
         return nn.functional.max_pool1d(conv(x), pool)
     pad, rest = conv[0], conv[1:]
     steps = x.shape[-1] // pool * pool  # max_pool1d drops a last partial window

@@ -131,6 +131,22 @@ def test_adapt_batch_norm_takes_the_device_statistics_and_leaves_the_model():
     assert adapt_batch_norm(mlp, blobs()) is mlp
 
 
+def test_adapted_statistics_of_a_waveform_model_are_per_clip_not_per_chunk():
+    """wave-cnn-gru computes long clips in time chunks in eval mode; AdaBN must see each
+    clip whole (one batch a clip, as documented), or every chunk counts as a batch."""
+    torch.manual_seed(0)
+    model = build_model("wave-cnn-gru", 3).eval()
+    rng = np.random.default_rng(0)
+    clips = [(rng.standard_normal(n) * np.linspace(0.2, 2.0, n)).astype(np.float32) for n in (64000, 40000, 20000)]
+    data = LocalData(clips, np.zeros(3, np.int64), np.full((3, 2), np.nan))
+    adapted = adapt_batch_norm(model, data)
+    model.chunk_values = 0
+    whole = adapt_batch_norm(model, data)
+    for a, b in zip(adapted.convs, whole.convs):
+        assert int(a[2].num_batches_tracked) == 3
+        assert torch.allclose(a[2].running_var, b[2].running_var, rtol=1e-4)
+
+
 def test_adapted_evaluation_does_not_see_a_per_channel_gain():
     """A device whose features come at 3x the gain: with AdaBN its predictions are the ones the
     model gives at the original gain (each batch norm absorbs the scale); without, they are not."""
