@@ -39,6 +39,17 @@ def _choice(options: tuple[str, ...]):
     return check
 
 
+def _emotion_names(value: Any) -> str | None:
+    from .manifest import EMOTIONS  # lazily: pandas
+
+    names = [e.strip() for e in str(value).split(",") if e.strip()]
+    unknown = [e for e in names if e not in EMOTIONS]
+    if unknown:
+        return f"unknown emotion(s) {', '.join(map(repr, unknown))}; known: {', '.join(EMOTIONS)}"
+    twice = sorted({e for e in names if names.count(e) > 1})
+    return f"lists {', '.join(twice)} twice" if twice else None
+
+
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be > 0"
 
@@ -83,6 +94,9 @@ def _reliabilities(value: Any) -> str | None:
 #: .255 to .285), while egemaps-mlp loses 2.6-5.3 points of UAR with 8.
 MODEL_BATCH_SIZES = {"egemaps-mlp": 32, "logmel-crnn": 8, "wave-cnn-gru": 8}
 DEFAULT_BATCH_SIZE = 32
+#: The models of :data:`shared_models.models.MODELS` (checked equal by the tests), so that a
+#: config naming another is refused before any device loads it.
+MODEL_NAMES = tuple(MODEL_BATCH_SIZES)
 
 #: Torch threads of the in-process simulation per model (absent: torch's default, one per
 #: core). egemaps-mlp's operations (a 32 x 88 batch) are too small to share between threads:
@@ -262,7 +276,7 @@ class RunConfig:
     """
 
     manifest: str = ""
-    model: str = "egemaps-mlp"
+    model: str = _opt(_choice(MODEL_NAMES), default="egemaps-mlp")
     task: str = _opt(_choice(TASKS), default="emotion")
     num_server_rounds: int = _opt(_positive, default=10)
     local_epochs: int = _opt(_positive, default=2)
@@ -279,7 +293,7 @@ class RunConfig:
     dirichlet_alpha: float = _opt(_positive, default=0.5)
     folds: int = _opt(_positive, default=5)
     fold: int = _opt(_non_negative, default=0)
-    seed: int = 0
+    seed: int = _opt(_non_negative, default=0)
     fraction_train: float = _opt(_fraction, default=1.0)
     min_train_devices: int = _opt(_positive, default=1)
     round_timeout: float = _opt(_positive, default=600.0)
@@ -315,7 +329,7 @@ class RunConfig:
     max_raters: int = _opt(_positive, default=5)
     init: str = ""
     freeze_rounds: int = _opt(_non_negative, default=0)
-    emotions: str = ""
+    emotions: str = _opt(_emotion_names, default="")
     protected: str = "gender"
     fair_beta: float = _opt(_non_negative, default=5.0)
     fair_attribute: str = "gender"

@@ -13,7 +13,10 @@ def test_unknown_key_is_named_with_a_suggestion():
 @pytest.mark.parametrize(
     "key,value,match",
     [("task", "mood", "'task'"), ("num-server-rounds", 0, "'num-server-rounds'"),
-     ("fraction-train", 1.5, "'fraction-train'"), ("lr", "fast", "'lr'"), ("partition", "random", "'partition'")],
+     ("fraction-train", 1.5, "'fraction-train'"), ("lr", "fast", "'lr'"), ("partition", "random", "'partition'"),
+     # a misspelt class would silently turn its clips into unlabelled ones
+     ("emotions", "anger,Happiness", "'emotions'.*'Happiness'"), ("emotions", "anger,happy", "'happy'.*known"),
+     ("emotions", "anger,anger", "anger twice"), ("seed", -1, "'seed'"), ("model", "egemaps_mlp", "'model'")],
 )
 def test_bad_value_names_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -63,3 +66,10 @@ def test_batch_size_zero_means_the_models_own():
     assert RunConfig(model="logmel-crnn", batch_size=16).local_batch_size == 16
     with pytest.raises(ConfigError, match="'batch-size'"):
         RunConfig(batch_size=-1)
+
+
+def test_the_config_knows_every_model_of_the_registry():
+    from shared_models.config import MODEL_NAMES
+    from shared_models.models import MODELS
+
+    assert set(MODEL_NAMES) == set(MODELS)
