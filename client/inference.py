@@ -113,7 +113,9 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
     -------
     list of Prediction
         One per clip, in order; unreadable, empty, too short or silent clips come back with
-        ``skipped`` set, never an exception.
+        ``skipped`` set, never an exception. Only the heads the checkpoint's task trained
+        answer: arousal/valence are NaN for an ``emotion`` checkpoint, the emotion None and
+        the probabilities empty for an ``av`` one.
 
     Raises
     ------
@@ -147,13 +149,17 @@ def predict_clips(checkpoint: str | Path, clips: Sequence[str | Path], *, refere
     probs, av = predict(model, clips_data)
     if ckpt.get("faireg"):  # a FaiReg run: the model's arousal/valence are normalised targets
         av = FaiRegParams.from_json(str(ckpt["faireg"])).denormalise(av)
+    # The heads the checkpoint's run trained (pretrain: "task"; a run: its config's): the
+    # other head still holds its random initialisation and says nothing.
+    task = str(ckpt.get("task") or dict(ckpt.get("config") or {}).get("task") or "both")
     out, row = [], 0
     for path, f in zip(paths, feats):
         if f is None:
             out.append(Prediction(path, skipped=_skip_reason(path)))
             continue
-        p = {e: float(v) for e, v in zip(emotions, probs[row])}
-        out.append(Prediction(path, max(p, key=p.get) if p else None, p, float(av[row, 0]), float(av[row, 1])))
+        p = {e: float(v) for e, v in zip(emotions, probs[row])} if task != "av" else {}
+        a, v = (float(av[row, 0]), float(av[row, 1])) if task != "emotion" else (float("nan"), float("nan"))
+        out.append(Prediction(path, max(p, key=p.get) if p else None, p, a, v))
         row += 1
     return out
 

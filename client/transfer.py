@@ -130,12 +130,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"init checkpoint not found: {path} (make one with `fedaffect pretrain`)")
+        raise FileNotFoundError(f"checkpoint not found: {path} (a run's are in RUN_DIR/RUN/checkpoints; "
+                                "`fedaffect pretrain` makes one)")
     try:
         # tensors and plain Python values only: unpickling arbitrary objects could run code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+        # not torch's own text: it suggests loading the file with weights_only=False
+        raise ValueError(f"{path}: not a readable checkpoint (not a torch file of tensors and plain "
+                         f"values: {type(err).__name__})") from err
     if not isinstance(ckpt, dict) or not {"model", "emotions", "state_dict"} <= set(ckpt):
         raise ValueError(f"{path}: not a fedaffect checkpoint (needs model, emotions and state_dict)")
     return ckpt

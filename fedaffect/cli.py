@@ -400,8 +400,8 @@ def predict(
         if p.skipped:
             table.add_row(Path(p.path).name, f"[yellow]skipped: {p.skipped}[/]", "", "", "")
         else:
-            table.add_row(Path(p.path).name, p.emotion or "-", ", ".join(f"{e} {v:.2f}" for e, v in p.top(top)),
-                          f"{p.arousal:+.2f}", f"{p.valence:+.2f}")
+            table.add_row(Path(p.path).name, p.emotion or "-", ", ".join(f"{e} {v:.2f}" for e, v in p.top(top)) or "-",
+                          *("-" if v != v else f"{v:+.2f}" for v in (p.arousal, p.valence)))  # NaN: head not trained
     out.print(table)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
