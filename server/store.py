@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 __all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint", "EnrolledDevice"]
@@ -163,7 +163,12 @@ class RunStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+            parsed.get_dialect()  # an unknown scheme (bogus://) fails here, not as an import error later
+        except (ArgumentError, NoSuchModuleError) as err:
+            raise ConnectionError(f"run store URL {url!r} is not a database URL SQLAlchemy knows "
+                                  f"(e.g. sqlite:///runs/fedaffect.db, postgresql://user@host/db): {err}") from None
         if parsed.drivername in ("postgresql", "postgres"):  # plain PostgreSQL URL: use psycopg 3
             parsed = parsed.set(drivername="postgresql+psycopg")
         self._shown = parsed.render_as_string(hide_password=True)  # for messages: no password

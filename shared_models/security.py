@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -212,7 +212,7 @@ def read_device_public_key(path: Path) -> str:
                                "on the device")
     try:
         key = serialization.load_ssh_public_key(text.encode())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise CertificateError(f"{path} is not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         kind = type(key).__name__.replace("_", "")

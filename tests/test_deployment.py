@@ -103,6 +103,9 @@ def test_only_p384_public_keys_can_be_enrolled(tmp_path):
     init_device(tmp_path / "dev")
     with pytest.raises(CertificateError, match="PRIVATE key"):
         read_device_public_key(tmp_path / "dev" / "keys" / "device")
+    (tmp_path / "notes.pub").write_text("# my notes\n")  # cryptography: "Unsupported key type"
+    with pytest.raises(CertificateError, match="not an OpenSSH public key"):
+        read_device_public_key(tmp_path / "notes.pub")
     (tmp_path / "junk.pub").write_text("hello\n")
     with pytest.raises(CertificateError, match="not an OpenSSH public key"):
         read_device_public_key(tmp_path / "junk.pub")

@@ -147,3 +147,9 @@ def test_a_device_with_only_arousal_valence_labels_counts_as_labelled_for_an_av_
     counts = {task: Device("d", "train", 0, data, ["anger"], 0, task=task).info()["n-labelled"]
               for task in ("emotion", "av", "both")}
     assert counts == {"emotion": 1, "av": 2, "both": 3}
+
+
+@pytest.mark.parametrize("url", ["notaurl", "bogus://x"])
+def test_a_mistyped_store_url_is_a_clear_error(url):
+    with pytest.raises(ConnectionError, match="not a database URL"):
+        RunStore(url)
