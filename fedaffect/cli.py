@@ -134,9 +134,16 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def _evaluated_on(summary: dict[str, Any]) -> str:
+    """Whose clips the metrics are on: held-out speakers, or (``folds = 1``) the training
+    speakers' own clips."""
+    return "held-out speakers" if int(summary.get("config", {}).get("folds", 2)) > 1 else \
+        "training speakers: folds = 1 holds out nobody"
+
+
 def _rounds_table(summary: dict[str, Any]) -> Table:
     folds = summary["folds"]
-    title = "Per-round held-out metrics" + (f" (mean over {len(folds)} folds)" if len(folds) > 1 else "")
+    title = f"Per-round metrics ({_evaluated_on(summary)})" + (f", mean over {len(folds)} folds" if len(folds) > 1 else "")
     table = Table(title=title)
     cols = ["round", "train_loss", "eval_loss", "uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence", "wall_s"]
     for c in cols:
@@ -160,7 +167,7 @@ def _final_table(summary: dict[str, Any]) -> Table:
     from server.app import FINAL_METRICS
 
     folds = len(summary.get("folds") or [])
-    table = Table(title="Final metrics (held-out speakers)" + (f", {folds} folds" if folds > 1 else ""))
+    table = Table(title=f"Final metrics ({_evaluated_on(summary)})" + (f", {folds} folds" if folds > 1 else ""))
     table.add_column("metric")
     table.add_column("mean" if folds > 1 else "value", justify="right")
     if folds > 1:  # a standard deviation over one fold says nothing

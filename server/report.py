@@ -30,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.store import RunStore  # noqa: E402
 
@@ -42,6 +43,13 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _cell(key: str, value: float) -> str:
+    """A final-table value: counts as integers, seconds with one decimal, scores with four."""
+    if float(value).is_integer() and not key.startswith(("uar", "wa", "macro", "ccc", "gap", "worst")):
+        return str(int(value))
+    return f"{value:.1f}" if key.endswith(("_s", "seconds")) else f"{value:.4f}"
+
+
 def _plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list[int], list[float]]]) -> Path | None:
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
@@ -50,6 +58,7 @@ def _plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list[int]
     for label, (x, y) in curves.items():
         ax.plot(x, y, marker="o", markersize=3, label=label)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -86,6 +95,7 @@ def _fairness_figures(store: RunStore, run, rounds: list[dict[str, Any]], out: P
                            linestyle="--" if label.endswith("(FedAvg)") else "-")[0]
             colours.setdefault(base, line.get_color())
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("aggregation weight")
         ax.set_title(f"{run.name}: weight per group")
         ax.grid(alpha=0.3)
@@ -152,11 +162,15 @@ def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
+    # without held-out devices (simulation with folds = 1, or none enrolled as held-out) the
+    # training devices evaluate the model on their own clips: in-sample numbers, said so
+    held_out = any(d["role"] == "heldout" for d in store.device_metrics(run.id))
+    evaluated = "held-out devices" if held_out else "training devices, in-sample"
     figures.append(_plot(out / "loss.png", f"{run.name}: loss", "loss", {
         "train (sampled devices)": _series(rounds, "train_loss"),
-        "evaluation (held-out devices)": _series(rounds, "eval_loss"),
+        f"evaluation ({evaluated})": _series(rounds, "eval_loss"),
     }))
-    figures.append(_plot(out / "metrics.png", f"{run.name}: held-out metrics", "score", {
+    figures.append(_plot(out / "metrics.png", f"{run.name}: metrics ({evaluated})", "score", {
         "UAR": _series(rounds, "uar"), "WA": _series(rounds, "wa"), "macro-F1": _series(rounds, "macro_f1"),
         "CCC arousal": _series(rounds, "ccc_arousal"), "CCC valence": _series(rounds, "ccc_valence"),
     }))
@@ -174,18 +188,19 @@ def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Pa
 
     final = rounds[-1] if rounds else {}
     table = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
-        for k, v in final.items() if isinstance(v, float)
+        f"<tr><td>{html.escape(k)}</td><td>{_cell(k, v)}</td></tr>"
+        for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"
     )
+    error = f"<p>error: <code>{html.escape(run.error)}</code></p>" if run.error else ""
     imgs = "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in figures if f)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedaffect run {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}} img{{max-width:32%;margin:.3%}}
 table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h1>Run {html.escape(run.name)}</h1>
-<p>status <b>{html.escape(run.status)}</b>, engine {html.escape(run.engine)}, {len(rounds) - 1 if rounds else 0} rounds,
+<p>status <b>{html.escape(run.status)}</b>, engine {html.escape(run.engine)}, {max(len(rounds) - 1, 0)} rounds,
 model {html.escape(str(run.config.get('model')))}, task {html.escape(str(task))}</p>
-{imgs}
-<h2>Final round (held-out devices)</h2><table>{table}</table>
+{error}{imgs}
+<h2>Final round (metrics: {evaluated})</h2><table>{table}</table>
 <h2>Configuration</h2><pre>{html.escape(json.dumps(run.config, indent=2))}</pre>
 </body></html>"""
     index = out / "index.html"

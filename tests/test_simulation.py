@@ -84,6 +84,10 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     html = (report / "index.html").read_text()
     assert "metrics.png" in html and summary["runs"][-1] in html
+    assert "Final round (metrics: held-out devices)" in html and "<td>n</td><td>" in html
+    from fedaffect.cli import _evaluated_on
+
+    assert "holds out nobody" in _evaluated_on({"config": {"folds": 1}})  # folds = 1: in-sample numbers
 
 
 def test_a_fold_named_in_the_experiment_file_runs_that_fold_only(tone_manifest, tmp_path):
