@@ -433,12 +433,13 @@ def server_init(
     state_dir: Path = typer.Option(..., help="the coordinator's state directory (e.g. /srv/fedaffect)"),
     name: list[str] = typer.Option([], "--host", help="host name or IP devices use to reach the coordinator "
                                    "(repeat; default: localhost, 127.0.0.1 and this machine's names)"),
-    listen: str = typer.Option("0.0.0.0", help="address the SuperLink listens on"),
-    port: int = typer.Option(8000, help="the SuperLink's HTTPS port"),
+    listen: Optional[str] = typer.Option(None, help="address the SuperLink listens on [default: 0.0.0.0]"),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="the SuperLink's HTTPS port [default: 8000]"),
     store_url: str = typer.Option("", help="run store URL (default: SQLite in the state directory; "
                                   "PostgreSQL: postgresql://user:pass@host/db)"),
     emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the categorical head"),
-    renew: bool = typer.Option(False, help="keep the CA and devices; make a new server certificate"),
+    renew: bool = typer.Option(False, help="keep the CA and devices; make a new server certificate (and take "
+                               "--listen, --port, --store-url when given)"),
 ) -> None:
     """Create the coordinator's CA, server certificate, config and run store."""
     _setup_logging(False)

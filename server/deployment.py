@@ -175,8 +175,15 @@ class ServerConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
         cfg = cls(**{known[k]: v for k, v in data.items()})
+        cfg.check()
         RunConfig.from_mapping(cfg.run_defaults)  # names a bad run default now, not at train time
         return cfg
+
+    def check(self) -> None:
+        """Raise ConfigError for a port outside 1-65535 (named), before any file is written
+        or a SuperLink refuses it at start-up."""
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"key 'port' = {self.port!r}: must be a TCP port, 1-65535")
 
     def save(self, path: Path) -> None:
         """Write ``server.toml``."""
@@ -212,7 +219,7 @@ def _with_local(names: list[str]) -> list[str]:
     return list(dict.fromkeys([*names, "localhost", "127.0.0.1"]))
 
 
-def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = "0.0.0.0", port: int = 8000,
+def init_server(state_dir: Path, *, names: list[str] | None = None, host: str | None = None, port: int | None = None,
                 store_url: str = "", emotions: str = DEFAULT_EMOTIONS, renew: bool = False,
                 cert_days: int = 825) -> StatePaths:
     """Create (or renew the server certificate of) a coordinator's state directory.
@@ -223,15 +230,17 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = 
     names : list of str, optional
         Host names / IP addresses devices use, for the server certificate (default: this
         machine's host names); localhost and 127.0.0.1 are always added.
-    host, port : str, int
-        Listening address of the SuperLink.
+    host, port : str, int, optional
+        Listening address of the SuperLink (default ``0.0.0.0:8000``; with ``renew``, the
+        config's unless given).
     store_url : str
         Run store URL (empty: SQLite in the state directory).
     emotions : str
         Classes of the categorical head.
     renew : bool
         Keep the CA, config and registry; make a new server certificate (new names or
-        expiry). Devices keep working: they trust the CA, not the certificate.
+        expiry); ``host``, ``port`` and ``store_url`` replace the config's when given.
+        Devices keep working: they trust the CA, not the certificate.
     cert_days : int
         Validity of the server certificate in days.
 
@@ -244,6 +253,11 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = 
     FileExistsError
         If ``state_dir`` holds a coordinator already and ``renew`` is False (re-running
         init would lock out every enrolled device).
+    ConfigError
+        For a port outside 1-65535.
+    ConnectionError
+        If ``store_url`` names a database that cannot be reached or a URL SQLAlchemy does not
+        know; nothing is written then.
     """
     paths = StatePaths(Path(state_dir).expanduser().resolve())
     if paths.config.exists() and not renew:
@@ -253,14 +267,22 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str = 
         cfg = ServerConfig.load(paths.config)
         if names:
             cfg.names = _with_local(names)
+        cfg.host, cfg.port = host or cfg.host, port or cfg.port
+        cfg.check()
+        if store_url:
+            RunStore(store_url)  # reachable before it replaces the config's
+            cfg.store_url = store_url
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     else:
-        cfg = ServerConfig(host=host, port=port, names=_with_local(names or _default_names()),
-                           store_url=store_url, emotions=emotions)
+        cfg = ServerConfig(host=host or "0.0.0.0", port=8000 if port is None else port,
+                           names=_with_local(names or _default_names()), store_url=store_url, emotions=emotions)
+        cfg.check()
+        if store_url:  # an unreachable or mistyped database fails before anything is written
+            RunStore(store_url)
         paths.root.mkdir(parents=True, exist_ok=True)
         for folder in (paths.certs, paths.logs, paths.runs):
             folder.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,16 @@ def test_server_init_keeps_the_ca_on_renew_and_refuses_to_overwrite(tmp_path):
     assert stat.S_IMODE(os.stat(paths.ca_key).st_mode) == 0o600
 
 
+def test_a_failed_server_init_writes_nothing_and_renew_can_change_the_port(tmp_path):
+    for bad in (dict(store_url="bogus://x"), dict(port=70000)):
+        with pytest.raises((ConnectionError, ConfigError)):
+            init_server(tmp_path / "st", names=["localhost"], **bad)
+        assert not (tmp_path / "st").exists()  # a later init with good values just works
+    paths = init_server(tmp_path / "st", names=["localhost"], port=18556)
+    init_server(tmp_path / "st", renew=True, port=18557)
+    assert ServerConfig.load(paths.config).port == 18557
+
+
 def test_server_config_names_a_bad_key(tmp_path):
     paths = init_server(tmp_path / "st", names=["localhost"])
     text = paths.config.read_text()
