@@ -246,8 +246,16 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
     try:
         run_id = int(json_from(res.stdout)["run-id"])
     except (ValueError, KeyError, TypeError):
-        tail.extend((res.stdout + res.stderr).strip().splitlines()[-TAIL_LINES:])
-        raise RuntimeError(f"flwr run could not submit the app (exit code {res.returncode})") from None
+        said = (res.stdout + res.stderr).strip().splitlines()
+        tail.extend(said[-TAIL_LINES:])
+        # flwr exits 0 with a JSON error when the SuperLink is not there: show what it said
+        try:
+            reason = str(json_from(res.stdout).get("error-message", "")).strip()
+        except (ValueError, AttributeError):
+            reason = ""
+        reason = reason or " / ".join(line.strip() for line in said[-3:] if line.strip())
+        raise RuntimeError(f"flwr run could not submit the app: {reason or f'exit code {res.returncode}'} "
+                           f"(is the SuperLink running? `fedaffect server start`)") from None
     streamer = subprocess.Popen(
         [str(BIN / "flwr"), "log", str(run_id), connection, "--stream"],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
