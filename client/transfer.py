@@ -74,8 +74,8 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     Raises
     ------
     ValueError
-        For an unknown model, a corpus without the labels the task needs, or ``cuda`` on a
-        machine where torch sees no GPU.
+        For an unknown model, a corpus without the labels the task needs, an emotion class
+        without a clip in the manifest, or ``cuda`` on a machine where torch sees no GPU.
     FileNotFoundError, ManifestError
         For a missing or invalid manifest.
     """
@@ -84,7 +84,11 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     torch_device = resolve_compute_device(compute_device)  # before any work: a bad name fails at once
     t0 = time.perf_counter()
     table = read_manifest(manifest)
-    emotions = list(emotions or sorted(e for e in table["emotion"].unique() if e))
+    present = sorted(e for e in table["emotion"].unique() if e)
+    emotions = list(emotions or present)
+    absent = [e for e in emotions if e not in present]
+    if absent:  # a typo (happy for happiness) would train a class without a single clip
+        raise ValueError(f"emotion class(es) {', '.join(absent)} have no clip in {manifest}; it has {', '.join(present)}")
     if task in ("emotion", "both") and len(emotions) < 2:
         raise ValueError(f"task {task!r} needs at least 2 emotion classes; {manifest} has {emotions}")
     if task in ("av", "both") and table["arousal"].isna().all():

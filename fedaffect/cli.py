@@ -332,7 +332,7 @@ def pretrain(
     model: str = typer.Option("egemaps-mlp", help="egemaps-mlp, logmel-crnn or wave-cnn-gru"),
     out_path: Path = typer.Option(..., "--out", help="checkpoint to write (use with `simulate --init`)"),
     task: str = typer.Option("emotion", help="emotion, av or both"),
-    epochs: int = typer.Option(20, help="training epochs"),
+    epochs: int = typer.Option(20, min=1, help="training epochs"),
     lr: float = typer.Option(3e-3, help="learning rate (Adam)"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0),

@@ -442,6 +442,9 @@ def test_pretrain_then_init_a_federation(tone_manifest, tmp_path):
         load_initial(build_model("logmel-crnn", 2), ckpt, "logmel-crnn", ["anger", "sadness"])
     with pytest.raises(FileNotFoundError):
         load_initial(model, tmp_path / "none.pt", "egemaps-mlp", ["anger"])
+    res = CliRunner().invoke(cli, ["pretrain", "--manifest", str(tone_manifest), "--out", str(tmp_path / "typo.pt"),
+                                   "--emotions", "anger,sad", "--cache-dir", cache])
+    assert res.exit_code != 0 and "sad have no clip" in res.output and not (tmp_path / "typo.pt").exists()
     torch.save({**payload, "extra": _Pickled()}, tmp_path / "code.pt")  # unpickling it would run code
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_initial(build_model("egemaps-mlp", 2), tmp_path / "code.pt", "egemaps-mlp", ["anger", "sadness"])
