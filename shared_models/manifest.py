@@ -53,7 +53,8 @@ class ManifestError(ValueError):
 
 
 def _as_str(col: pd.Series) -> pd.Series:
-    return col.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+    """Text values, stripped; missing ones (None, NaN, pandas' NA and NaT) as ``""``."""
+    return col.map(lambda v: "" if pd.api.types.is_scalar(v) and pd.isna(v) else str(v).strip())
 
 
 def validate_manifest(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFrame:

@@ -85,3 +85,13 @@ def test_out_of_range_arousal_refused_on_write(tmp_path):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         read_manifest(tmp_path / "nope.csv")
+
+
+def test_pandas_missing_values_are_empty_not_the_text_na():
+    from shared_models.manifest import validate_manifest
+
+    df = pd.DataFrame({"path": ["a.wav", "b.wav"], "speaker": ["s1", "s2"], "gender": ["female", None],
+                       "emotion": ["anger", None], "arousal": [0.1, None], "valence": [0.2, None],
+                       "duration": [1.0, 2.0]}).convert_dtypes()  # pd.NA, as read_csv(dtype="string") gives
+    out = validate_manifest(df)
+    assert out["gender"].tolist() == ["female", ""] and out["emotion"].tolist() == ["anger", ""]
