@@ -647,6 +647,9 @@ def device_start(
         _fail(str(err), code=3)
     except Exception as err:  # noqa: BLE001
         _state_error(err)
+    if code != 0 and max_wait is not None:
+        console.print(f"[red]gave up[/]: no SuperLink at {superlink} within --max-wait {max_wait:g}s "
+                      f"(or the SuperNode stopped: see {Path(data_dir) / 'logs' / 'supernode.log'})")
     raise typer.Exit(code)
 
 
