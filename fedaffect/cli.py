@@ -259,16 +259,31 @@ def simulate(
         out.print(f"report: [bold]{page}[/]")
 
 
+def _existing_store(run_dir: Path) -> str:
+    """The default SQLite store of ``run_dir``; reading commands do not create one.
+
+    Raises
+    ------
+    ConnectionError
+        When ``run_dir`` holds no run store (a mistyped folder).
+    """
+    path = Path(run_dir).expanduser().resolve() / "fedaffect.db"
+    if not path.is_file():
+        raise ConnectionError(f"no run store in {path.parent} (no fedaffect.db): pass the --run-dir of your "
+                              "runs, or --store-url")
+    return f"sqlite:///{path}"
+
+
 @app.command()
 def runs(
     run_dir: Path = typer.Option(Path("runs"), help="folder of the default run store"),
     store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
 ) -> None:
     """List stored runs with their status and final UAR / CCC."""
-    from server.store import RunStore, default_store_url
+    from server.store import RunStore
 
     try:
-        store = RunStore(store_url or default_store_url(run_dir))
+        store = RunStore(store_url or _existing_store(run_dir))
     except ConnectionError as err:
         _fail(str(err))
     table = Table(title=f"Runs in {store.shown_url}")
@@ -277,7 +292,7 @@ def runs(
     for run in store.list_runs():
         final = (run.summary or {}).get("final", {})
         table.add_row(str(run.id), run.name, run.status, str(run.config.get("model")),
-                      str(len(store.rounds(run.id)) - 1), _fmt(final.get("uar")),
+                      str(max(len(store.rounds(run.id)) - 1, 0)), _fmt(final.get("uar")),
                       _fmt(final.get("ccc_arousal")), _fmt(final.get("ccc_valence")))
     out.print(table)
 
@@ -291,10 +306,10 @@ def report(
 ) -> None:
     """Draw a run's learning curves (PNG) and write its HTML report."""
     from server.report import write_report
-    from server.store import RunStore, default_store_url
+    from server.store import RunStore
 
     try:
-        store = RunStore(store_url or default_store_url(run_dir))
+        store = RunStore(store_url or _existing_store(run_dir))
         name = store.get_run(run).name
         page = write_report(store, run, out_dir or run_dir / name / "report")
     except (KeyError, ConnectionError) as err:

@@ -88,6 +88,10 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
     from fedaffect.cli import _evaluated_on
 
     assert "holds out nobody" in _evaluated_on({"config": {"folds": 1}})  # folds = 1: in-sample numbers
+    listed = CliRunner().invoke(cli, ["runs", "--run-dir", str(tmp_path / "runs")])
+    assert listed.exit_code == 0 and summary["runs"][-1] in listed.output
+    typo = CliRunner().invoke(cli, ["runs", "--run-dir", str(tmp_path / "rnus")])
+    assert typo.exit_code == 2 and "no run store" in typo.output and not (tmp_path / "rnus").exists()
 
 
 def test_a_fold_named_in_the_experiment_file_runs_that_fold_only(tone_manifest, tmp_path):
