@@ -25,7 +25,7 @@ from common import corpus_manifest, quiet_flower, save
 
 from client.app import WARM_MODULES, load_device
 from server.simulation import prepare_run, simulate
-from shared_models.config import RunConfig
+from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig
 from shared_models.models import build_model
 from shared_models.training import evaluate_local, train_local
 
@@ -97,7 +97,13 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = simulate(cfg, engine=args.engine, all_folds=False, progress=False)
     sim = time.perf_counter() - t0
-    ref = reference_seconds(base.replace(run_name="reference"))
+    # the plain side with the simulation's torch threads (MODEL_SIMULATION_THREADS): the same work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(MODEL_SIMULATION_THREADS.get(cfg.model, threads))
+    try:
+        ref = reference_seconds(base.replace(run_name="reference"))
+    finally:
+        torch.set_num_threads(threads)
     # a round's exchange evaluates it and trains the next one: round 0's trains round 1
     walls = [r["wall_s"] for r in summary["folds"][0]["rounds"]]
     row = {"sim_seconds": sim, "reference_seconds": ref, "ratio": sim / ref,
