@@ -298,18 +298,25 @@ def test_could_pass_by_hand():
     assert could_pass([trained], 0.5, 2).tolist() == [True, True, True, True]  # bound 0: anything
 
 
+def _logmel_pool(seed: int):
+    """24 log-Mel-sized clips (4 labelled, one per class; 20 in the pool) and a logmel-crnn
+    sure of some of them (max. probability up to .97) and not of others (.33)."""
+    rng = np.random.default_rng(seed)
+    n = 24
+    xs = [rng.standard_normal((80, 64)).astype(np.float32) * (0.1 + 0.6 * (i % 6)) + i % 3 for i in range(n)]
+    data = LocalData(xs, np.array([0, 1, 2, 3] + [-1] * (n - 4)), np.full((n, 2), np.nan))
+    torch.manual_seed(0)
+    model = build_model("logmel-crnn", 4)
+    with torch.no_grad():
+        model.emotion.weight.mul_(10.0)
+    return n, data, model
+
+
 @pytest.mark.parametrize("align, threshold", [(0, 0.9), (1, 0.8)])  # aligned: the pool's max. .32-.82
 def test_large_inputs_get_the_same_pseudo_labels_from_fewer_forward_passes(tmp_path, monkeypatch, align, threshold):
     import client.cooperative as coop
 
-    rng = np.random.default_rng(0)
-    n, classes = 24, 4
-    xs = [rng.standard_normal((80, 64)).astype(np.float32) * (0.1 + 0.6 * (i % 6)) + i % 3 for i in range(n)]
-    data = LocalData(xs, np.array([0, 1, 2, 3] + [-1] * (n - 4)), np.full((n, 2), np.nan))  # log-Mel sized
-    torch.manual_seed(0)
-    model = build_model("logmel-crnn", classes)
-    with torch.no_grad():
-        model.emotion.weight.mul_(10.0)  # sure of some clips (max probability up to .97), not of others (.33)
+    n, data, model = _logmel_pool(0)
     rows = []
     model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     cfg = RunConfig(mode="self-labelling", task="emotion", pseudo_per_class=0, model="logmel-crnn", pseudo_align=align)
@@ -338,15 +345,8 @@ def test_queries_are_ranked_on_the_clean_view_and_large_inputs_still_score_in_tw
     that queues (before, a queueing round scored every clip under every view)."""
     from client.cooperative import emotion_uncertainty, view_predictions
 
-    rng = np.random.default_rng(1)
-    n, classes = 24, 4
-    xs = [rng.standard_normal((80, 64)).astype(np.float32) * (0.1 + 0.6 * (i % 6)) + i % 3 for i in range(n)]
-    data = LocalData(xs, np.array([0, 1, 2, 3] + [-1] * (n - 4)), np.full((n, 2), np.nan))  # log-Mel sized
-    torch.manual_seed(0)
-    model = build_model("logmel-crnn", classes)
-    with torch.no_grad():
-        model.emotion.weight.mul_(10.0)
-    clean = view_predictions(model, xs[4:], views=1, noise=0.0)[0]
+    n, data, model = _logmel_pool(1)
+    clean = view_predictions(model, data.x[4:], views=1, noise=0.0)[0]
     rows = []
     model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
     cfg = RunConfig(mode=mode, task="emotion", model="logmel-crnn", pseudo_align=0, query_per_round=3,
