@@ -601,9 +601,23 @@ def train(
     colour = "green" if result.ok else "red"
     out.print(f"[{colour}]run {result.run}[/]: Flower {result.flower_status}, store {result.store_status} "
               f"({result.seconds:.0f}s)" + (f"\n{result.error}" if result.error else ""))
-    out.print(f"see: fedaffect runs --store-url ... / fedaffect report {result.run} "
-              f"--run-dir {Path(state_dir) / 'runs'}")
+    out.print(f"see: fedaffect runs {_store_option(state_dir)} / fedaffect report {result.run} "
+              f"{_store_option(state_dir)}")
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _store_option(state_dir: Path) -> str:
+    """How `runs` and `report` reach a coordinator's run store: its ``--run-dir`` (SQLite in the
+    state directory), or its ``--store-url`` (password hidden: give yours)."""
+    from sqlalchemy.engine import make_url
+
+    from server.deployment import ServerConfig, StatePaths
+
+    paths = StatePaths(Path(state_dir).expanduser().resolve())
+    url = ServerConfig.load(paths.config).store_url
+    if not url:
+        return f"--run-dir {paths.runs}"
+    return f"--store-url '{make_url(url).render_as_string(hide_password=True)}' --run-dir {paths.runs}"
 
 
 @device_app.command("init")
