@@ -141,7 +141,11 @@ def terminate_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 class LogPump:
-    """Read a process's output line by line into a file, a tail and the logger."""
+    """Read a process's output line by line into a file, a tail and the logger.
+
+    A log file that cannot be opened or written (full disk) or a callback that raises is
+    warned about once and the output is still read to its end, so the process never blocks
+    on a full pipe."""
 
     def __init__(self, stream, path: Path, tail: collections.deque, prefix: str,
                  on_line: Callable[[str], None] | None = None) -> None:
@@ -151,16 +155,43 @@ class LogPump:
         self._thread.start()
 
     def _pump(self) -> None:
-        with open(self._path, "a", encoding="utf-8") as out:
+        # The pipe must be drained whatever happens to the file or the callback: a process
+        # whose output nobody reads blocks on its next write once the pipe buffer is full
+        # (a frozen SuperLink or SuperNode that systemd never restarts).
+        out, problems = None, set()
+
+        def trouble(what: str, err: BaseException) -> None:
+            if what not in problems:  # once per kind, not once per line
+                problems.add(what)
+                log.warning("%s: %s (%s); the process's output is still read", self._path, what, err)
+
+        try:
+            out = open(self._path, "a", encoding="utf-8")
+        except OSError as err:
+            trouble("cannot open the log file", err)
+        try:
             for raw in iter(self._stream.readline, b""):
                 line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
-                out.write(line + "\n")
-                out.flush()
+                if out is not None:
+                    try:
+                        out.write(line + "\n")
+                        out.flush()
+                    except OSError as err:  # a full disk: keep reading, the tail still works
+                        trouble("cannot write the log file", err)
                 if line.strip():
                     self._tail.append(f"{self._prefix}{line}")
                     log.debug("%s%s", self._prefix, line)
                     if self._on_line is not None:
-                        self._on_line(line)
+                        try:
+                            self._on_line(line)
+                        except Exception as err:  # noqa: BLE001 - e.g. a closed terminal pipe
+                            trouble("the line callback failed", err)
+        finally:
+            if out is not None:
+                try:
+                    out.close()
+                except OSError:
+                    pass
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

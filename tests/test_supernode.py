@@ -206,3 +206,24 @@ def test_polling_grid_collects_every_reply_and_honours_the_timeout():
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # pulled once more after the deadline
     with pytest.raises(ValueError, match="poll_s"):
         PollingGrid(grid, poll_s=0)
+
+
+def test_a_log_that_cannot_be_written_never_stops_the_output_being_read(tmp_path):
+    """A full disk or a failing echo must not leave a service blocked on a full pipe."""
+    import collections
+    import subprocess
+    import sys
+
+    from shared_models.processes import LogPump
+
+    proc = subprocess.Popen([sys.executable, "-c", "for i in range(20000): print('line', i, 'x' * 60)"],
+                            stdout=subprocess.PIPE)  # ~1.4 MB: far more than a pipe holds
+
+    def echo(_line):
+        raise BrokenPipeError("the terminal went away")
+
+    tail = collections.deque(maxlen=3)
+    pump = LogPump(proc.stdout, tmp_path / "no-such-folder" / "x.log", tail, "", on_line=echo)
+    assert proc.wait(timeout=60) == 0  # the child never blocked
+    pump.join(timeout=10)
+    assert tail[-1].startswith("line 19999")
