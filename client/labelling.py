@@ -96,9 +96,16 @@ class LabelAnswer:
         return ", ".join(parts)
 
 
-def find_player(which: Callable[[str], str | None] = shutil.which) -> list[str] | None:
-    """The command line (without the file) of the first installed player, or None."""
+def find_player(which: Callable[[str], str | None] = shutil.which, clip: str | Path | None = None) -> list[str] | None:
+    """The command line (without the file) of the first installed player, or None.
+
+    ``aplay`` is skipped for a ``clip`` that is not a WAV file: it plays any other format
+    (FLAC, Ogg, MP3) as raw 8-bit samples, i.e. loud noise.
+    """
+    wav = clip is None or Path(clip).suffix.lower() == ".wav"
     for name, args in PLAYERS:
+        if name == "aplay" and not wav:
+            continue
         path = which(name)
         if path:
             return [path, *args]
@@ -114,7 +121,7 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
     answer = text.strip().lower()
     if not answer:
         return None
-    if answer.isdigit():
+    if answer.isdecimal() and answer.isascii():  # "²" is a digit to isdigit, not to int
         i = int(answer)
         return labels[i - 1] if 1 <= i <= len(labels) else None
     if answer in labels:
@@ -281,6 +288,7 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         if not pending:
             say("Nothing to label: the queue is empty.")
             return counts
+        chosen = player  # None: the installed player that can play each clip (find_player)
         if play and player is None:
             player = find_player()
         menu = "  ".join(f"{i} {label}" for i, label in enumerate(labels, 1))
@@ -333,9 +341,10 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
                         say(f"  {scale}")
                     continue
                 if answer == "p":
-                    if play and player:
+                    cmd = chosen or find_player(clip=path)
+                    if play and cmd:
                         try:
-                            run([*player, str(path)], check=False, timeout=120)
+                            run([*cmd, str(path)], check=False, timeout=120)
                         except (OSError, subprocess.SubprocessError) as err:
                             say(f"  could not play the clip: {err}")
                     else:

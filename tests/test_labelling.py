@@ -97,6 +97,10 @@ def test_parse_label_and_player_lookup():
     assert parse_label("a", ["anger", "anxiety"]) is None  # ambiguous prefix
     assert find_player(lambda name: "/usr/bin/paplay" if name == "paplay" else None) == ["/usr/bin/paplay"]
     assert find_player(lambda name: None) is None
+    assert parse_label("²", LABELS) is None  # a digit to str.isdigit, not a number: no crash
+    installed = {"aplay": "/usr/bin/aplay", "paplay": "/usr/bin/paplay"}.get
+    assert find_player(installed, clip="a.wav")[0] == "/usr/bin/aplay"
+    assert find_player(installed, clip="a.flac") == ["/usr/bin/paplay"]  # aplay would play FLAC as noise
 
 
 def test_no_queue_and_missing_folder(tmp_path):
