@@ -242,10 +242,12 @@ def _note_open(store: "DeviceStore") -> None:
     another thread)."""
     key = id(store)
     with _open_lock:
-        if key in _open:
+        ref = _open.get(key)
+        if ref is not None and ref() is store:
             _open.move_to_end(key)
             return
-        _open[key] = weakref.ref(store)
+        _open[key] = weakref.ref(store)  # new, or an id reused after a store was collected unclosed
+        _open.move_to_end(key)
         excess = len(_open) - MAX_OPEN_STORES
         if excess <= 0:
             return

@@ -449,7 +449,7 @@ def server_init(
     name: list[str] = typer.Option([], "--host", help="host name or IP devices use to reach the coordinator "
                                    "(repeat; default: localhost, 127.0.0.1 and this machine's names)"),
     listen: Optional[str] = typer.Option(None, help="address the SuperLink listens on [default: 0.0.0.0]"),
-    port: Optional[int] = typer.Option(None, min=1, max=65535, help="the SuperLink's HTTPS port [default: 8000]"),
+    port: Optional[int] = typer.Option(None, help="the SuperLink's HTTPS port [default: 8000]"),
     store_url: str = typer.Option("", help="run store URL (default: SQLite in the state directory; "
                                   "PostgreSQL: postgresql://user:pass@host/db)"),
     emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the categorical head"),
@@ -601,8 +601,8 @@ def train(
     colour = "green" if result.ok else "red"
     out.print(f"[{colour}]run {result.run}[/]: Flower {result.flower_status}, store {result.store_status} "
               f"({result.seconds:.0f}s)" + (f"\n{result.error}" if result.error else ""))
-    out.print(f"see: fedaffect runs {_store_option(state_dir)} / fedaffect report {result.run} "
-              f"{_store_option(state_dir)}")
+    where = _store_option(state_dir)
+    out.print(f"see: fedaffect runs {where} / fedaffect report {result.run} {where}")
     raise typer.Exit(0 if result.ok else 1)
 
 

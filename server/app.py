@@ -52,7 +52,7 @@ from shared_models.processes import shorten_object_pull_backoff
 from server.store import RunStore, default_store_url
 from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
-from strategies import build_strategy
+from strategies import build_strategy, min_train_devices
 
 __all__ = ["app", "run_federation", "pooled_metrics", "task_metrics", "NodeSubset", "EnrolmentGrid", "PollingGrid"]
 
@@ -504,7 +504,7 @@ def run_federation(
             arrays = to_record(initial)
             coop.load_state_dict(resumed[1].get("coop", {}))
         strategy = build_strategy(cfg, len(train_ids))
-        min_train = max(1, min(cfg.min_train_devices, len(train_ids)))  # the strategy's minimum too
+        min_train = min_train_devices(cfg, len(train_ids))  # the strategy's minimum
         train_grid = NodeSubset(grid, train_ids)
         # aggregates of the devices' updates computed so far (differential privacy spends
         # budget on each): a resumed run counts those before its checkpoint, including one

@@ -265,24 +265,23 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str | 
                               "certificate (the CA and the enrolled devices are kept)")
     if renew:
         cfg = ServerConfig.load(paths.config)
-        if names:
-            cfg.names = _with_local(names)
-        cfg.host, cfg.port = host or cfg.host, port or cfg.port
-        cfg.check()
-        if store_url:
-            RunStore(store_url)  # reachable before it replaces the config's
-            cfg.store_url = store_url
+        cfg.names = _with_local(names) if names else cfg.names
+        cfg.host = host or cfg.host
+        cfg.port = cfg.port if port is None else port
+        cfg.store_url = store_url or cfg.store_url
+    else:
+        cfg = ServerConfig(host=host or "0.0.0.0", port=8000 if port is None else port,
+                           names=_with_local(names or _default_names()), store_url=store_url, emotions=emotions)
+    cfg.check()
+    if store_url:  # an unreachable or mistyped database fails before anything is written
+        RunStore(store_url)
+    if renew:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     else:
-        cfg = ServerConfig(host=host or "0.0.0.0", port=8000 if port is None else port,
-                           names=_with_local(names or _default_names()), store_url=store_url, emotions=emotions)
-        cfg.check()
-        if store_url:  # an unreachable or mistyped database fails before anything is written
-            RunStore(store_url)
         paths.root.mkdir(parents=True, exist_ok=True)
         for folder in (paths.certs, paths.logs, paths.runs):
             folder.mkdir(parents=True, exist_ok=True)

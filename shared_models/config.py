@@ -39,10 +39,15 @@ def _choice(options: tuple[str, ...]):
     return check
 
 
+def _names(text: Any) -> list[str]:
+    """A comma-separated list of names, stripped, empty items dropped."""
+    return [e.strip() for e in str(text).split(",") if e.strip()]
+
+
 def _emotion_names(value: Any) -> str | None:
     from .manifest import EMOTIONS  # lazily: pandas
 
-    names = [e.strip() for e in str(value).split(",") if e.strip()]
+    names = _names(value)
     unknown = [e for e in names if e not in EMOTIONS]
     if unknown:
         return f"unknown emotion(s) {', '.join(map(repr, unknown))}; known: {', '.join(EMOTIONS)}"
@@ -402,12 +407,12 @@ class RunConfig:
     @property
     def emotion_list(self) -> list[str]:
         """``emotions`` as a list (empty when unset)."""
-        return [e.strip() for e in self.emotions.split(",") if e.strip()]
+        return _names(self.emotions)
 
     @property
     def protected_list(self) -> list[str]:
         """``protected`` as a list of manifest column names."""
-        return [a.strip() for a in self.protected.split(",") if a.strip()]
+        return _names(self.protected)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some keys changed (underscored or hyphenated names)."""

@@ -29,7 +29,14 @@ from shared_models.config import STRATEGIES, RunConfig
 from strategies.dp import DP_WEIGHT_KEY, wrap_dp
 from strategies.fair import FairAvg
 
-__all__ = ["build_strategy", "STRATEGIES"]
+__all__ = ["build_strategy", "min_train_devices", "STRATEGIES"]
+
+
+def min_train_devices(cfg: RunConfig, num_train_devices: int) -> int:
+    """Devices a round's training needs: ``min-train-devices``, capped at the federation's
+    training devices, at least 1 (the strategies' ``min_train_nodes`` and
+    ``min_available_nodes``)."""
+    return max(1, min(cfg.min_train_devices, num_train_devices))
 
 
 def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
@@ -54,7 +61,7 @@ def build_strategy(cfg: RunConfig, num_train_devices: int) -> Strategy:
         For an unknown strategy name (the list of known names is in the message), or a
         ``fair-attribute`` that is not one of the ``protected`` attributes.
     """
-    min_train = max(1, min(cfg.min_train_devices, num_train_devices))
+    min_train = min_train_devices(cfg, num_train_devices)
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
