@@ -21,7 +21,7 @@ Data directory layout::
     keys/device.pub  public key (goes to the operator)
     cooperative.db   label queue, answers, pseudo-labels (client/device_store.py)
     cache/           feature cache
-    logs/            SuperNode logs
+    logs/            SuperNode log (supernode.log, rotated at 10 MiB, 5 kept)
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ State directory layout::
     certs/ca.crt ca.key      the federation's CA (ca.crt goes to every device)
     certs/server.crt .key    the SuperLink's TLS certificate
     superlink.db             Flower's SuperLink state (nodes, runs)
-    logs/superlink.log       SuperLink log (rotated daily, 14 kept)
+    logs/superlink.log       SuperLink log (Flower's, rotated daily, 14 kept)
+    logs/superlink.out       its console output, rotated at 10 MiB, 5 kept (LogPump)
     flower/config.toml       FLWR_HOME of the flwr CLI: connection "fedaffect"
     runs/                    default run store (fedaffect.db), checkpoints, run logs, reports
 """

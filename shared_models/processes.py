@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import logging.handlers
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["BIN", "TAIL_LINES", "LogPump", "flower_environment", "free_port", "descendants", "terminate_tree",
+__all__ = ["BIN", "TAIL_LINES", "LOG_MAX_BYTES", "LOG_BACKUPS", "LogPump", "flower_environment", "free_port", "descendants", "terminate_tree",
            "run_foreground", "PULL_BACKOFF_S", "shorten_object_pull_backoff"]
 
 log = logging.getLogger("fedaffect.processes")
@@ -140,17 +141,46 @@ def terminate_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
-class LogPump:
-    """Read a process's output line by line into a file, a tail and the logger.
+#: A service's log file (``superlink.out``, ``supernode.log``, a run's log) is rotated when it
+#: would pass this size; ``LOG_BACKUPS`` older files are kept (``.1`` the newest).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 
-    A log file that cannot be opened or written (full disk) or a callback that raises is
-    warned about once and the output is still read to its end, so the process never blocks
-    on a full pipe."""
+
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """The standard library's size-rotating log file, writing lines as they are and keeping
+    the last write error for the caller instead of printing a traceback to stderr."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.error: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.error = sys.exc_info()[1]
+
+    def write(self, line: str) -> None:
+        self.error = None
+        self.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+        if self.error is not None:
+            raise self.error
+
+
+class LogPump:
+    """Read a process's output line by line into a rotating log file, a tail and the logger.
+
+    The file is rotated at ``max_bytes`` (default :data:`LOG_MAX_BYTES`), keeping ``backups``
+    older files (``path.1`` ... ``path.N``), so a SuperLink or SuperNode that runs for months
+    cannot fill its disk. A log file that cannot be opened or written (full disk) or a
+    callback that raises is warned about once and the output is still read to its end, so
+    the process never blocks on a full pipe."""
 
     def __init__(self, stream, path: Path, tail: collections.deque, prefix: str,
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, *,
+                 max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
         self._stream, self._path, self._tail, self._prefix = stream, path, tail, prefix
         self._on_line = on_line
+        self._max_bytes, self._backups = max_bytes, backups
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
 
@@ -166,7 +196,7 @@ class LogPump:
                 log.warning("%s: %s (%s); the process's output is still read", self._path, what, err)
 
         try:
-            out = open(self._path, "a", encoding="utf-8")
+            out = _RotatingLog(self._path, self._max_bytes, self._backups)
         except OSError as err:
             trouble("cannot open the log file", err)
         try:
@@ -174,9 +204,8 @@ class LogPump:
                 line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
                 if out is not None:
                     try:
-                        out.write(line + "\n")
-                        out.flush()
-                    except OSError as err:  # a full disk: keep reading, the tail still works
+                        out.write(line)
+                    except Exception as err:  # noqa: BLE001 - a full disk: keep reading, the tail still works
                         trouble("cannot write the log file", err)
                 if line.strip():
                     self._tail.append(f"{self._prefix}{line}")

@@ -227,3 +227,30 @@ def test_a_log_that_cannot_be_written_never_stops_the_output_being_read(tmp_path
     assert proc.wait(timeout=60) == 0  # the child never blocked
     pump.join(timeout=10)
     assert tail[-1].startswith("line 19999")
+
+
+def test_a_service_log_is_rotated_by_size_and_keeps_the_newest_lines(tmp_path):
+    """A SuperLink or SuperNode running for months must not fill its disk with one log file."""
+    import collections
+    import subprocess
+    import sys
+
+    from shared_models.processes import LogPump
+
+    path = tmp_path / "supernode.log"
+    path.write_text("from an earlier start\n")
+    proc = subprocess.Popen([sys.executable, "-c", "for i in range(3000): print('line', i, 'x' * 60)"],
+                            stdout=subprocess.PIPE)  # ~220 KB
+    pump = LogPump(proc.stdout, path, collections.deque(maxlen=3), "", max_bytes=20_000, backups=3)
+    assert proc.wait(timeout=60) == 0
+    pump.join(timeout=10)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["supernode.log", "supernode.log.1", "supernode.log.2", "supernode.log.3"]
+    assert all(f.stat().st_size <= 20_000 for f in files)
+    newest = path.read_text().splitlines()
+    assert newest[-1].startswith("line 2999 ")
+    # the files in rotation order hold consecutive lines: nothing lost between them
+    kept = [line for name in ("supernode.log.3", "supernode.log.2", "supernode.log.1", "supernode.log")
+            for line in (tmp_path / name).read_text().splitlines()]
+    numbers = [int(line.split()[1]) for line in kept]
+    assert numbers == list(range(numbers[0], 3000))
