@@ -21,7 +21,9 @@ device's data directory). This session goes through the pending clips one at a t
   an invalid answer is refused with a message naming what is wrong and asked again; ``s``
   skips a clip (it stays queued), ``?`` lists the labels, ``q`` (or end of input) quits;
 * every answer is stored the moment it is given, so an interrupted session loses nothing;
-* a queued clip whose file has gone is dropped from the queue with a warning.
+* a queued clip whose file has gone is dropped from the queue with a warning; one whose
+  folder has gone, or a queue none of whose files can be found (a drive not mounted), is
+  kept and reported.
 
 Answered clips join the device's labelled set at its next federated round, with their
 arousal/valence where given (:meth:`client.cooperative.CoopState.training_data`).
@@ -257,8 +259,10 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
     Returns
     -------
     dict
-        ``answered``, ``dropped`` (files gone), ``skipped``, ``left`` (still pending at the
-        end) and ``quit`` (1 when the person quit before the end).
+        ``answered``, ``dropped`` (files gone), ``unreachable`` (kept in the queue: the clip's
+        folder is missing, or every queued clip is, as when the drive holding the
+        recordings is not mounted), ``skipped``, ``left`` (still pending at the end) and
+        ``quit`` (1 when the person quit before the end).
 
     Raises
     ------
@@ -266,7 +270,7 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         If ``data_dir`` does not exist.
     """
     data_dir = Path(data_dir).expanduser()
-    counts = {"answered": 0, "dropped": 0, "skipped": 0, "left": 0, "quit": 0}
+    counts = {"answered": 0, "dropped": 0, "unreachable": 0, "skipped": 0, "left": 0, "quit": 0}
 
     def say(text: str = "") -> None:
         stdout.write(text + "\n")
@@ -288,6 +292,13 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         if not pending:
             say("Nothing to label: the queue is empty.")
             return counts
+        gone = [not Path(item["clip"]).exists() for item in pending]
+        if len(pending) > 1 and all(gone):
+            # Every file at once is a drive that is not mounted, not clips deleted one by one.
+            counts["left"] = counts["unreachable"] = len(pending)
+            say(f"None of the {len(pending)} queued clips can be found (e.g. {pending[0]['clip']}): is the "
+                "drive or folder holding the recordings mounted? The queue is kept as it is.")
+            return counts
         chosen = player  # None: the installed player that can play each clip (find_player)
         if play and player is None:
             player = find_player()
@@ -305,6 +316,11 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         prompt = {"emotion": "label", "av": "arousal and valence", "both": "label and/or arousal, valence"}[task]
         for n, item in enumerate(pending, 1):
             path = Path(item["clip"])
+            if not path.exists() and not path.parent.is_dir():  # its folder unmounted, not the clip deleted
+                counts["unreachable"] += 1
+                log.warning("queued clip %s: its folder %s is missing; kept in the label queue", path, path.parent)
+                say(f"warning: {path} cannot be reached (its folder {path.parent} is missing); kept in the queue")
+                continue
             if not path.exists():
                 store.drop_queued(item["clip"], "file not found")
                 counts["dropped"] += 1
@@ -363,7 +379,8 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
             if counts["quit"]:
                 break
         counts["left"] = len(store.pending())
-    say(f"answered {counts['answered']}, skipped {counts['skipped']}, dropped {counts['dropped']} (file gone); "
+    say(f"answered {counts['answered']}, skipped {counts['skipped']}, dropped {counts['dropped']} (file gone)"
+        + (f", {counts['unreachable']} unreachable (kept)" if counts["unreachable"] else "") + "; "
         f"{counts['left']} still queued." + (" Answers join the training set at the device's next round."
                                             if counts["answered"] else ""))
     return counts

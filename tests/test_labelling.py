@@ -70,11 +70,34 @@ def test_a_vanished_clip_is_dropped_with_a_warning(queued):
     os.remove(clips[1])
     out = io.StringIO()
     counts = label_session(data_dir, stdin=io.StringIO("1\n1\n"), stdout=out, play=False)
-    assert counts == {"answered": 2, "dropped": 1, "skipped": 0, "left": 0, "quit": 0}
+    assert counts == {"answered": 2, "dropped": 1, "unreachable": 0, "skipped": 0, "left": 0, "quit": 0}
     assert f"warning: {clips[1]} has gone" in out.getvalue()
     with DeviceStore(data_dir) as store:
         status = {q["clip"]: (q["status"], q["note"]) for q in store.queue()}
         assert status[clips[1]] == ("dropped", "file not found")
+
+
+def test_an_unmounted_drive_keeps_the_queue(tmp_path):
+    """Clips that all vanish at once, or whose folder has gone, are a drive that is not
+    mounted: the queue must survive it, not be emptied."""
+    data_dir = tmp_path / "device"
+    drive = tmp_path / "usb"
+    clips = [str(drive / "day1" / f"clip{i}.wav") for i in range(2)] + [str(drive / "day2" / "clip2.wav")]
+    with DeviceStore(data_dir) as store:
+        store.set_meta("emotions", LABELS)
+        store.enqueue(1, [{"clip": c, "guesses": [], "uncertainty": 0.9} for c in clips])
+    out = io.StringIO()  # no file there at all
+    counts = label_session(data_dir, stdin=io.StringIO(""), stdout=out, play=False)
+    assert counts["dropped"] == 0 and counts["unreachable"] == 3 and counts["left"] == 3
+    assert "is the drive or folder holding the recordings mounted?" in out.getvalue()
+    # One folder back: its clips are labelled, the other folder's clip is kept, not dropped.
+    (drive / "day1").mkdir(parents=True)
+    for clip in clips[:2]:
+        sf.write(clip, (0.1 * np.sin(np.arange(8000) / 10)).astype(np.float32), 16000)
+    counts = label_session(data_dir, stdin=io.StringIO("1\n2\n"), stdout=io.StringIO(), play=False)
+    assert counts["answered"] == 2 and counts["dropped"] == 0 and counts["unreachable"] == 1
+    with DeviceStore(data_dir) as store:
+        assert [q["clip"] for q in store.pending()] == [clips[2]]
 
 
 def test_play_uses_the_player(queued):
