@@ -8,7 +8,7 @@ held-out evaluation). Target ratio <= 1.5 (stretch 1.3).
 Memory: peak resident memory (RSS) of a simulation with 200 devices (iid partition of the
 synth corpus). Target <= 4 GB.
 
-    python bench/speed.py --model egemaps-mlp --rounds 5 [--engine ray]
+    python bench/speed.py --model egemaps-mlp --rounds 5 [--engine ray] [--tag NAME]
     python bench/speed.py --memory --devices 200
 """
 
@@ -65,7 +65,9 @@ def main() -> None:
     p.add_argument("--engine", default="inprocess")
     p.add_argument("--memory", action="store_true", help="measure peak RSS with --devices devices")
     p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
+    suffix = f"-{args.tag}" if args.tag else ""
     quiet_flower()
     manifest = corpus_manifest(args.corpus)
     base = RunConfig(manifest=str(manifest), model=args.model, task="both", folds=4, fold=0,
@@ -79,7 +81,7 @@ def main() -> None:
         peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         print(f"{args.devices} devices, {args.engine}: peak RSS {peak:.2f} GiB (largest child {peak_children:.2f} GiB), "
               f"{wall:.0f} s for {args.rounds} rounds")
-        save(f"memory-{args.engine}-{args.devices}", {"args": vars(args), "peak_rss_gib": peak,
+        save(f"memory-{args.engine}-{args.devices}{suffix}", {"args": vars(args), "peak_rss_gib": peak,
                                                        "peak_child_rss_gib": peak_children, "wall_seconds": wall})
         return
     prepare_run(base, progress=True)  # features cached before anything is timed
@@ -110,7 +112,7 @@ def main() -> None:
            "round_seconds_mean": float(np.sum(walls) / (len(walls) - 1)), "round_seconds_max": float(np.max(walls))}
     print(f"{args.model} {args.engine}: {sim:.1f} s simulated vs {ref:.1f} s plain local training "
           f"-> ratio {sim / ref:.2f}; {row['round_seconds_mean']:.2f} s per round")
-    save(f"speed-{args.model}-{args.engine}", {"args": vars(args), **row})
+    save(f"speed-{args.model}-{args.engine}{suffix}", {"args": vars(args), **row})
 
 
 if __name__ == "__main__":
