@@ -335,9 +335,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     if coop:
         extra["coop"] = json.dumps(coop.after_training(model, device.data, round_cfg, server_round))
-    n_examples = int(result["num_examples"]) or int(bool(coop and coop.active))  # FedAvg needs a weight > 0
+    # nothing labelled this round: num-examples 0 and a NaN loss, left out of aggregation (server.app._trained)
     metrics = MetricRecord(
-        {"num-examples": n_examples, "train_loss": float(result["train_loss"])}
+        {"num-examples": int(result["num_examples"]), "train_loss": float(result["train_loss"])}
     )
     content = RecordDict({"arrays": to_record(model), "metrics": metrics, "device": _reply_config(device, **extra)})
     return Message(content=content, reply_to=msg)

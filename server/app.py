@@ -246,6 +246,16 @@ def _evaluation_messages(node_ids: Iterable[int], arrays: ArrayRecord, server_ro
             for node_id in node_ids]
 
 
+def _trained(reply: Message) -> bool:
+    """Whether a successful train reply holds a local update: a device that had nothing
+    labelled this round (a cooperative device whose pool is still unlabelled) replies with
+    ``num-examples`` 0 and a NaN ``train_loss`` and the model it received. Such replies are
+    left out of aggregation: q-FFL would turn the model into NaN (its weights use the loss),
+    FedAvg's round loss would be NaN, and a DP wrapper counts the device as a zero update."""
+    metrics = reply.content["metrics"]
+    return int(metrics.get("num-examples", 0)) > 0 and math.isfinite(float(metrics.get("train_loss", math.nan)))
+
+
 def _evaluation_part(reply: Message) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
     """``(stats, metrics, device row)`` of one device's evaluation of the global model: an
     ``evaluate`` reply, or a ``train`` reply carrying ``eval-stats`` (the model as received,
@@ -543,7 +553,9 @@ def run_federation(
                 evaluation = _pool_evaluation(parts, len(eval_ids))
             if train_round is None:
                 return evaluation, None, None
-            new_arrays, agg = strategy.aggregate_train(train_round, train_replies)
+            updates = [r for r in train_replies if r.has_error() or _trained(r)]
+            new_arrays, agg = (strategy.aggregate_train(train_round, updates)
+                               if any(not r.has_error() for r in updates) else (None, None))
             ok = [r for r in train_replies if not r.has_error()]
             infos = [dict(r.content["device"]) for r in ok]
             outcome = {

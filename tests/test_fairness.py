@@ -467,3 +467,22 @@ def test_qfedavg_runs_end_to_end(tone_manifest, tmp_path):
     summary = simulate(cfg, all_folds=False, progress=False)
     last = summary["folds"][0]["rounds"][-1]
     assert last["train_devices"] == 4 and np.isfinite(last["uar"]) and np.isfinite(last["train_loss"])
+
+
+def test_a_device_with_nothing_labelled_leaves_qfedavg_and_the_round_loss_finite(tone_manifest, tmp_path):
+    """A self-labelling device whose clips are all unlabelled trains on nothing in its first
+    rounds (num-examples 0, NaN loss): q-FFL weighs updates by the loss, so that reply used to
+    turn the global model into NaN, and FedAvg's round loss became NaN."""
+    df = pd.read_csv(tone_manifest)
+    df.loc[df["speaker"] == "s1", ["emotion", "arousal", "valence"]] = np.nan
+    manifest = tmp_path / "s1-unlabelled.csv"
+    df.to_csv(manifest, index=False)
+    for strategy in ("qfedavg", "fedavg"):
+        cfg = RunConfig(manifest=str(manifest), folds=1, num_server_rounds=2, local_epochs=1, task="emotion",
+                        strategy=strategy, mode="self-labelling", run_dir=str(tmp_path / strategy),
+                        cache_dir=str(tmp_path / "cache"))
+        summary = simulate(cfg, all_folds=False, progress=False)
+        rounds = summary["folds"][0]["rounds"]
+        assert rounds[1]["train_devices"] == 4  # s1 answered, with nothing to train on
+        assert all(np.isfinite(r["train_loss"]) for r in rounds[1:]), (strategy, rounds)
+        assert np.isfinite(rounds[-1]["uar"]) and np.isfinite(rounds[-1]["eval_loss"]), (strategy, rounds)
