@@ -73,3 +73,30 @@ def test_the_config_knows_every_model_of_the_registry():
     from shared_models.models import MODELS
 
     assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_command_line_options_override_the_file_and_set_overrides_both(tone_manifest, tmp_path):
+    """SpeechBrain-style precedence: experiment file < the command's options < ``--set``."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedaffect.cli import app as cli
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text('num-server-rounds = 7\nlocal-epochs = 3\nlr = 0.005\n')
+
+    def run(*args):
+        out = tmp_path / f"summary-{len(list(tmp_path.glob('summary-*')))}.json"
+        res = CliRunner().invoke(cli, ["simulate", "--manifest", str(tone_manifest), "--config", str(exp),
+                                       "--folds", "1", "--no-report", "--run-dir", str(tmp_path / "runs"),
+                                       "--summary-json", str(out), "--set", f"cache-dir='{tmp_path / 'c'}'", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(out.read_text())["config"]
+
+    cfg = run("--rounds", "2", "--set", "num-server-rounds=1")
+    assert cfg["num-server-rounds"] == 1 and cfg["local-epochs"] == 3 and cfg["lr"] == 0.005
+    cfg = run("--rounds", "1")
+    assert cfg["num-server-rounds"] == 1 and cfg["local-epochs"] == 3
+    res = CliRunner().invoke(cli, ["simulate", "--manifest", str(tone_manifest), "--set", "rounds"])
+    assert res.exit_code == 2 and "key=value" in res.output

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,10 @@ pytestmark = pytest.mark.slow
 
 FEDAFFECT = str(Path(sys.executable).parent / "fedaffect")
 EMOTIONS = "anger,boredom,fear,happiness,neutral,sadness"
+# Run names unique to this session: the run store may be a PostgreSQL database that other
+# sessions' runs share (FEDAFFECT_TEST_POSTGRES_URL), where a fixed name exists already.
+TAG = uuid.uuid4().hex[:6]
+TWO, CUT, FAULTS = f"two-{TAG}", f"cut-{TAG}", f"faults-{TAG}"
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200"}
 
 
@@ -183,10 +188,10 @@ def test_an_unenrolled_device_is_refused(federation):
 
 
 def test_train_two_rounds_on_three_devices(federation):
-    proc = federation.train("--rounds", "2", "--min-devices", "3", "--run-name", "two")
+    proc = federation.train("--rounds", "2", "--min-devices", "3", "--run-name", TWO)
     assert proc.wait(timeout=600) == 0, (federation.root / "train.log").read_text()[-3000:]
     store = federation.store()
-    run = store.get_run("two")
+    run = store.get_run(TWO)
     assert run.status == "completed" and run.engine == "flower"
     rounds = store.rounds(run.id)
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -202,14 +207,14 @@ def test_train_two_rounds_on_three_devices(federation):
 
 def test_a_run_that_times_out_is_stopped_and_marked_failed(federation):
     """`fedaffect train --timeout` must not leave the run going on the devices alone."""
-    proc = federation.train("--rounds", "200", "--run-name", "cut", "--timeout", "45")
+    proc = federation.train("--rounds", "200", "--run-name", CUT, "--timeout", "45")
     assert proc.wait(timeout=300) == 1
     assert "timed out" in (federation.root / "train.log").read_text()
-    run = federation.store().get_run("cut")
+    run = federation.store().get_run(CUT)
     assert run.status == "failed", run.error
-    stored = len(federation.stored_rounds("cut"))
+    stored = len(federation.stored_rounds(CUT))
     time.sleep(20)  # a run still going would store a round every few seconds
-    assert len(federation.stored_rounds("cut")) == stored < 200
+    assert len(federation.stored_rounds(CUT)) == stored < 200
 
 
 def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
@@ -220,12 +225,12 @@ def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
     checkpoint with every stored round intact."""
     dev2_log = federation.root / "dev2" / "logs" / "supernode.log"
     seen = len(dev2_log.read_text(errors="replace")) if dev2_log.exists() else 0  # earlier runs' messages
-    proc = federation.train("--rounds", "3", "--run-name", "faults")
+    proc = federation.train("--rounds", "3", "--run-name", FAULTS)
     store = federation.store()
 
     def checkpointed(round_: int):
-        rounds = federation.stored_rounds("faults")
-        latest = store.latest_checkpoint(store.get_run("faults").id) if rounds else None
+        rounds = federation.stored_rounds(FAULTS)
+        latest = store.latest_checkpoint(store.get_run(FAULTS).id) if rounds else None
         return latest is not None and latest[0] >= round_
 
     # A device crashes during round 1, as soon as its first train message arrives (it also
@@ -236,7 +241,7 @@ def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
     wait_for(lambda: checkpointed(0), 300, "round 0 of run faults", every=0.2)
     wait_for(lambda: checkpointed(1), 600, "round 1 of run faults", every=0.05)
     kill_tree(federation.server)  # SuperLink, SuperExec, ServerApp: all SIGKILLed while round 2 trains
-    stored = federation.stored_rounds("faults")
+    stored = federation.stored_rounds(FAULTS)
     assert 2 <= len(stored) < 4, [r["round"] for r in stored]
     assert proc.wait(timeout=300) != 0  # `fedaffect train` reports the lost run
     round1 = stored[1]
@@ -245,18 +250,19 @@ def test_a_dropped_device_and_a_crashed_coordinator_lose_no_round(federation):
     federation.start_server()
     federation.start_device("dev2")
     wait_for(lambda: federation.online() >= {"dev0", "dev1", "dev2"}, 180, "devices to reconnect, dev2 to rejoin")
-    proc = federation.train("--resume", "faults")
+    proc = federation.train("--resume", FAULTS)
     assert proc.wait(timeout=600) == 0, (federation.root / "train.log").read_text()[-3000:]
-    rounds = federation.stored_rounds("faults")
+    rounds = federation.stored_rounds(FAULTS)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[: len(stored)] == stored  # nothing stored before the crash was lost or changed
     # the first round stored after the restart was trained after it (a round trained but not yet
     # stored when the coordinator died is trained again), with dev2 back
     assert rounds[len(stored)]["train_devices"] == 3
-    assert store.get_run("faults").status == "completed"
+    assert store.get_run(FAULTS).status == "completed"
 
 
 def test_a_revoked_device_is_refused(federation):
+    """Last in the module on purpose: dev1 stays revoked for the federation's remaining life."""
     res = cli("server", "unenrol", "dev1", "--state-dir", str(federation.state))
     assert res.returncode == 0, res.stdout + res.stderr
     assert federation.devices_status()["dev1"]["status"] == "revoked"

@@ -41,6 +41,8 @@ def test_egemaps_gives_88_finite_values(clip):
     f = get_frontend("egemaps")(load_audio(clip))
     assert f.shape == (88,) and f.dtype == np.float32
     assert np.isfinite(f).all() and np.abs(f).sum() > 0
+    # the first functional is the mean F0 in semitones above 27.5 Hz: the vowel's 140 Hz
+    assert f[0] == pytest.approx(12 * np.log2(140 / 27.5), abs=0.5)
 
 
 def test_logmel_shape_and_crop():

@@ -66,7 +66,7 @@ def test_short_input_and_backward():
     x, lengths = collate([np.random.randn(300).astype(np.float32), np.random.randn(700).astype(np.float32)])
     out = model(x, lengths)
     (out["emotion"].sum() + out["av"].sum()).backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_unknown_model_lists_names():

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -85,7 +86,10 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
     assert summary["config"]["num-server-rounds"] == 2
     assert len(summary["folds"]) == 2 and len(summary["final"]["uar"]["folds"]) == 2
     for key in ("uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence"):
-        assert summary["final"][key]["mean"] is not None
+        values = summary["final"][key]["folds"]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (key, values)
+        assert summary["final"][key]["mean"] == pytest.approx(np.mean(values))
+        assert summary["final"][key]["std"] == pytest.approx(np.std(values))
     assert set(summary["per_group"]["gender"]) == {"female", "male"}
     assert "2 folds" in res.output and "std" in res.output  # mean and std over the folds
     from rich.console import Console
@@ -180,3 +184,29 @@ def test_one_exchange_per_round_and_its_evaluation_is_the_stored_models(tone_man
     assert stored["round"] == 1 and stored["train_devices"] == len(rounds[1]) - (folds > 1)
     assert stored["uar"] == pytest.approx(plain["uar"])
     assert stored["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+def test_cli_simulate_exits_1_when_the_run_fails_and_stores_it_failed(tone_manifest, tmp_path):
+    """A run that fails (here: devices never reach min-devices) must not look like a success."""
+    res = CliRunner().invoke(cli, ["simulate", "--manifest", str(tone_manifest), "--folds", "1", "--rounds", "1",
+                                   "--run-dir", str(tmp_path / "runs"), "--no-report",
+                                   "--set", "min-devices=99", "--set", "round-timeout=0.5",
+                                   "--set", f"cache-dir='{tmp_path / 'c'}'"])
+    assert res.exit_code == 1 and "simulation failed" in res.output, res.output
+    (run,) = RunStore(f"sqlite:///{tmp_path / 'runs' / 'fedaffect.db'}").list_runs()
+    assert run.status == "failed" and "min-devices" in run.error
+
+
+def test_fedprox_devices_apply_the_servers_proximal_mu(tone_manifest, tmp_path):
+    """``proximal-mu`` travels in the round config (Flower's FedProx) and the devices use it:
+    with a strong proximal term the global model moves less per round than with FedAvg."""
+    from tests.test_dp import _checkpoints, _step_norms
+
+    steps = {}
+    for strategy in ("fedavg", "fedprox"):
+        cfg = RunConfig(manifest=str(tone_manifest), folds=1, num_server_rounds=2, local_epochs=3, strategy=strategy,
+                        proximal_mu=50.0, run_name=strategy, run_dir=str(tmp_path / "runs"),
+                        cache_dir=str(tmp_path / "cache"))
+        simulate(cfg, all_folds=False, progress=False)
+        steps[strategy] = _step_norms(_checkpoints(cfg, strategy))
+    assert all(p < 0.7 * f for p, f in zip(steps["fedprox"], steps["fedavg"])), steps
