@@ -60,7 +60,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared_models.config import RunConfig
-from shared_models.fairness import FaiRegParams, faireg_group_keys, label_stats, normalise_data
+from shared_models.fairness import UNKNOWN_GROUP, FaiRegParams, faireg_group_keys, label_stats, normalise_data
 from shared_models.federation import HELDOUT, TRAIN, emotion_classes, plan_federation
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
@@ -79,16 +79,22 @@ def private_errors_mod(msg: Message, context: Context, call_next) -> Message:
     Flower sends the text of an exception raised by a handler to the coordinator, and
     fedaffect's texts name the device's files and manifest values (``.../manifest.csv: line
     5, column emotion: ... 'furious'``). The full error goes to the device's own log; the
-    coordinator gets the exception's type only.
+    coordinator gets the exception's type only. Simulated devices (node config
+    ``partition-id``) share the coordinator's machine: their error keeps its text and the
+    traceback is logged at debug level only (one line per failing device, not a traceback each).
 
     Raises
     ------
     RuntimeError
-        ``"device failed: <type> (details in the device's log)"``, for any exception.
+        ``"device failed: <type> (details in the device's log)"``, for any exception
+        (simulated: ``"device failed: <type>: <text>"``).
     """
     try:
         return call_next(msg, context)
     except Exception as ex:
+        if "partition-id" in context.node_config:  # simulated: the devices share this machine and its console
+            log.debug("%s message failed", msg.metadata.message_type, exc_info=True)
+            raise RuntimeError(f"device failed: {type(ex).__name__}: {ex}") from None
         log.exception("%s message failed", msg.metadata.message_type)
         raise RuntimeError(f"device failed: {type(ex).__name__} (details in the device's log)") from None
 
@@ -234,7 +240,7 @@ def _group_column(table, attribute: str, node_config: dict[str, Any]) -> np.ndar
     """A protected attribute per clip: the manifest's value, else the device's enrolled
     value (node config ``group:<attribute>``), else ``unknown``."""
     values = table[attribute].astype(str) if attribute in table else np.full(len(table), "", dtype=object)
-    fallback = str(node_config.get(f"group:{attribute}", "")) or "unknown"
+    fallback = str(node_config.get(f"group:{attribute}", "")) or UNKNOWN_GROUP
     return np.array([v if v else fallback for v in values], dtype=object)
 
 

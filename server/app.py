@@ -28,6 +28,7 @@ recorded; the round goes on with the others.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -42,14 +43,17 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from shared_models.config import RunConfig
-from shared_models.fairness import faireg_params, fairness_summary, group_measures, pool_label_stats
+from shared_models.fairness import (
+    UNKNOWN_GROUP, faireg_params, fairness_summary, group_measures, pool_label_stats,
+)
 from shared_models.metrics import ccc_from_sums, classification_metrics
 from shared_models.models import build_model, load_record, to_record
 from shared_models.processes import shorten_object_pull_backoff
-from server.store import RunStore, default_store_url
+from server.store import CONFUSION_KEY, RunStore, default_store_url
 from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
 from strategies import build_strategy, min_train_devices
@@ -177,7 +181,8 @@ def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[
         ``uar``, ``wa``, ``macro_f1`` (NaN without categorical labels), ``ccc_arousal``,
         ``ccc_valence`` (NaN without dimensional labels), ``n`` clips evaluated, and per
         attribute ``worst_uar/<attr>`` and ``gap_uar/<attr>`` (largest minus smallest
-        group UAR, over groups that have data), plus the fairness measures of
+        group UAR, over groups that have data; the ``"unknown"`` group of clips without a
+        value has its rows but is left out of worst groups and gaps), plus the fairness measures of
         :func:`shared_models.fairness.fairness_summary` as ``<measure>/<attr>``: Equal
         Accuracy ``gap_ea`` and Statistical Parity ``gap_sp`` (categorical), and per
         dimension ``worst_ccc_<dim>``, ``gap_ccc_<dim>``, ``worst_mse_<dim>``,
@@ -210,10 +215,13 @@ def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[
             per_group[g] = {**summarise(parts), **group_measures(parts)}
             confusions[g] = np.sum([np.asarray(p["cm"]) for p in parts], axis=0)
             rows += [(attr, g, k, v) for k, v in per_group[g].items()]
-        uars = [m["uar"] for m in per_group.values() if m["n"] > 0 and not np.isnan(m["uar"])]
+        # clips without a value have their own rows, but "unknown" is no group of the attribute
+        known = {g: m for g, m in per_group.items() if g != UNKNOWN_GROUP}
+        uars = [m["uar"] for m in known.values() if m["n"] > 0 and not np.isnan(m["uar"])]
         metrics[f"worst_uar/{attr}"] = min(uars) if uars else float("nan")
         metrics[f"gap_uar/{attr}"] = max(uars) - min(uars) if len(uars) > 1 else float("nan")
-        metrics.update({f"{k}/{attr}": v for k, v in fairness_summary(per_group, confusions).items()})
+        metrics.update({f"{k}/{attr}": v for k, v in fairness_summary(
+            known, {g: cm for g, cm in confusions.items() if g in known}).items()})
     return metrics, rows
 
 
@@ -244,6 +252,33 @@ def _evaluation_messages(node_ids: Iterable[int], arrays: ArrayRecord, server_ro
     config = ConfigRecord({"server-round": server_round, **(extra or {})})
     return [Message(RecordDict({"arrays": arrays, "config": config}), node_id, MessageType.EVALUATE)
             for node_id in node_ids]
+
+
+#: Errors that say the ClientApp itself fails (its code, its config, its data), not that a
+#: device is away: when every device of a round fails so, the run cannot make progress.
+APP_ERRORS = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+              ErrorCode.MOD_FAILED_PRECONDITION, ErrorCode.INVALID_FAB)
+
+
+def _check_not_all_failed(replies: list[Message], sent: int, what: str) -> None:
+    """Raise when all ``sent`` messages of a phase came back as ClientApp errors.
+
+    A device that drops out (no reply, node unavailable) does not stop a round, and one
+    device's error does not either; but when every device raises, as for a config that no
+    device can run (``compute-device = cuda`` without a GPU), the rounds would go on with
+    nothing trained or evaluated and the run end as "completed".
+
+    Raises
+    ------
+    RuntimeError
+        Naming the phase and the distinct errors (at most 3, with their counts).
+    """
+    failed = [r for r in replies if r.has_error() and r.error.code in APP_ERRORS]
+    if sent and len(failed) == sent:
+        reasons = collections.Counter(
+            (r.error.reason.strip().splitlines() or ["no reason given"])[-1][:300] for r in failed)
+        listed = "; ".join(f"{reason} ({n}x)" for reason, n in reasons.most_common(3))
+        raise RuntimeError(f"every device failed {what}: {listed}")
 
 
 def _trained(reply: Message) -> bool:
@@ -291,6 +326,9 @@ def _pool_evaluation(parts: list[tuple[dict[str, Any], dict[str, Any], dict[str,
     total = sum(n for _, n in losses)
     metrics["eval_loss"] = float(sum(l * n for l, n in losses) / total) if total else float("nan")
     metrics["eval_failures"] = expected - len(devices)
+    # the pooled confusion counts (rows true class, columns predicted): the report's matrix
+    metrics[CONFUSION_KEY] = (np.sum([np.asarray(s["cm"], dtype=np.int64) for s in stats], axis=0).tolist()
+                              if stats else None)
     return metrics, devices, groups
 
 
@@ -311,7 +349,7 @@ def task_metrics(metrics: dict[str, Any], groups: list[tuple[str, str, str, floa
         base = name.split("/")[0]
         if _is_dimensional(base):
             return keep_dim
-        if base.removeprefix("worst_").removeprefix("gap_") in ("uar", "wa", "macro_f1", "ea", "sp"):
+        if base.removeprefix("worst_").removeprefix("gap_") in ("uar", "wa", "macro_f1", "ea", "sp", CONFUSION_KEY):
             return keep_cat
         return True  # counts, losses
 
@@ -547,6 +585,9 @@ def run_federation(
                                                  round_extra)
             replies = list(grid.send_and_receive(train_msgs + eval_msgs, timeout=cfg.round_timeout))
             train_replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+            _check_not_all_failed(train_replies, len(train_msgs), f"to train round {train_round}")
+            _check_not_all_failed([r for r in replies if r.metadata.message_type == MessageType.EVALUATE],
+                                  len(eval_msgs), f"to evaluate round {eval_round}")
             evaluation = None
             if eval_round is not None:
                 parts = [p for r in replies if (p := _evaluation_part(r)) is not None]

@@ -29,12 +29,14 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.common.constant import ErrorCode
 
 from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig
 from shared_models.features import extract_features
 from shared_models.federation import emotion_classes, plan_federation
 from shared_models.manifest import read_manifest
 from shared_models.models import frontend_for
+from shared_models.training import compute_device
 from server.app import FINAL_METRICS, run_federation
 from server.store import RunStore, default_store_url
 
@@ -108,12 +110,13 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         context = self._contexts.get(msg.metadata.dst_node_id)
         if context is None:
-            return Message(Error(404, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
         try:
             reply = self._app(msg, context)
         except Exception as err:  # a failing device must not stop the round
             log.warning("device %s failed: %s", context.node_config.get("partition-id"), err)
-            reply = Message(Error(500, "".join(traceback.format_exception(err))), reply_to=msg)
+            log.debug("device %s: %s", context.node_config.get("partition-id"), "".join(traceback.format_exception(err)))
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
         if self._on_reply:
             self._on_reply(reply)
         return reply
@@ -154,16 +157,29 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     FileNotFoundError, ManifestError
         For a missing or invalid manifest.
     ValueError
-        For a task that needs labels the manifest lacks, an impossible partition, a
+        For a task that needs labels the manifest lacks, an emotion class without clips,
+        an impossible partition (or ``num-devices`` with partition ``speaker``), a
         protected attribute that is not a manifest column (the columns are listed), a
-        ``fair-attribute`` that is not protected, or ``faireg`` on for task ``emotion``.
+        ``fair-attribute`` that is not protected, ``faireg`` on for task ``emotion``, or
+        ``compute-device = cuda`` where torch sees no GPU.
     """
     if not cfg.manifest:
         raise ValueError("config key 'manifest' is empty: pass --manifest MANIFEST.csv")
+    compute_device(cfg.compute_device)  # every simulated device runs here: 'cuda' without a GPU fails now
+    if cfg.partition == "speaker" and cfg.num_devices:
+        raise ValueError(f"num-devices = {cfg.num_devices} applies to partitions 'iid' and 'dirichlet'; partition "
+                         "'speaker' makes one device per speaker")
     manifest = read_manifest(cfg.manifest)
     emotions = emotion_classes(cfg, manifest)
     if cfg.task in ("emotion", "both") and len(emotions) < 2:
         raise ValueError(f"task {cfg.task!r} needs at least 2 emotion classes; the manifest has {emotions}")
+    if cfg.task in ("emotion", "both"):
+        # a class without clips is never in the truth, so UAR would average the others only
+        counts = manifest["emotion"].value_counts()
+        empty = [e for e in emotions if counts.get(e, 0) == 0]
+        if empty:
+            raise ValueError(f"emotions {empty} have no clip in the manifest (clips per class: "
+                             f"{ {e: int(n) for e, n in counts.items() if e} }); leave them out of 'emotions'")
     if cfg.task in ("av", "both") and manifest["arousal"].isna().all():
         raise ValueError(f"task {cfg.task!r} needs arousal/valence labels; the manifest has none")
     unknown = [a for a in cfg.protected_list if a not in manifest.columns]

@@ -57,6 +57,29 @@ def test_a_failing_device_does_not_stop_the_round(tone_manifest, tmp_path):
     assert math.isfinite(last["uar"])
 
 
+def test_a_round_where_every_device_fails_fails_the_run(tone_manifest, tmp_path):
+    """One failing device is tolerated; all of them failing (a config no device can run) must
+    not go on to a run stored as completed with nothing trained."""
+    from client.app import app as client_app
+    from flwr.supercore.task_identity import TaskIdentity
+
+    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=1, num_server_rounds=2, run_name="broken",
+                                   run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")), progress=False)
+
+    def broken(msg, context):
+        if msg.metadata.message_type == "train":
+            raise RuntimeError("no such device: cuda")
+        return client_app(msg, context)
+
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    store = RunStore(cfg.store_url)
+    with pytest.raises(RuntimeError, match=rf"every device failed to train round 1: no such device: cuda \({n}x\)"):
+        run_federation(InProcessGrid(broken, nodes, cfg.to_mapping(), 7), cfg, store)
+    run = store.get_run("broken")
+    assert run.status == "failed" and "every device failed" in run.error
+
+
 def test_runs_with_one_seed_sample_the_same_devices(tone_manifest, tmp_path):
     """fraction-train < 1: Flower samples devices with Python's random module, seeded by the
     run's seed, so that two strategies compared on one seed see the same devices."""
@@ -210,3 +233,16 @@ def test_fedprox_devices_apply_the_servers_proximal_mu(tone_manifest, tmp_path):
         simulate(cfg, all_folds=False, progress=False)
         steps[strategy] = _step_norms(_checkpoints(cfg, strategy))
     assert all(p < 0.7 * f for p, f in zip(steps["fedprox"], steps["fedavg"])), steps
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"emotions": "anger,sadness,surprise"}, r"\['surprise'\] have no clip"),  # UAR would skip the class
+    ({"num_devices": 3}, "num-devices = 3 applies to partitions 'iid' and 'dirichlet'"),
+    pytest.param({"compute_device": "cuda"}, "torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+])
+def test_a_simulation_no_device_could_run_is_refused_before_it_starts(changes, match, tone_manifest, tmp_path):
+    cfg = RunConfig(manifest=str(tone_manifest), run_dir=str(tmp_path), cache_dir=str(tmp_path / "c")).replace(**changes)
+    with pytest.raises(ValueError, match=match):
+        prepare_run(cfg, progress=False)
+    assert not (tmp_path / "c").exists()  # refused before any feature was extracted
