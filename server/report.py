@@ -15,6 +15,12 @@
 * ``labels.png`` (cooperative learning: mode other than ``supervised`` or label fraction
   below 1): the learning curve, held-out UAR (CCC of arousal for task ``av``) against the
   human labels spent so far (initial labels + rater answers), with the pseudo-labels in force;
+* ``confusion.png`` (tasks ``emotion`` and ``both``): the confusion matrix of the final
+  round's evaluation, rows the true class and columns the predicted one, each row normalised
+  to the share of that class's clips (colour) with the clip counts written in the cells. It
+  is drawn from the pooled counts the round stored under ``confusion`` (a C x C list of
+  integers, the sum of the evaluating devices' ``cm``); a run whose rounds lack them gets a
+  line saying so instead;
 * ``index.html``: the figures, the final metrics and the run's configuration.
 """
 
@@ -30,11 +36,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from server.store import RunStore  # noqa: E402
+from server.store import CONFUSION_KEY, RunStore  # noqa: E402
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "confusion_rates", "final_confusion", "CONFUSION_KEY"]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -136,6 +143,88 @@ def _labels_figure(run, rounds: list[dict[str, Any]], out: Path) -> Path | None:
     return path
 
 
+def confusion_rates(counts) -> np.ndarray:
+    """Row-normalised confusion matrix: the share of each true class's clips per predicted class.
+
+    Parameters
+    ----------
+    counts : array-like, shape (C, C)
+        Clip counts, ``counts[i, j]`` clips of true class ``i`` predicted as ``j``.
+
+    Returns
+    -------
+    np.ndarray, shape (C, C), float
+        ``counts[i, j] / counts[i].sum()``; a class with no clips (row of zeros) gets a row
+        of zeros, not NaN (nothing is divided by zero).
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not a square matrix or holds a negative count.
+    """
+    cm = np.asarray(counts, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"a confusion matrix is square (C, C); got shape {cm.shape}")
+    if (cm < 0).any():
+        raise ValueError("a confusion matrix holds counts; got a negative value")
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+
+
+def final_confusion(rounds: list[dict[str, Any]]) -> tuple[int, np.ndarray] | None:
+    """``(round, counts)`` of the final stored round's pooled confusion counts.
+
+    None when there are no rounds, the final round stored no counts (``CONFUSION_KEY``
+    missing or null, as for runs stored before the coordinator kept them, or task ``av``),
+    the counts are not a square matrix, or no clip with an emotion label was evaluated.
+    """
+    if not rounds:
+        return None
+    raw = rounds[-1].get(CONFUSION_KEY)
+    if raw is None:
+        return None
+    try:
+        counts = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.size == 0 or counts.sum() <= 0:
+        return None
+    return int(rounds[-1]["round"]), counts.round().astype(np.int64)
+
+
+def _class_names(config: dict[str, Any], n: int) -> list[str]:
+    """The run's ``emotions`` (comma-separated text or a list), or ``class i`` when they do
+    not match the matrix."""
+    raw = config.get("emotions") or ""
+    names = [str(e).strip() for e in (raw if isinstance(raw, (list, tuple)) else str(raw).split(","))]
+    names = [e for e in names if e]
+    return names if len(names) == n else [f"class {i}" for i in range(n)]
+
+
+def _confusion_figure(path: Path, title: str, counts: np.ndarray, names: list[str]) -> Path:
+    """``confusion.png``: rows true class, columns predicted, colour the row share, text the counts."""
+    rates = confusion_rates(counts)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0 if n <= 6 else 5.6), dpi=110)
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(image, ax=ax, label="share of the true class's clips")
+    size = 8 if n <= 6 else 6
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=size,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    totals = counts.sum(axis=1)
+    ax.set_xticks(range(n), names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=size)
+    ax.set_yticks(range(n), [f"{name} ({int(t)})" for name, t in zip(names, totals)], fontsize=size)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (clips)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Path:
     """Write the report of one stored run.
 
@@ -185,6 +274,16 @@ def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Pa
     figures.append(_plot(out / "groups.png", f"{run.name}: {group_metric.upper()} per group", group_metric, curves))
     figures += _fairness_figures(store, run, rounds, out, group_metric)
     figures.append(_labels_figure(run, rounds, out))
+    confusion_note = ""
+    if task in ("emotion", "both"):  # task av has no categories
+        found = final_confusion(rounds)
+        if found:
+            last, counts = found
+            figures.append(_confusion_figure(out / "confusion.png",
+                                             f"{run.name}: confusion, round {last} ({evaluated})",
+                                             counts, _class_names(run.config, len(counts))))
+        elif rounds:
+            confusion_note = "<p>No confusion matrix: the final round stored no pooled confusion counts.</p>"
 
     final = rounds[-1] if rounds else {}
     table = "".join(
@@ -199,7 +298,7 @@ table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:2px 8px}}</s
 <h1>Run {html.escape(run.name)}</h1>
 <p>status <b>{html.escape(run.status)}</b>, engine {html.escape(run.engine)}, {max(len(rounds) - 1, 0)} rounds,
 model {html.escape(str(run.config.get('model')))}, task {html.escape(str(task))}</p>
-{error}{imgs}
+{error}{imgs}{confusion_note}
 <h2>Final round (metrics: {evaluated})</h2><table>{table}</table>
 <h2>Configuration</h2><pre>{html.escape(json.dumps(run.config, indent=2))}</pre>
 </body></html>"""

@@ -24,7 +24,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["RunStore", "default_store_url", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint", "EnrolledDevice"]
+__all__ = ["RunStore", "default_store_url", "CONFUSION_KEY", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint", "EnrolledDevice"]
+
+
+#: Key of a round's metrics holding the pooled confusion counts of its evaluation (a C x C
+#: list of ints, rows true class, columns predicted, classes in the run's ``emotions`` order).
+CONFUSION_KEY = "confusion"
 
 
 def _now() -> dt.datetime:

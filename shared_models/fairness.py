@@ -30,7 +30,9 @@ plus the worst group and the largest gap of the task metric: ``worst_uar``/``gap
 ``worst_ccc_<dim>``/``gap_ccc_<dim>``. A group without data in a round (no confusion counts,
 fewer than two CCC pairs) has a NaN metric and is skipped; a gap needs two groups with data
 and is NaN otherwise, never a division by zero. Clips whose attribute value is missing count
-in the group ``"unknown"`` (the devices map an empty value to it).
+in the group ``"unknown"`` (:data:`UNKNOWN_GROUP`; the devices map an empty value to it): its
+metrics are reported like any group's, but it is left out of the worst group and the gaps,
+since it is no group of the attribute (a handful of unlabelled clips would otherwise set them).
 
 FaiReg: label normalisation for fairness in regression
 ------------------------------------------------------
@@ -81,6 +83,7 @@ __all__ = [
     "FAIREG_SCALE",
     "MIN_GROUP_LABELS",
     "GROUP_SEP",
+    "UNKNOWN_GROUP",
     "prediction_rates",
     "regression_moments",
     "group_measures",
@@ -103,6 +106,8 @@ FAIREG_SCALE = 3.0
 MIN_GROUP_LABELS = 2
 """A FaiReg group needs at least this many labels of a dimension for its own mean and std."""
 GROUP_SEP = "|"
+#: The group of clips whose protected attribute has no value.
+UNKNOWN_GROUP = "unknown"
 """Separator of attribute values in an intersection group key (``female|young``)."""
 _MIN_STD = 1e-6
 
