@@ -115,6 +115,12 @@ def _opt(check, **kw):
     return field(metadata={"check": check}, **kw)
 
 
+#: Command-line option names (``fedaffect simulate --rounds``) and the run-config keys they
+#: set, for the hint of an unknown key written the option's way in a file or ``--set``.
+OPTION_KEYS = {"rounds": "num-server-rounds", "epochs": "local-epochs", "alpha": "dirichlet-alpha",
+               "devices": "num-devices", "batch": "batch-size"}
+
+
 @dataclass
 class RunConfig:
     """Configuration of one federated run (simulated or deployed).
@@ -384,16 +390,28 @@ class RunConfig:
         ConfigError
             For an unknown key (with the closest known key suggested) or a bad value.
         """
-        known = set(cls.keys())
-        kwargs = {}
-        for key, value in values.items():
-            hyphen = key.replace("_", "-")
-            if hyphen not in known:
-                close = difflib.get_close_matches(hyphen, known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"unknown config key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
-            kwargs[hyphen.replace("-", "_")] = value
+        kwargs = {cls.check_key(key).replace("-", "_"): value for key, value in values.items()}
         return cls(**kwargs)
+
+    @classmethod
+    def check_key(cls, key: str) -> str:
+        """The hyphenated run-config key ``key`` names (``local_epochs`` -> ``local-epochs``).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key: the key a command-line option of that name sets (``rounds``
+            -> ``num-server-rounds``) or the closest known key is suggested; the known keys
+            are listed only when nothing is close.
+        """
+        known = set(cls.keys())
+        hyphen = key.replace("_", "-")
+        if hyphen in known:
+            return hyphen
+        close = [OPTION_KEYS[hyphen]] if hyphen in OPTION_KEYS else difflib.get_close_matches(hyphen, known, n=1)
+        if close:
+            raise ConfigError(f"unknown config key '{key}' (did you mean '{close[0]}'?)")
+        raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(sorted(known))}")
 
     def to_mapping(self) -> dict[str, Any]:
         """Hyphenated run-config mapping (what Flower's ``run_config`` carries)."""
@@ -453,5 +471,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     data = data.get("run", data)
-    RunConfig.from_mapping(data)  # validate keys and values now, naming the bad key
+    try:
+        RunConfig.from_mapping(data)  # validate keys and values now, naming the bad key
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
     return dict(data)

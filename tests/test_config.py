@@ -100,3 +100,18 @@ def test_command_line_options_override_the_file_and_set_overrides_both(tone_mani
     assert cfg["num-server-rounds"] == 1 and cfg["local-epochs"] == 3
     res = CliRunner().invoke(cli, ["simulate", "--manifest", str(tone_manifest), "--set", "rounds"])
     assert res.exit_code == 2 and "key=value" in res.output
+
+
+def test_an_option_name_used_as_a_key_points_to_its_key_and_the_source_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'rounds' \(did you mean 'num-server-rounds'\?\)$"):
+        RunConfig.from_mapping({"rounds": 3})
+    exp = tmp_path / "exp.toml"
+    exp.write_text("local_epoch = 2\n")
+    with pytest.raises(ConfigError, match=rf"^{exp}: unknown config key 'local_epoch' \(did you mean 'local-epochs'"):
+        load_config_file(exp)
+    from fedaffect.cli import _config_values
+
+    with pytest.raises(ConfigError, match=r"^--set alpha=0.1: unknown config key 'alpha' \(did you mean 'dirichlet-alpha'"):
+        _config_values(None, {}, ["alpha=0.1"])
+    with pytest.raises(ConfigError, match="known keys: .*num-server-rounds"):  # nothing close: the list
+        RunConfig.from_mapping({"zzz": 1})
