@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ KIND = "fedaffect-pretrained"
 def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: str = "emotion", epochs: int = 20,
              lr: float = 3e-3, batch_size: int = 32, seed: int = 0, emotions: Sequence[str] | None = None,
              cache_dir: str | Path = ".cache/fedaffect", progress: bool = False,
-             compute_device: str = "cpu") -> dict[str, Any]:
+             compute_device: str = "cpu", on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``model_name`` centrally on a source corpus and save a checkpoint.
 
     Parameters
@@ -64,6 +64,8 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     compute_device : str
         Where torch trains: ``cpu``, ``cuda`` or ``auto`` (:func:`shared_models.training.compute_device`); the
         checkpoint holds CPU tensors either way.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, loss)`` after each training epoch (1-based), e.g. for a progress bar.
 
     Returns
     -------
@@ -109,7 +111,8 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
                      table[["arousal", "valence"]].to_numpy(dtype=np.float32))
     torch.manual_seed(seed)
     model = build_model(model_name, max(len(emotions), 1)).to(torch_device)
-    result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                         on_epoch=on_epoch)
     probs, _ = predict(model, data)
     known = data.emotion >= 0
     cm = confusion(data.emotion[known], probs[known].argmax(axis=1), len(emotions))

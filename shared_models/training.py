@@ -19,6 +19,7 @@ per-group metrics without seeing predictions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,6 +148,7 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
     class_weights: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train ``model`` in place on the labelled rows of ``data`` with Adam.
 
@@ -166,6 +168,8 @@ def train_local(
         FedProx coefficient (Li et al. 2020); the anchor is the weights at the start.
     class_weights : bool
         Weight cross-entropy by inverse class frequency of this device's labelled rows.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, loss)`` after each epoch (1-based; the epoch's mean task loss).
 
     Returns
     -------
@@ -194,7 +198,7 @@ def train_local(
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         total, rows = 0.0, 0
         for batch in _batches(idx[torch.randperm(idx.size, generator=gen).numpy()], batch_size):
             x, lengths = collate([data.x[i] for i in batch])
@@ -211,6 +215,8 @@ def train_local(
             result["steps"] += 1
             total, rows = total + loss.item() * len(batch), rows + len(batch)
         result["train_loss"] = total / rows if rows else float("nan")
+        if on_epoch is not None:
+            on_epoch(epoch, result["train_loss"])
     return result
 
 
