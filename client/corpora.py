@@ -4,25 +4,34 @@ Each reader follows the SpeechBrain recipe style: ``<name>_prepare(source, out, 
 ``source``, parses speaker, gender and labels from the corpus's published naming convention,
 probes every clip's duration and checks it with :func:`shared_models.audio.load_audio`, and
 writes the manifest (:mod:`shared_models.manifest`) to ``out``. Unreadable, empty, silent and
-too-short clips, files that do not follow the naming convention (``bad-name``) and second copies
-of a clip already listed (``duplicate``: some downloads hold the corpus twice) are skipped,
-counted in :class:`~shared_models.audio.SkipCounter` and reported in one warning; the run goes on.
-macOS zip metadata (``._*`` files, ``__MACOSX/``) is ignored.
+too-short clips, listed files that do not exist (``missing``), files that do not follow the
+naming convention or name a speaker, text or combination the corpus does not have
+(``bad-name``) and second copies of a clip already listed (``duplicate``: some downloads hold
+the corpus twice) are skipped, counted in :class:`~shared_models.audio.SkipCounter`, listed one
+per line with their reason in ``<out>.skipped.csv`` next to the manifest (``emodb.csv`` ->
+``emodb.skipped.csv``; columns ``path``, ``reason``, ``detail``) and summarised in one
+:class:`~shared_models.audio.SkippedClipsWarning`; the run goes on. The output is checked to
+be writable before any clip is scanned. macOS zip metadata (``._*`` files, ``__MACOSX/``) is
+ignored.
 
 ==========  ====================================================================================
 name        source and convention
 ==========  ====================================================================================
-emodb       Berlin EmoDB (Burkhardt et al. 2005), ``wav/03a01Fa.wav``: speaker 03, text a01,
-            emotion letter (W anger, L boredom, E disgust, A fear, F happiness, T sadness,
-            N neutral), version a, b, c ... Speakers 03 10 11 12 15 male, 08 09 13 14 16 female.
+emodb       Berlin EmoDB (Burkhardt et al. 2005), ``wav/03a01Fa.wav``: speaker 03, text a01
+            (a01 a02 a04 a05 a07 b01 b02 b03 b09 b10), emotion letter (W anger, L boredom,
+            E disgust, A fear, F happiness, T sadness, N neutral), version a, b, c ...
+            Speakers 03 10 11 12 15 male, 08 09 13 14 16 female; others are ``bad-name``.
 ravdess     RAVDESS (Livingstone & Russo 2018), ``Actor_01/03-01-05-01-02-01-01.wav``:
             modality-channel-emotion-intensity-statement-repetition-actor; modality 03
             (audio-only) only; channel 01 speech, 02 song (speech only unless ``include_song``);
             emotion 01 neutral, 02 calm (kept as ``calm``), 03 happiness, 04 sadness, 05 anger,
-            06 fear, 07 disgust, 08 surprise; odd actors male, even female.
-crema-d     CREMA-D (Cao et al. 2014), ``AudioWAV/1001_DFA_ANG_XX.wav``: actor, sentence,
-            emotion (ANG anger, DIS disgust, FEA fear, HAP happiness, NEU neutral, SAD sadness),
-            level; gender from ``VideoDemographics.csv`` (under the source or next to it).
+            06 fear, 07 disgust, 08 surprise; actors 01-24, odd male, even female. Names
+            RAVDESS does not have (strong neutral, sung disgust or surprise, actor 25+) are
+            ``bad-name``.
+crema-d     CREMA-D (Cao et al. 2014), ``AudioWAV/1001_DFA_ANG_XX.wav``: actor 1001-1091,
+            sentence (12 codes), emotion (ANG anger, DIS disgust, FEA fear, HAP happiness,
+            NEU neutral, SAD sadness), level (LO MD HI for sentence IEO only, XX); gender from
+            ``VideoDemographics.csv`` (under the source or next to it).
 tess        Toronto Emotional Speech Set (Dupuis & Pichora-Fuller 2010),
             ``OAF_angry/OAF_back_angry.wav``: speaker OAF (older) or YAF (younger), both female;
             emotion angry (anger), disgust, fear, happy (happiness), neutral, sad (sadness),
@@ -64,6 +73,7 @@ __all__ = [
     "Record",
     "CORPORA",
     "prepare",
+    "skipped_csv_path",
     "emodb_prepare",
     "ravdess_prepare",
     "cremad_prepare",
@@ -106,12 +116,23 @@ class PrepareResult:
         Clips left out, by reason.
     n_speakers : int
         Distinct speakers in the manifest.
+    skipped_csv : Path or None
+        The CSV listing every skipped clip with its reason (``<out>.skipped.csv``, see
+        :func:`skipped_csv_path`); None when nothing was skipped.
     """
 
     manifest: Path
     n_clips: int
     skipped: SkipCounter = field(default_factory=SkipCounter)
     n_speakers: int = 0
+    skipped_csv: Path | None = None
+
+
+class _Skip(NamedTuple):
+    """A reader's verdict on a file it leaves out and counts: the reason and what exactly."""
+
+    reason: str
+    detail: str = ""
 
 
 class Record(NamedTuple):
@@ -152,6 +173,47 @@ def _progress(items: Iterable, description: str, total: int | None = None) -> It
     return track(items, description, total=total, console=console, transient=True, disable=not console.is_terminal)
 
 
+def skipped_csv_path(out: str | PathLike) -> Path:
+    """Where a reader lists the clips it skipped: next to the manifest ``out``.
+
+    Parameters
+    ----------
+    out : str or PathLike
+        The output manifest, e.g. ``emodb.csv``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``emodb.csv`` -> ``emodb.skipped.csv`` (``manifest`` -> ``manifest.skipped.csv``).
+    """
+    out = Path(out).expanduser()
+    return out.with_name(f"{out.stem if out.suffix.lower() == '.csv' else out.name}.skipped.csv")
+
+
+def _check_writable(out: str | PathLike, what: str) -> None:
+    """Raise OSError, before any clip is scanned, if the manifest ``out`` cannot be written.
+
+    Creates ``out``'s missing parent folders (as writing would) and creates and removes a probe
+    file next to it: permission bits say nothing for root or on read-only and pseudo file systems
+    (``/proc``).
+    """
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise IsADirectoryError(f"{what}: the output manifest {out} is a folder; give a file, e.g. {out / 'manifest.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+        if out.exists():
+            with open(out, "a"):
+                pass
+    except OSError as err:
+        raise OSError(
+            f"{what}: cannot write the output manifest {out} ({err.strerror or err}); choose another --out"
+        ) from err
+
+
 def _write_records(
     records: Sequence[Record],
     out: str | PathLike,
@@ -162,36 +224,50 @@ def _write_records(
     """Probe and check every record's clip, skip bad ones, write the manifest.
 
     ``skipped`` may already hold files skipped while scanning (e.g. ``bad-name``); they count
-    in the one warning emitted here. ``keys`` (one per record) identify the recording: a record
-    whose key already has a usable clip in the manifest is skipped as ``duplicate`` (a second
-    copy of the corpus in the source folder), so the first usable copy wins. Raises ValueError
-    if no clip is usable.
+    in the one warning emitted here and are listed with the others in ``<out>.skipped.csv``
+    (:func:`skipped_csv_path`; a stale one is removed when nothing is skipped). ``keys`` (one
+    per record) identify the recording: a record whose key already has a usable clip in the
+    manifest is skipped as ``duplicate`` (a second copy of the corpus in the source folder), so
+    the first usable copy wins. A record whose file does not exist is ``missing``. Raises
+    OSError if ``out`` cannot be written (checked before any clip) and ValueError if no clip
+    is usable.
     """
+    _check_writable(out, what)
     skipped = skipped if skipped is not None else SkipCounter()
     n_seen = len(records) + skipped.total
     rows, taken = [], set()
     for i, rec in enumerate(_progress(records, f"checking {what} clips")):
         if keys is not None and keys[i] in taken:
-            skipped.add(rec.path, "duplicate")
+            skipped.add(rec.path, "duplicate", "another copy of this recording is listed")
+            continue
+        if not os.path.exists(rec.path):  # not "unreadable": nothing to read (moved, renamed, a typo)
+            skipped.add(rec.path, "missing", "no such file" if not os.path.lexists(rec.path) else "broken link")
             continue
         try:
             duration = probe_duration(rec.path)
             load_audio(rec.path, sample_rate=None)  # checks only: no resampling
         except ClipError as err:
-            skipped.add(err.path, err.reason)
+            skipped.add(err.path, err.reason, err.detail)
             continue
         row = dict(rec._asdict(), duration=duration)
         row.update(row.pop("extra") or {})
         rows.append(row)
         if keys is not None:
             taken.add(keys[i])
-    skipped.warn(f"{what} clips", of=n_seen)
+    listed = skipped_csv_path(out)
+    if skipped.total:
+        skipped.write_csv(listed)
+        skipped.warn(f"{what} clips", of=n_seen, listed_in=listed)
+    else:
+        listed.unlink(missing_ok=True)  # from an earlier run: it would describe another scan
+        listed = None
     if not rows:
-        raise ValueError(f"{what}: no usable clips found ({n_seen} files looked at, skipped {skipped.as_dict()})")
+        raise ValueError(f"{what}: no usable clips found ({n_seen} files looked at, skipped {skipped.summary() or 'none'}"
+                         + (f"; each listed with its reason in {listed})" if listed else ")"))
     df = pd.DataFrame(rows)
     df = df[list(MANIFEST_COLUMNS) + [c for c in df.columns if c not in MANIFEST_COLUMNS]]
     path = write_manifest(df, out)
-    return PrepareResult(path, len(df), skipped, int(df["speaker"].nunique()))
+    return PrepareResult(path, len(df), skipped, int(df["speaker"].nunique()), listed)
 
 
 def _is_macos_metadata(path: Path) -> bool:
@@ -204,24 +280,27 @@ def _prepare_named(
     out: str | PathLike,
     what: str,
     example: str,
-    parse: Callable[[Path], tuple[object, Record] | str | None],
+    parse: Callable[[Path], tuple[object, Record] | _Skip | None],
     suffixes: Sequence[str] = AUDIO_SUFFIXES,
 ) -> PrepareResult:
     """Scan ``source`` for files named by a corpus convention.
 
     ``parse(path)`` returns ``(key, record)`` (``key`` names the recording, so that a second
     copy of the same clip elsewhere under ``source`` is skipped as ``duplicate``), ``None`` to
-    leave the file out on purpose, or a skip reason (``"bad-name"``) to count it. macOS zip
-    metadata (``._*``, ``__MACOSX/``) is not looked at.
+    leave the file out on purpose, or a :class:`_Skip` (``bad-name`` and why) to count it.
+    macOS zip metadata (``._*``, ``__MACOSX/``) is not looked at. Raises OSError if ``out``
+    cannot be written, before anything is scanned.
     """
-    files = [p for p in _audio_files(_source_dir(source, what), suffixes) if not _is_macos_metadata(p)]
+    root = _source_dir(source, what)
+    _check_writable(out, what)
+    files = [p for p in _audio_files(root, suffixes) if not _is_macos_metadata(p)]
     if not files:
         raise ValueError(f"{what}: no audio files ({', '.join(suffixes)}) like {example} under {source}")
     skipped, records, keys = SkipCounter(), [], []
     for path in files:
         parsed = parse(path)
-        if isinstance(parsed, str):
-            skipped.add(path, parsed)
+        if isinstance(parsed, _Skip):
+            skipped.add(path, parsed.reason, parsed.detail)
         elif parsed is not None:
             keys.append(parsed[0])
             records.append(parsed[1])
@@ -234,6 +313,7 @@ _EMODB_NAME = re.compile(r"(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])")
 _EMODB_EMOTIONS = dict(W="anger", L="boredom", E="disgust", A="fear", F="happiness", T="sadness", N="neutral")
 _EMODB_GENDER = {**dict.fromkeys(("03", "10", "11", "12", "15"), "male"),
                  **dict.fromkeys(("08", "09", "13", "14", "16"), "female")}
+_EMODB_TEXTS = ("a01", "a02", "a04", "a05", "a07", "b01", "b02", "b03", "b09", "b10")
 
 
 def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
@@ -247,7 +327,9 @@ def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
         ``silb/`` hold no audio and are not read).
         ``03a01Fa.wav``: speaker ``03``, text ``a01``, emotion letter, version ``a`` (``b``,
         ``c``, ... for further takes). Letters: W anger, L boredom, E disgust, A fear,
-        F happiness, T sadness, N neutral.
+        F happiness, T sadness, N neutral. A speaker other than EmoDB's ten (03 08 09 10 11 12
+        13 14 15 16) or a text other than its ten (a01 a02 a04 a05 a07 b01 b02 b03 b09 b10)
+        is not an EmoDB name: skipped as ``bad-name``.
     out : path
         Manifest CSV to write.
 
@@ -261,16 +343,22 @@ def emodb_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     ------
     FileNotFoundError
         ``source`` is not a folder.
+    OSError
+        ``out`` cannot be written (checked before any clip is scanned).
     ValueError
         No EmoDB-named clip is usable.
     """
 
-    def parse(path: Path) -> tuple[str, Record] | str:
+    def parse(path: Path) -> tuple[str, Record] | _Skip:
         m = _EMODB_NAME.fullmatch(path.stem)
         if not m:
-            return "bad-name"
-        speaker, _text, letter, _version = m.groups()
-        return path.stem, Record(str(path), f"emodb-{speaker}", _EMODB_GENDER.get(speaker, ""), _EMODB_EMOTIONS[letter])
+            return _Skip("bad-name", "not named like 03a01Fa (speaker, text, emotion letter, version)")
+        speaker, text, letter, _version = m.groups()
+        if speaker not in _EMODB_GENDER:
+            return _Skip("bad-name", f"speaker {speaker} is not an EmoDB speaker ({' '.join(sorted(_EMODB_GENDER))})")
+        if text not in _EMODB_TEXTS:
+            return _Skip("bad-name", f"text {text} is not an EmoDB text ({' '.join(_EMODB_TEXTS)})")
+        return path.stem, Record(str(path), f"emodb-{speaker}", _EMODB_GENDER[speaker], _EMODB_EMOTIONS[letter])
 
     return _prepare_named(source, out, "emodb", "wav/03a01Fa.wav", parse)
 
@@ -297,8 +385,10 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
         taken from a video, the same take as its 03 file) is skipped as ``video-modality``.
         Emotions: 01 neutral, 02 calm (kept as ``calm``, a class of its own), 03 happiness,
         04 sadness, 05 anger, 06 fear, 07 disgust, 08 surprise. Intensity is kept in an extra
-        column ``intensity`` (``normal``/``strong``; RAVDESS has no strong neutral), e.g. to
-        keep only strong clips or to declare it a group; arousal and valence are left empty.
+        column ``intensity`` (``normal``/``strong``), e.g. to keep only strong clips or to
+        declare it a group; arousal and valence are left empty. Names RAVDESS does not have
+        are skipped as ``bad-name``: a strong (02) neutral (01), a sung (02) disgust (07) or
+        surprise (08), an actor outside 01-24.
     out : path
         Manifest CSV to write.
     include_song : bool, default False
@@ -313,17 +403,24 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
 
     Raises
     ------
-    FileNotFoundError, ValueError
+    FileNotFoundError, OSError, ValueError
         As :func:`emodb_prepare`.
     """
 
-    def parse(path: Path) -> tuple[str, Record] | str | None:
+    def parse(path: Path) -> tuple[str, Record] | _Skip | None:
         m = _RAVDESS_NAME.fullmatch(path.stem)
         if not m:
-            return "bad-name"
+            return _Skip("bad-name", "not named like 03-01-05-01-02-01-01 (modality-channel-emotion-"
+                                     "intensity-statement-repetition-actor)")
         modality, channel, emotion, intensity, _statement, _rep, actor = m.groups()
+        if not 1 <= int(actor) <= 24:
+            return _Skip("bad-name", f"actor {actor} is not a RAVDESS actor (01-24)")
+        if emotion == "01" and intensity == "02":
+            return _Skip("bad-name", "RAVDESS has no strong (02) neutral (01)")
+        if channel == "02" and emotion in ("07", "08"):
+            return _Skip("bad-name", f"RAVDESS song has no {_RAVDESS_EMOTIONS[emotion]} ({emotion})")
         if modality != "03":
-            return "video-modality"
+            return _Skip("video-modality", "modality 01/02: sound of a video, the same take as its 03 file")
         if channel == "02" and not include_song:
             return None
         gender = "male" if int(actor) % 2 else "female"
@@ -337,8 +434,10 @@ def ravdess_prepare(source: str | PathLike, out: str | PathLike, *, include_song
 
 #: CREMA-D's emotion level (the file name's last field): only sentence IEO was spoken at three
 #: levels; the others are ``XX``.
-_CREMAD_LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified"}
-_CREMAD_NAME = re.compile(r"(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{2})", re.IGNORECASE)
+_CREMAD_LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified",
+                  "X": "unspecified"}  # the distributed 1040_ITH_SAD_X.wav
+_CREMAD_NAME = re.compile(r"(\d{4})_([A-Z]{3})_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]{1,2})", re.IGNORECASE)
+_CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
 _CREMAD_EMOTIONS = dict(ANG="anger", DIS="disgust", FEA="fear", HAP="happiness", NEU="neutral", SAD="sadness")
 
 
@@ -363,9 +462,12 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
         The corpus folder (the repository, or its ``AudioWAV/`` or ``AudioMP3/``); audio files
         searched recursively. A clip in both ``AudioWAV/`` and ``AudioMP3/`` is listed once, as
         its WAV file; a copy holding only ``AudioMP3/`` is read as MP3. Videos are not read.
-        ``1001_DFA_ANG_XX.wav``: actor, sentence, emotion (ANG anger, DIS disgust, FEA fear,
-        HAP happiness, NEU neutral, SAD sadness), level (LO MD HI XX: extra column ``level``,
-        ``low``/``medium``/``high``/``unspecified``). Gender is read
+        ``1001_DFA_ANG_XX.wav``: actor (1001-1091), sentence (IEO TIE IOM IWW TAI MTI IWL ITH
+        DFA ITS TSI WSI), emotion (ANG anger, DIS disgust, FEA fear, HAP happiness, NEU
+        neutral, SAD sadness), level (LO MD HI XX: extra column ``level``,
+        ``low``/``medium``/``high``/``unspecified``; the distributed ``1040_ITH_SAD_X.wav``
+        reads as XX). Another actor, sentence or level, or a level LO/MD/HI on a sentence other
+        than IEO (the only one spoken at set levels) is skipped as ``bad-name``. Gender is read
         from the first ``VideoDemographics.csv`` found under ``source``, or else next to it (in
         its parent folder): columns ``ActorID``, ``Sex`` = Male/Female; without it gender is
         left empty. The real ``1076_MTI_SAD_XX.wav`` holds no audio and is skipped as ``empty``.
@@ -379,19 +481,28 @@ def cremad_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult
 
     Raises
     ------
-    FileNotFoundError, ValueError
+    FileNotFoundError, OSError, ValueError
         As :func:`emodb_prepare`; ValueError also if the demographics CSV lacks its columns.
     """
     source = _source_dir(source, "crema-d")
     genders = _cremad_genders(source)
 
-    def parse(path: Path) -> tuple[str, Record] | str:
+    def parse(path: Path) -> tuple[str, Record] | _Skip:
         m = _CREMAD_NAME.fullmatch(path.stem)
         if not m:
-            return "bad-name"
-        actor, _sentence, emotion, level = m.groups()
+            return _Skip("bad-name", "not named like 1001_DFA_ANG_XX (actor_sentence_emotion_level)")
+        actor, sentence, emotion, level = m.groups()
+        sentence, level = sentence.upper(), level.upper()
+        if not 1001 <= int(actor) <= 1091:
+            return _Skip("bad-name", f"actor {actor} is not a CREMA-D actor (1001-1091)")
+        if sentence not in _CREMAD_SENTENCES:
+            return _Skip("bad-name", f"sentence {sentence} is not a CREMA-D sentence ({' '.join(_CREMAD_SENTENCES)})")
+        if level not in _CREMAD_LEVELS:
+            return _Skip("bad-name", f"level {level} is not a CREMA-D level (LO MD HI XX)")
+        if level in ("LO", "MD", "HI") and sentence != "IEO":
+            return _Skip("bad-name", f"level {level} on sentence {sentence}: only IEO was spoken at set levels")
         record = Record(str(path), f"crema-d-{actor}", genders.get(actor, ""), _CREMAD_EMOTIONS[emotion.upper()],
-                        extra={"level": _CREMAD_LEVELS.get(level.upper(), "unspecified")})
+                        extra={"level": _CREMAD_LEVELS[level]})
         return path.stem.upper(), record
 
     return _prepare_named(source, out, "crema-d", "AudioWAV/1001_DFA_ANG_XX.wav", parse)
@@ -441,20 +552,21 @@ def tess_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
 
     Raises
     ------
-    FileNotFoundError, ValueError
+    FileNotFoundError, OSError, ValueError
         As :func:`emodb_prepare`.
     """
 
-    def parse(path: Path) -> tuple[tuple[str, str, str], Record] | str:
+    def parse(path: Path) -> tuple[tuple[str, str, str], Record] | _Skip:
         stem = path.name
         while Path(stem).suffix.lower() in AUDIO_SUFFIXES:  # OAF_back_sad.wav.wav
             stem = Path(stem).stem
         m = _TESS_NAME.fullmatch(stem)
         if not m:
-            return "bad-name"
+            return _Skip("bad-name", "not named like OAF_back_angry (speaker OAF/YAF, word, emotion)")
         emotion = _tess_emotion(m.group(3))
         if emotion is None:
-            return "bad-name"
+            return _Skip("bad-name", f"emotion {m.group(3)!r} is not a TESS emotion (angry disgust fear happy "
+                                     "neutral sad ps/pleasant_surprise)")
         speaker = m.group(1).upper()[:2] + "F"
         age = "older" if speaker == "OAF" else "younger"
         record = Record(str(path), f"tess-{speaker.lower()}", "female", emotion, extra={"age_group": age})
@@ -473,19 +585,26 @@ def csv_prepare(source: str | PathLike, out: str | PathLike) -> PrepareResult:
     ----------
     source : path
         A manifest CSV (:mod:`shared_models.manifest`); relative clip paths are relative to it.
+        Only the columns ``path`` and ``speaker`` are required; a missing ``gender``,
+        ``emotion``, ``arousal``, ``valence`` or ``duration`` column is taken as empty, and
+        durations are probed from the files in any case.
     out : path
         Manifest CSV to write (absolute paths, probed durations, extra columns kept).
 
     Returns
     -------
     PrepareResult
+        A row whose file does not exist is skipped as ``missing`` (not ``unreadable``).
 
     Raises
     ------
     FileNotFoundError
         ``source`` does not exist.
     shared_models.manifest.ManifestError
-        A row is invalid; the message names the line and column.
+        A column is missing or misspelt, or rows are invalid; the message names each bad
+        value's line and column.
+    OSError
+        ``out`` cannot be written (checked before any clip is read).
     ValueError
         No clip is usable.
     """
@@ -651,6 +770,8 @@ def hedgewars_prepare(
     ------
     FileNotFoundError
         The voices folder is missing (install ``hedgewars-data``).
+    OSError
+        ``out`` cannot be written (checked before any clip is scanned).
     ValueError
         No usable clip.
     """
@@ -659,6 +780,7 @@ def hedgewars_prepare(
         root = root / "Data" / "Sounds" / "voices"
     if not root.is_dir():
         raise FileNotFoundError(f"hedgewars: voices folder not found: {root} (apt-get install hedgewars-data)")
+    _check_writable(out, "hedgewars")
     left_out = set(exclude_packs) | (set(NON_ENGLISH_PACKS) if exclude_non_english else set())
     phrases = {p.lower(): (p, label) for p, label in PHRASE_EMOTIONS.items()}
     excluded = {p.lower() for p in EXCLUDED_PHRASES}
@@ -826,6 +948,8 @@ def synth_prepare(
     ------
     RuntimeError
         espeak-ng is not installed, or fails.
+    OSError
+        ``out`` cannot be written (checked before anything is generated).
     ValueError
         A setting is out of range.
     """
@@ -840,6 +964,7 @@ def synth_prepare(
     if lo > hi:
         raise ValueError(f"synth: noise_snr_db must be (low, high), got {noise_snr_db}")
     source = Path(source).expanduser().resolve()
+    _check_writable(out, "synth")
     settings = dict(version=_SYNTH_VERSION, n_speakers=n_speakers, clips_per_emotion=clips_per_emotion,
                     emotions=list(emotions), seed=seed, noise_snr_db=[lo, hi])
     settings_file, labels_file = source / "synth.json", source / "labels.csv"
@@ -890,7 +1015,8 @@ def prepare(name: str, source: str | PathLike | None = None, out: str | PathLike
     ------
     ValueError
         ``name`` is not a known corpus (the message lists them), ``out`` is missing, or ``source``
-        is missing for a corpus that needs it.
+        is missing for a corpus that needs it; and what the reader raises (FileNotFoundError,
+        OSError for an ``out`` that cannot be written, ValueError, ManifestError).
     """
     reader = CORPORA.get(str(name).lower())
     if reader is None:

@@ -12,16 +12,22 @@ valence       float in [-1, 1] or empty
 duration      seconds, > 0, or empty
 ============  ==========================================================================
 
-Any further column (e.g. ``age``, ``accent``) is kept as it is; it may be declared a protected
-attribute for per-group statistics. A clip with neither an emotion nor arousal/valence is
-allowed: it belongs to a device's unlabelled pool.
+Only ``path`` and ``speaker`` (:data:`REQUIRED_COLUMNS`) must be present; a missing optional
+column is read as empty in every row (a hand-made ``path,speaker,emotion`` file is a manifest;
+the corpus readers probe the durations). A column whose name is close to a missing one
+(``Emotion``, ``emotions``) is refused rather than kept as an extra column. Any further column
+(e.g. ``age``, ``accent``) is kept as it is; it may be declared a protected attribute for
+per-group statistics. A clip with neither an emotion nor arousal/valence is allowed: it
+belongs to a device's unlabelled pool.
 
-Errors raise :class:`ManifestError` naming the file, the line as a spreadsheet or editor
-shows it (the header is line 1, the first clip line 2) and the column.
+Errors raise :class:`ManifestError` naming the file and, for each bad value (up to
+:data:`MAX_REPORTED_PROBLEMS`, then how many more), the line as a spreadsheet or editor shows
+it (the header is line 1, the first clip line 2) and the column.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from os import PathLike
 from pathlib import Path
@@ -31,6 +37,8 @@ import pandas as pd
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "MAX_REPORTED_PROBLEMS",
     "EMOTIONS",
     "GENDERS",
     "ManifestError",
@@ -41,6 +49,10 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = ("path", "speaker", "gender", "emotion", "arousal", "valence", "duration")
+REQUIRED_COLUMNS = ("path", "speaker")
+"""Columns a manifest cannot do without: the clip, and its speaker (partitions are per speaker)."""
+MAX_REPORTED_PROBLEMS = 10
+"""Bad values listed in one :class:`ManifestError`; further ones are counted."""
 EMOTIONS = ("anger", "boredom", "calm", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
 GENDERS = ("female", "male", "")
 
@@ -63,34 +75,57 @@ def validate_manifest(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFr
     Parameters
     ----------
     df : pandas.DataFrame
-        One row per clip with at least the columns in :data:`MANIFEST_COLUMNS`. Row ``i``
-        (0-based position) is reported as ``line i + 2``, as in the CSV file.
+        One row per clip with at least the columns :data:`REQUIRED_COLUMNS` (``path``,
+        ``speaker``); the other columns of :data:`MANIFEST_COLUMNS` that are missing are taken
+        as empty in every row. Row ``i`` (0-based position) is reported as ``line i + 2``, as in
+        the CSV file.
     source : str
         Name of the file the frame came from, used in error messages.
 
     Returns
     -------
     pandas.DataFrame
-        A copy with a fresh 0..n-1 index; ``path``, ``speaker``, ``gender``, ``emotion`` as
-        stripped ``str`` with ``""`` for missing (``gender`` and ``emotion`` lower-cased);
-        ``arousal``, ``valence``, ``duration`` as float64 with NaN for missing; extra columns
-        unchanged, after the manifest columns.
+        A copy with a fresh 0..n-1 index and every column of :data:`MANIFEST_COLUMNS`;
+        ``path``, ``speaker``, ``gender``, ``emotion`` as stripped ``str`` with ``""`` for
+        missing (``gender`` and ``emotion`` lower-cased); ``arousal``, ``valence``, ``duration``
+        (seconds) as float64 with NaN for missing; extra columns unchanged, after the manifest
+        columns.
 
     Raises
     ------
     ManifestError
-        A column is missing, ``path`` or ``speaker`` is empty, ``gender`` is not one of
-        :data:`GENDERS`, ``emotion`` not one of :data:`EMOTIONS`, arousal/valence is not a
-        number in [-1, 1], or duration is not a number > 0. The first problem (by line) is
-        reported, with the count of further ones.
+        ``path`` or ``speaker`` is not a column, or a column's name is close to that of a
+        missing manifest column (``Emotion``, ``emotions``: a misspelt column would otherwise
+        leave every clip unlabelled). Or, for any row: ``path`` or ``speaker`` is empty,
+        ``gender`` is not one of :data:`GENDERS`, ``emotion`` not one of :data:`EMOTIONS`,
+        arousal/valence is not a number in [-1, 1], or duration is not a number > 0. All bad
+        values are listed, by line then column, each with its line and column, up to
+        :data:`MAX_REPORTED_PROBLEMS`, then ``and N more``.
     """
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    columns = [str(c) for c in df.columns]
+    absent = [c for c in MANIFEST_COLUMNS if c not in columns]
+    extra_names = [c for c in columns if c not in MANIFEST_COLUMNS]
+    lookalikes = []
+    for col in absent:
+        near = [c for c in extra_names if c.strip().lower() == col]
+        near = near or difflib.get_close_matches(col, extra_names, n=1, cutoff=0.85)
+        if near:
+            lookalikes.append(f"{near[0]!r} (did you mean {col!r}?)")
+    if lookalikes:
+        raise ManifestError(
+            f"{source}: unknown column(s) {', '.join(lookalikes)}; manifest columns are spelt "
+            f"{', '.join(MANIFEST_COLUMNS)} (lower case)"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c in absent]
     if missing:
         raise ManifestError(
             f"{source}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
-            f"{', '.join(MANIFEST_COLUMNS)}"
+            f"{', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(c for c in MANIFEST_COLUMNS if c not in REQUIRED_COLUMNS)})"
         )
-    out = df.reset_index(drop=True).copy()
+    df = df.reset_index(drop=True)
+    if absent:
+        df = df.assign(**{c: "" for c in absent})
+    out = df.copy()
     problems: list[tuple[int, int, str]] = []  # (row, column order, message)
 
     def flag(col: str, bad: pd.Series, expected: str, raw: pd.Series) -> None:
@@ -109,7 +144,7 @@ def validate_manifest(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFr
     flag("emotion", ~out["emotion"].isin(EMOTIONS + ("",)), f"one of {', '.join(EMOTIONS)} or empty", out["emotion"])
 
     for col in _FLOAT_COLUMNS:
-        raw = df[col].reset_index(drop=True)
+        raw = df[col]
         text = _as_str(raw)
         values = pd.to_numeric(text.where(text != "", None), errors="coerce").astype("float64")
         unparsable = values.isna() & (text != "") & (text.str.lower() != "nan")
@@ -121,8 +156,10 @@ def validate_manifest(df: pd.DataFrame, source: str = "<manifest>") -> pd.DataFr
 
     if problems:
         problems.sort()
-        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise ManifestError(f"{source}: {problems[0][2]}{more}")
+        shown = [f"  {msg}" for _, _, msg in problems[:MAX_REPORTED_PROBLEMS]]
+        if len(problems) > MAX_REPORTED_PROBLEMS:
+            shown.append(f"  and {len(problems) - MAX_REPORTED_PROBLEMS} more")
+        raise ManifestError(f"{source}: {len(problems)} bad value(s):\n" + "\n".join(shown))
     extra = [c for c in out.columns if c not in MANIFEST_COLUMNS]
     return out[list(MANIFEST_COLUMNS) + extra]
 
@@ -146,7 +183,7 @@ def read_manifest(path: str | PathLike) -> pd.DataFrame:
     FileNotFoundError
         ``path`` does not exist.
     ManifestError
-        The file is empty, not CSV, or fails validation.
+        The file is empty, not CSV, or fails validation (:func:`validate_manifest`).
     """
     path = Path(path)
     if not path.is_file():

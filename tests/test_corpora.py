@@ -58,7 +58,7 @@ CASES = {
     },
     "crema-d": {
         "AudioWAV/1001_DFA_ANG_XX.wav": ("crema-d-1001", "male", "anger"),
-        "AudioWAV/1002_TIE_SAD_LO.wav": ("crema-d-1002", "female", "sadness"),
+        "AudioWAV/1002_IEO_SAD_LO.wav": ("crema-d-1002", "female", "sadness"),
         "AudioWAV/1091_IEO_HAP_HI.wav": ("crema-d-1091", "female", "happiness"),
         "AudioWAV/1001_IOM_DIS_XX.wav": ("crema-d-1001", "male", "disgust"),
         "AudioWAV/1002_DFA_FEA_XX.wav": "corrupt",
@@ -95,6 +95,12 @@ def test_reader_parses_names_and_skips_bad_clips(tmp_path, corpus):
         result = prepare(corpus, tmp_path / "src", tmp_path / "m.csv")
     assert len(rec) == 1 and all(f"1 {r}" in str(rec[0].message) for r in ("unreadable", "silent", "bad-name"))
     assert result.skipped.as_dict() == {"unreadable": 1, "silent": 1, "bad-name": 1}
+    assert result.skipped_csv == tmp_path / "m.skipped.csv" and str(result.skipped_csv) in str(rec[0].message)
+    listed = pd.read_csv(result.skipped_csv, keep_default_na=False)
+    bad = {Path(rel).name: spec for rel, spec in files.items() if isinstance(spec, str)}
+    assert dict(zip(listed["path"].map(lambda p: Path(p).name), listed["reason"])) == {
+        "README_take2.wav": "bad-name", **{name: {"corrupt": "unreadable"}.get(kind, kind) for name, kind in bad.items()}}
+    assert (listed["detail"] != "").all()
     expected = {Path(rel).name: spec for rel, spec in files.items() if not isinstance(spec, str)}
     df = read_manifest(result.manifest)
     assert list(df.columns[:7]) == list(MANIFEST_COLUMNS)
@@ -139,10 +145,11 @@ def test_emodb_archive_layout_every_speaker_and_letter(tmp_path):
     # download.zip: wav/ next to label folders and notes, none of them audio
     genders = dict(zip(["03", "10", "11", "12", "15", "08", "09", "13", "14", "16"], ["male"] * 5 + ["female"] * 5))
     emotions = dict(W="anger", L="boredom", E="disgust", A="fear", F="happiness", T="sadness", N="neutral")
+    texts = ["a01", "a02", "a04", "a05", "a07", "b01", "b02", "b03", "b09", "b10"]  # EmoDB's ten texts
     expected = {}
     for i, speaker in enumerate(genders):
         letter = "WLEAFTN"[i % 7]
-        name = f"{speaker}{'ab'[i % 2]}0{i % 7 + 1}{letter}{'abc'[i % 3]}.wav"  # versions a, b, c
+        name = f"{speaker}{texts[i]}{letter}{'abc'[i % 3]}.wav"  # versions a, b, c
         write_clip(tmp_path / "wav" / name, seconds=0.35, seed=i)
         expected[name] = (f"emodb-{speaker}", genders[speaker], emotions[letter])
     for folder, ext in [("lablaut", ".lab"), ("labsilb", ".lab"), ("silb", ".silb")]:
@@ -334,3 +341,137 @@ def test_cremad_mp3_only_copy_is_read(tmp_path):
                               "1002_IEO_HAP_HI.mp3": ("crema-d-1002", "female", "happiness"),
                               "1005_ITS_DIS_XX.mp3": ("crema-d-1005", "male", "disgust")}
     assert (read_manifest(result.manifest)["duration"] > 0.5).all()  # decoded, not just listed
+
+
+def skipped_list(result) -> dict:
+    """``{file name: (reason, detail)}`` of a reader's ``.skipped.csv``."""
+    listed = pd.read_csv(result.skipped_csv, keep_default_na=False)
+    assert list(listed.columns) == ["path", "reason", "detail"]
+    return {Path(p).name: (r, d) for p, r, d in listed.itertuples(index=False)}
+
+
+def test_emodb_speakers_and_texts_it_does_not_have_are_not_emodb_names(tmp_path):
+    write_clip(tmp_path / "wav" / "03a01Fa.wav")
+    write_clip(tmp_path / "wav" / "99a01Fa.wav")  # no speaker 99
+    write_clip(tmp_path / "wav" / "04a01Fa.wav")  # nor 04
+    write_clip(tmp_path / "wav" / "03a03Wa.wav")  # no text a03
+    with pytest.warns(SkippedClipsWarning, match="skipped 3 of 4 emodb clips \\(3 bad-name\\)"):
+        result = emodb_prepare(tmp_path, tmp_path / "emodb.csv")
+    assert labels(result) == {"03a01Fa.wav": ("emodb-03", "male", "happiness")}
+    listed = skipped_list(result)
+    assert result.skipped_csv == tmp_path / "emodb.skipped.csv"
+    assert set(listed) == {"99a01Fa.wav", "04a01Fa.wav", "03a03Wa.wav"}
+    assert "speaker 99" in listed["99a01Fa.wav"][1] and "text a03" in listed["03a03Wa.wav"][1]
+
+
+def test_ravdess_names_ravdess_does_not_have_are_bad_names(tmp_path):
+    write_clip(tmp_path / "Actor_01" / "03-01-01-01-01-01-01.wav")  # normal neutral: fine
+    write_clip(tmp_path / "Actor_01" / "03-01-01-02-01-01-01.wav", seed=1)  # strong neutral: none in RAVDESS
+    write_clip(tmp_path / "Actor_25" / "03-01-05-01-01-01-25.wav", seed=2)  # 24 actors
+    write_clip(tmp_path / "Actor_00" / "03-01-05-01-01-01-00.wav", seed=3)
+    write_clip(tmp_path / "Actor_02" / "03-02-07-01-01-01-02.wav", seed=4)  # sung disgust: none
+    write_clip(tmp_path / "Actor_02" / "03-02-08-02-01-01-02.wav", seed=5)  # sung surprise: none
+    write_clip(tmp_path / "Actor_02" / "03-02-03-02-01-01-02.wav", seed=6)  # sung strong happiness: fine
+    with pytest.warns(SkippedClipsWarning, match="skipped 5 of 7 ravdess clips \\(5 bad-name\\)"):
+        result = ravdess_prepare(tmp_path, tmp_path / "m.csv", include_song=True)
+    assert labels(result) == {"03-01-01-01-01-01-01.wav": ("ravdess-01", "male", "neutral"),
+                              "03-02-03-02-01-01-02.wav": ("ravdess-02", "female", "happiness")}
+    listed = skipped_list(result)
+    assert "no strong (02) neutral" in listed["03-01-01-02-01-01-01.wav"][1]
+    assert "actor 25" in listed["03-01-05-01-01-01-25.wav"][1] and "disgust" in listed["03-02-07-01-01-01-02.wav"][1]
+
+
+def test_cremad_names_it_does_not_have_are_bad_names_and_its_x_level_quirk_is_read(tmp_path):
+    good = {"1040_ITH_SAD_X.wav": ("crema-d-1040", "", "sadness"),  # as distributed: one X
+            "1001_IEO_HAP_LO.wav": ("crema-d-1001", "", "happiness")}
+    bad = ["1092_DFA_ANG_XX.wav", "1000_DFA_ANG_XX.wav",  # actors 1001-1091
+           "1001_ABC_ANG_XX.wav",  # not one of the 12 sentences
+           "1001_TIE_ANG_HI.wav",  # levels only on IEO
+           "1001_IEO_ANG_ZZ.wav"]  # no level ZZ
+    for i, name in enumerate([*good, *bad]):
+        write_clip(tmp_path / "AudioWAV" / name, seed=i)
+    with pytest.warns(SkippedClipsWarning, match="skipped 5 of 7 crema-d clips \\(5 bad-name\\)"):
+        result = cremad_prepare(tmp_path, tmp_path / "m.csv")
+    assert labels(result) == good
+    levels = read_manifest(result.manifest)["level"].tolist()
+    assert sorted(levels) == ["low", "unspecified"]
+    listed = skipped_list(result)
+    assert set(listed) == set(bad) and "only IEO" in listed["1001_TIE_ANG_HI.wav"][1]
+
+
+def test_hand_made_csv_with_only_some_columns_and_missing_files(tmp_path):
+    write_clip(tmp_path / "clips" / "a.wav", seconds=0.6)
+    write_clip(tmp_path / "clips" / "b.wav", seconds=0.4, seed=1)
+    write_clip(tmp_path / "clips" / "c.wav", "corrupt")
+    src = tmp_path / "my.csv"
+    src.write_text("path,speaker,gender,emotion\nclips/a.wav,p1,female,anger\nclips/b.wav,p1,female,\n"
+                   "clips/gone.wav,p2,male,sadness\nclips/c.wav,p2,male,fear\n")
+    with pytest.warns(SkippedClipsWarning, match="skipped 2 of 4 csv clips \\(1 missing, 1 unreadable\\)"):
+        result = csv_prepare(src, tmp_path / "out.csv")
+    df = read_manifest(result.manifest)
+    assert df["path"].tolist() == [str(tmp_path / "clips" / "a.wav"), str(tmp_path / "clips" / "b.wav")]
+    assert df["emotion"].tolist() == ["anger", ""] and df["arousal"].isna().all() and df["valence"].isna().all()
+    assert df["duration"].tolist() == pytest.approx([0.6, 0.4])  # probed
+    assert skipped_list(result) == {"gone.wav": ("missing", "no such file"),
+                                    "c.wav": ("unreadable", skipped_list(result)["c.wav"][1])}
+    src.write_text("path,speaker\nclips/a.wav,p1\n")  # path and speaker are enough
+    result = csv_prepare(src, tmp_path / "out.csv")
+    assert result.n_clips == 1 and result.skipped_csv is None
+    assert not (tmp_path / "out.skipped.csv").exists()  # the earlier list described another scan
+    src.write_text("path,emotion\nclips/a.wav,anger\n")  # no speaker: partitions are per speaker
+    with pytest.raises(ManifestError, match="missing column.*speaker"):
+        csv_prepare(src, tmp_path / "out.csv")
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_output_that_cannot_be_written_fails_before_any_clip_is_read(tmp_path, monkeypatch, where):
+    import client.corpora as corpora
+
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    out = tmp_path / "a-file" / "m.csv" if where == "under-a-file" else Path("/proc/fedaffect-test/m.csv")
+    (tmp_path / "a-file").write_text("not a folder")
+    write_clip(tmp_path / "src" / "wav" / "03a01Fa.wav")
+    read = []
+    monkeypatch.setattr(corpora, "probe_duration", lambda p: read.append(p))
+    monkeypatch.setattr(corpora, "load_audio", lambda p, **k: read.append(p))
+    monkeypatch.setattr(corpora, "_audio_files", lambda *a, **k: read.append(a) or [])
+    with pytest.raises(OSError, match=f"cannot write the output manifest {out}"):
+        prepare("emodb", tmp_path / "src", out)
+    src = tmp_path / "my.csv"
+    src.write_text("path,speaker\nsrc/wav/03a01Fa.wav,p1\n")
+    with pytest.raises(OSError, match="cannot write the output manifest"):
+        csv_prepare(src, out)
+    assert read == []
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        csv_prepare(src, tmp_path)
+
+
+def test_cli_prepare_lists_skipped_clips_in_a_file_and_prints_one_clean_line(tmp_path):
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from fedaffect.cli import app as cli
+
+    build(tmp_path / "src", CASES["emodb"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(cli, ["data", "prepare", "emodb", "--source", str(tmp_path / "src"),
+                                       "--out", str(tmp_path / "emodb.csv")])
+    assert res.exit_code == 0, res.output
+    assert not [w for w in caught if issubclass(w.category, SkippedClipsWarning)]
+    listed = tmp_path / "emodb.skipped.csv"
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("skipped"))
+    assert line == f"skipped 3 of 7 clips (1 bad-name, 1 unreadable, 1 silent); each listed with its reason in {listed}"
+    assert "Warning" not in res.output and "corpora.py" not in res.output
+    assert len(pd.read_csv(listed)) == 3 and len(read_manifest(tmp_path / "emodb.csv")) == 4
+
+    res = CliRunner().invoke(cli, ["data", "prepare", "emodb", "--source", str(tmp_path / "src"),
+                                   "--out", str(tmp_path / "emodb.csv" / "m.csv")])
+    assert res.exit_code == 2 and "cannot write the output manifest" in res.output
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,speaker,emotion\n" + "".join(f"x{i}.wav,p,angryy\n" for i in range(12)))
+    res = CliRunner().invoke(cli, ["data", "prepare", "csv", "--source", str(bad), "--out", str(tmp_path / "o.csv")])
+    assert res.exit_code == 2 and "line 11, column emotion" in res.output and "and 2 more" in res.output

@@ -67,11 +67,55 @@ def test_errors_name_line_and_column(tmp_path, row3, column):
     assert "line 3" in msg and f"column {column}" in msg and str(path) in msg
 
 
-def test_missing_column_named(tmp_path):
+def test_missing_required_column_named(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_text("path,speaker,gender,emotion,arousal,duration\na.wav,s1,,,,\n")
-    with pytest.raises(ManifestError, match="missing column.*valence"):
+    path.write_text("path,gender,emotion,arousal,duration\na.wav,,,,\n")
+    with pytest.raises(ManifestError, match="missing column.*speaker"):
         read_manifest(path)
+
+
+@pytest.mark.parametrize("header,row", [("path,speaker,gender,emotion", "a.wav,s1,female,anger"),
+                                        ("path,speaker,age", "a.wav,s1,31"),
+                                        ("speaker,emotion,path,arousal", "s1,anger,a.wav,0.5")])
+def test_optional_columns_may_be_missing_and_read_as_empty(tmp_path, header, row):
+    path = tmp_path / "m.csv"
+    second = ",".join({"path": "b.wav", "speaker": "s2"}.get(c, "") for c in header.split(","))
+    path.write_text(f"{header}\n{row}\n{second}\n")
+    df = read_manifest(path)
+    assert list(df.columns[:7]) == list(MANIFEST_COLUMNS) and len(df) == 2
+    given = dict(zip(header.split(","), row.split(",")))
+    assert df.loc[0, "path"] == str(tmp_path / "a.wav") and df.loc[0, "speaker"] == "s1"
+    assert df.loc[0, "emotion"] == given.get("emotion", "") and df.loc[0, "gender"] == given.get("gender", "")
+    assert df.loc[0, "arousal"] == float(given["arousal"]) if "arousal" in given else np.isnan(df.loc[0, "arousal"])
+    assert df["valence"].isna().all() and df["duration"].isna().all() and df["duration"].dtype == np.float64
+    assert (df["speaker"].iloc[1], df["emotion"].iloc[1], df["gender"].iloc[1]) == ("s2", "", "")
+
+
+@pytest.mark.parametrize("column,expected", [("Emotion", "emotion"), ("emotions", "emotion"), ("valance", "valence")])
+def test_a_misspelt_column_is_refused_not_taken_as_extra(tmp_path, column, expected):
+    path = tmp_path / "m.csv"
+    path.write_text(f"path,speaker,{column}\na.wav,s1,0.5\n")
+    with pytest.raises(ManifestError, match=f"'{column}' \\(did you mean '{expected}'\\?\\)"):
+        read_manifest(path)
+
+
+def test_every_bad_value_is_listed_up_to_ten(tmp_path):
+    path = tmp_path / "m.csv"
+    rows = ["a.wav,s1,male,anger,0.1,0.2,1.0", "b.wav,s1,,angryy,2,,"]  # line 3: emotion and arousal
+    rows += [f"c{i}.wav,,,,,,-1" for i in range(5)]  # lines 4-8: speaker and duration, 10 problems in all
+    path.write_text(HEADER + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    lines = str(info.value).splitlines()
+    assert "12 bad value(s)" in lines[0] and str(path) in lines[0]
+    assert [ln.strip().split(":")[0] for ln in lines[1:11]] == [
+        "line 3, column emotion", "line 3, column arousal",
+        *[f"line {n}, column {c}" for n in range(4, 8) for c in ("speaker", "duration")]]
+    assert lines[11].strip() == "and 2 more" and len(lines) == 12
+    path.write_text(HEADER + "\n" + "\n".join(rows[:2]) + "\n")  # two problems: both, and no "more"
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    assert len(str(info.value).splitlines()) == 3 and "more" not in str(info.value)
 
 
 def test_out_of_range_arousal_refused_on_write(tmp_path):
