@@ -26,6 +26,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -46,7 +47,9 @@ app.add_typer(device_app, name="device")
 server_app = typer.Typer(help="On the coordinator: certificates, SuperLink, enrolling devices.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 console = Console(stderr=True)
-out = Console()
+# Tables piped to a file or another program are not squeezed into 80 columns (Rich's width
+# without a terminal); COLUMNS still wins when set.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -74,12 +77,25 @@ def _fmt(value: Any) -> str:
 @data_app.command("prepare")
 def data_prepare(
     corpus: str = typer.Argument(..., help="emodb, ravdess, crema-d, tess, csv, hedgewars or synth"),
-    source: Optional[Path] = typer.Option(None, help="Corpus folder (for csv: the CSV file; for synth: the folder to generate into)"),
-    out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write"),
+    source: Optional[Path] = typer.Option(None, help="Corpus folder (for csv: the CSV file, columns path and "
+                                          "speaker required, the others optional; for synth: the folder to generate into)"),
+    out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write; skipped clips are listed next to it "
+                                  "(emodb.csv -> emodb.skipped.csv)"),
 ) -> None:
-    """Scan a corpus and write its manifest (path, speaker, gender, emotion, arousal, valence, duration)."""
+    """Scan a corpus and write its manifest (path, speaker, gender, emotion, arousal, valence, duration).
+
+    Clips that cannot be used (unreadable, missing, empty, silent, too short, not named by the
+    corpus's convention, duplicates) are skipped: the counts per reason are printed, and every
+    skipped clip with its reason is written to OUT's name + ``.skipped.csv``. The output is
+    checked to be writable before the corpus is scanned.
+    """
+    import warnings
+
+    from rich.markup import escape
+
     _setup_logging(False)
     from client.corpora import CORPORA, prepare
+    from shared_models.audio import SkippedClipsWarning
 
     if corpus not in CORPORA:
         _fail(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
@@ -87,13 +103,25 @@ def data_prepare(
     if source is None and corpus not in ("hedgewars",):
         _fail(f"--source is needed for {corpus}")
     try:
-        result = prepare(corpus, out=out_path, **kwargs)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        _fail(str(err))
-    out.print(
-        f"[green]wrote[/] {result.manifest}: {result.n_clips} clips, {result.n_speakers} speakers"
-        + (f", {result.skipped.total} skipped ({result.skipped.as_dict()})" if result.skipped.total else "")
-    )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedClipsWarning)  # summarised below, without Python's file:line
+            result = prepare(corpus, out=out_path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:  # FileNotFoundError, ManifestError among them
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)  # one problem a line, unwrapped
+        raise typer.Exit(2)
+    out.print(f"[green]wrote[/] {escape(str(result.manifest))}: {result.n_clips} clips, {result.n_speakers} speakers",
+              soft_wrap=True)
+    if result.skipped.total:
+        n_seen = result.n_clips + result.skipped.total
+        console.print(f"[yellow]skipped[/] {result.skipped.total} of {n_seen} clips ({result.skipped.summary()}); "
+                      f"each listed with its reason in {escape(str(result.skipped_csv))}", soft_wrap=True)
+
+
+def _default(key: str) -> str:
+    """`` [default: X]`` for an option's help: the run config's default of ``key``."""
+    from shared_models.config import RunConfig
+
+    return escape(f" [default: {getattr(RunConfig(), key.replace('-', '_'))}]")  # not Rich markup
 
 
 def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -104,7 +132,7 @@ def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets:
     ConfigError
         For a ``--set`` item that is not ``key=value``.
     """
-    from shared_models.config import ConfigError, load_config_file
+    from shared_models.config import ConfigError, RunConfig, load_config_file
 
     values: dict[str, Any] = load_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -112,6 +140,10 @@ def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
+        try:
+            RunConfig.check_key(key.strip())
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}: {err}") from None
         values[key.strip()] = _parse_value(raw.strip())
     return values
 
@@ -186,21 +218,27 @@ def _final_table(summary: dict[str, Any]) -> Table:
 @app.command()
 def simulate(
     manifest: Optional[Path] = typer.Option(None, help="Clip manifest (from `fedaffect data prepare`)"),
-    model: Optional[str] = typer.Option(None, help="egemaps-mlp, logmel-crnn or wave-cnn-gru"),
-    task: Optional[str] = typer.Option(None, help="emotion, av (arousal/valence) or both"),
-    partition: Optional[str] = typer.Option(None, help="speaker, iid or dirichlet"),
-    num_devices: Optional[int] = typer.Option(None, help="training devices for iid/dirichlet (0 = one per speaker)"),
-    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"),
-    folds: Optional[int] = typer.Option(None, help="leave-speakers-out folds (1 = no held-out speakers)"),
-    fold: Optional[int] = typer.Option(None, help="run only this fold"),
-    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
-    local_epochs: Optional[int] = typer.Option(None, help="local epochs per round"),
-    lr: Optional[float] = typer.Option(None, help="local learning rate (Adam)"),
+    model: Optional[str] = typer.Option(None, help="egemaps-mlp, logmel-crnn or wave-cnn-gru" + _default("model")),
+    task: Optional[str] = typer.Option(None, help="emotion, av (arousal/valence) or both" + _default("task")),
+    partition: Optional[str] = typer.Option(None, help="speaker, iid or dirichlet" + _default("partition")),
+    num_devices: Optional[int] = typer.Option(None, help="training devices for iid/dirichlet (0 = one per speaker)"
+                                              + _default("num-devices")),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration for --partition dirichlet"
+                                          + _default("dirichlet-alpha")),
+    folds: Optional[int] = typer.Option(None, help="leave-speakers-out folds (1 = no held-out speakers)"
+                                        + _default("folds")),
+    fold: Optional[int] = typer.Option(None, help="run only this fold [default: every fold]"),
+    rounds: Optional[int] = typer.Option(None, help="federated rounds" + _default("num-server-rounds")),
+    local_epochs: Optional[int] = typer.Option(None, help="local epochs per round" + _default("local-epochs")),
+    lr: Optional[float] = typer.Option(None, help="local learning rate (Adam)" + _default("lr")),
     strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, qfedavg or fair (tune with --set "
-                                           "fair-beta=2 and --set fair-attribute=gender)"),
-    seed: Optional[int] = typer.Option(None),
-    mode: Optional[str] = typer.Option(None, help="supervised, self-labelling, active or cooperative"),
-    label_fraction: Optional[float] = typer.Option(None, help="share of each device's clips that keep their labels"),
+                                           "fair-beta=2 and --set fair-attribute=gender)" + _default("strategy")),
+    seed: Optional[int] = typer.Option(None, help="seed of the folds, label split, sampling and training"
+                                       + _default("seed")),
+    mode: Optional[str] = typer.Option(None, help="supervised, self-labelling, active or cooperative"
+                                       + _default("mode")),
+    label_fraction: Optional[float] = typer.Option(None, help="share of each device's clips that keep their labels"
+                                                   + _default("label-fraction")),
     init: Optional[Path] = typer.Option(None, help="start from this checkpoint (`fedaffect pretrain`)"),
     run_dir: Optional[Path] = typer.Option(None, help="folder for the run store, checkpoints and reports"),
     store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
@@ -209,9 +247,11 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="override any run-config key: --set batch-size=16"),
     summary_json: Optional[Path] = typer.Option(None, help="write config, per-round and final metrics here"),
     report: bool = typer.Option(True, help="write the report (PNG + HTML) of the last fold"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round and device event"),
 ) -> None:
-    """Simulate a federation (one device per speaker by default) and report held-out metrics."""
+    """Simulate a federation (one device per speaker by default) and report held-out metrics.
+
+    Later settings win: defaults, --config FILE, these options, --set KEY=VALUE."""
     _setup_logging(verbose)
     options = {
         "manifest": str(manifest) if manifest else None, "model": model, "task": task, "partition": partition,
@@ -221,7 +261,12 @@ def simulate(
         "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None,
     }
     cfg = _build_config(config, options, set_)
-    one_fold = "fold" in _config_values(config, options, set_)  # named anywhere: option, file or --set
+    named = _config_values(config, options, set_)
+    one_fold = "fold" in named  # named anywhere: option, file or --set
+    if not cfg.manifest:
+        _fail("no manifest: pass --manifest MANIFEST.csv (from `fedaffect data prepare`)")
+    if "dirichlet-alpha" in named and cfg.partition != "dirichlet":
+        _fail(f"--alpha (dirichlet-alpha) applies to --partition dirichlet, not {cfg.partition!r}")
     from server.report import write_report
     from server.simulation import simulate as run_simulation
     from server.store import RunStore, default_store_url
@@ -234,11 +279,18 @@ def simulate(
         bar = progress.add_task("federated rounds", total=n_folds * (cfg.num_server_rounds + 1), status="")
 
         def on_round(f: int, r: int, m: dict[str, Any]) -> None:
-            progress.update(bar, advance=1, status=f"fold {f} round {r}: UAR {_fmt(m.get('uar'))} "
-                            f"CCC-A {_fmt(m.get('ccc_arousal'))}")
+            status = f"fold {f} round {r}: UAR {_fmt(m.get('uar'))} CCC-A {_fmt(m.get('ccc_arousal'))}"
+            progress.update(bar, advance=1, status=status)
+            if not console.is_terminal:  # no live bar in a log file: one line a round instead
+                console.print(status, highlight=False)
 
         try:
             summary = run_simulation(cfg, engine=engine, all_folds=not one_fold, on_round=on_round)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/]: the run is stored as failed with the rounds it finished "
+                          f"(`fedaffect runs --run-dir {cfg.run_dir}`, `fedaffect report RUN`)")
+            raise typer.Exit(130)
         except (ValueError, FileNotFoundError, ManifestError) as err:
             progress.stop()
             _fail(str(err))
@@ -287,9 +339,12 @@ def runs(
     except ConnectionError as err:
         _fail(str(err))
     table = Table(title=f"Runs in {store.shown_url}")
+    listed = store.list_runs()
     for c in ("id", "name", "status", "model", "rounds", "uar", "ccc_arousal", "ccc_valence"):
-        table.add_column(c)
-    for run in store.list_runs():
+        # the name is what `fedaffect report RUN` takes: never shortened, the other columns give way
+        table.add_column(c, no_wrap=c == "name", min_width=max((len(r.name) for r in listed), default=4)
+                         if c == "name" else None)
+    for run in listed:
         final = (run.summary or {}).get("final", {})
         table.add_row(str(run.id), run.name, run.status, str(run.config.get("model")),
                       str(max(len(store.rounds(run.id)) - 1, 0)), _fmt(final.get("uar")),
@@ -362,12 +417,27 @@ def pretrain(
 
     if task not in ("emotion", "av", "both"):
         _fail(f"unknown task {task!r}; known: emotion, av, both")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    bar = None
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:  # features are extracted (their own bar) before the first epoch
+            progress.start()
+            bar = progress.add_task(f"pretraining {model}", total=epochs, status="")
+        progress.update(bar, completed=epoch, status=f"loss {_fmt(loss)}")
+        if not console.is_terminal:  # a log file: one line an epoch
+            console.print(f"epoch {epoch}/{epochs}: loss {_fmt(loss)}", highlight=False)
+
     try:
         result = run_pretrain(manifest, model, out_path, task=task, epochs=epochs, lr=lr, batch_size=batch_size,
                               seed=seed, emotions=[e.strip() for e in emotions.split(",")] if emotions else None,
-                              cache_dir=cache_dir, progress=True, compute_device=compute_device)
+                              cache_dir=cache_dir, progress=True, compute_device=compute_device, on_epoch=on_epoch)
     except (ValueError, FileNotFoundError, ManifestError) as err:
+        progress.stop()
         _fail(str(err))
+    progress.stop()
     out.print(f"[green]wrote[/] {result['path']}: {model} on {result['clips']} clips of {result['speakers']} "
               f"speakers, emotions {', '.join(result['emotions'])}; training loss {_fmt(result['train_loss'])}, "
               f"training UAR {_fmt(result['train_uar'])} ({result['seconds']:.0f}s)")
@@ -410,6 +480,11 @@ def predict(
     from client.inference import predict_clips, reference_clips
     from shared_models.manifest import ManifestError
 
+    if not (data_dir or reference):
+        # Models see features standardised per device (per speaker); from the given clips
+        # alone, a batch of one speaker's angry clips looks "average" and is misread.
+        console.print(f"[yellow]note[/]: standardising features on the {len(clips)} clip(s) given; for the "
+                      "speaker's own statistics pass --data-dir (the device's folder) or --reference MANIFEST")
     try:
         ref = reference_clips(data_dir, reference) if (data_dir or reference) else None
         preds = predict_clips(checkpoint, clips, reference=ref, cache_dir=cache_dir, progress=True)
