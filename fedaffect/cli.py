@@ -180,14 +180,8 @@ def _rounds_table(summary: dict[str, Any]) -> Table:
     cols = ["round", "train_loss", "eval_loss", "uar", "wa", "macro_f1", "ccc_arousal", "ccc_valence", "wall_s"]
     for c in cols:
         table.add_column(c, justify="right")
-    n_rounds = min(len(f["rounds"]) for f in folds)
-    for i in range(n_rounds):
-        row = []
-        for c in cols:
-            vals = [f["rounds"][i].get(c) for f in folds]
-            vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
-            row.append(_fmt(sum(vals) / len(vals) if vals else None) if c != "round" else str(i))
-        table.add_row(*row)
+    for i, r in enumerate(summary["rounds"]):  # the mean over folds (server.simulation.mean_rounds)
+        table.add_row(*(str(i) if c == "round" else _fmt(r.get(c)) for c in cols))
     return table
 
 

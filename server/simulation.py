@@ -17,6 +17,7 @@ bar, and a summary with mean and standard deviation over folds.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 import uuid
@@ -38,9 +39,9 @@ from shared_models.manifest import read_manifest
 from shared_models.models import frontend_for
 from shared_models.training import compute_device
 from server.app import FINAL_METRICS, run_federation
-from server.store import RunStore, default_store_url
+from server.store import CONFUSION_KEY, RunStore, default_store_url
 
-__all__ = ["InProcessGrid", "simulate", "prepare_run", "ENGINES"]
+__all__ = ["InProcessGrid", "simulate", "prepare_run", "combine_folds", "mean_rounds", "ENGINES"]
 
 log = logging.getLogger("fedaffect.simulation")
 
@@ -257,7 +258,8 @@ def simulate(
     Returns
     -------
     dict
-        ``config``, ``folds`` (each fold's run summary), ``final`` (per metric
+        ``config``, ``runs`` (names), ``folds`` (each fold's run summary), ``rounds`` (the
+        per-round metrics' mean over folds, :func:`mean_rounds`), ``final`` (per metric
         ``{"mean", "std", "folds"}``) and ``per_group`` (per attribute/group/metric mean).
 
     Raises
@@ -287,8 +289,43 @@ def simulate(
     return combine_folds(cfg, summaries)
 
 
+def mean_rounds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-round metrics over folds: each numeric metric's mean over the folds that have it
+    (NaN and None skipped; None when no fold has it), the confusion counts summed. Rounds up
+    to the shortest fold's last.
+
+    Parameters
+    ----------
+    summaries : list of dict
+        Fold summaries, each with ``rounds`` (:func:`server.app.run_summary`).
+
+    Returns
+    -------
+    list of dict
+        ``{"round": r, <metric>: mean, ..., "confusion": summed counts or None}``.
+    """
+    out = []
+    for i in range(min((len(s["rounds"]) for s in summaries), default=0)):
+        rows = [s["rounds"][i] for s in summaries]
+        row: dict[str, Any] = {"round": rows[0].get("round", i)}
+        for key in dict.fromkeys(k for r in rows for k in r):
+            values = [r.get(key) for r in rows]
+            if key == "round":
+                continue
+            if key == CONFUSION_KEY:
+                counts = [np.asarray(v) for v in values if v is not None]
+                row[key] = np.sum(counts, axis=0).tolist() if counts else None
+                continue
+            nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v)]
+            row[key] = float(np.mean(nums)) if nums else None
+        out.append(row)
+    return out
+
+
 def combine_folds(cfg: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation of final metrics over fold summaries."""
+    """Mean and standard deviation of final metrics over fold summaries, and the per-round
+    metrics' mean over folds (:func:`mean_rounds`)."""
 
     def stat(values: list[float | None]) -> dict[str, Any]:
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)
@@ -315,6 +352,7 @@ def combine_folds(cfg: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, 
         "config": cfg.to_mapping(),
         "runs": [s["run"] for s in summaries],
         "folds": summaries,
+        "rounds": mean_rounds(summaries),
         "final": final,
         "per_group": per_group,
     }

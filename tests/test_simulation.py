@@ -114,6 +114,12 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
         assert summary["final"][key]["mean"] == pytest.approx(np.mean(values))
         assert summary["final"][key]["std"] == pytest.approx(np.std(values))
     assert set(summary["per_group"]["gender"]) == {"female", "male"}
+    # the per-round table's numbers: each round's mean over the folds, confusion counts summed
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    for i, row in enumerate(summary["rounds"]):
+        folds = [f["rounds"][i] for f in summary["folds"]]
+        assert row["uar"] == pytest.approx(np.mean([f["uar"] for f in folds]))
+        assert row["confusion"] == (np.asarray(folds[0]["confusion"]) + folds[1]["confusion"]).tolist()
     assert "2 folds" in res.output and "std" in res.output  # mean and std over the folds
     from rich.console import Console
 
