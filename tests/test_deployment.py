@@ -28,7 +28,7 @@ from client.deployment import DeviceConfig, init_device, supernode_command
 from server.app import run_federation
 from server.deployment import ServerConfig, init_server, superlink_command
 from server.simulation import InProcessGrid
-from server.store import RunStore
+from server.store import CONFUSION_KEY, RunStore
 from shared_models.config import ConfigError, RunConfig
 from shared_models.features import FeatureCache
 from shared_models.models import frontend_for
@@ -281,9 +281,11 @@ def test_resume_continues_from_the_last_valid_checkpoint(device_dirs, tmp_path):
     # Round 3 re-run from round 2's checkpoint is the round the uninterrupted run stored
     # (training is seeded): a resume that ignored the checkpoint's weights would differ.
     def timeless(row):
-        return {k: v for k, v in row.items() if k != "wall_s" and not k.endswith(("seconds", "_at"))}
+        return {k: v for k, v in row.items()
+                if k not in ("wall_s", CONFUSION_KEY) and not k.endswith(("seconds", "_at"))}
 
     assert timeless(after[3]) == pytest.approx(timeless(before[3]))
+    assert after[3][CONFUSION_KEY] == before[3][CONFUSION_KEY]
     assert store.get_run("dep").status == "completed"
     assert not any(m["round"] > 4 for m in store.device_metrics(run.id))
     assert store.latest_checkpoint(run.id)[0] == 4
