@@ -25,13 +25,14 @@ absolute first: the ServerApp and the Ray workers do not run in the caller's dir
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
 import logging
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomli_w
 
@@ -108,7 +109,12 @@ def federation_config(num_devices: int, compute_device: str, cuda_available: boo
     return f"num-supernodes={num_devices} client-resources-num-cpus=1 client-resources-num-gpus={gpus}"
 
 
-def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dict[str, Any]:
+#: The ServerApp's log line of a stored round (``server.app.run_federation``).
+_ROUND_LINE = re.compile(r"\bround (\d+)/\d+\s+train_loss")
+
+
+def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800,
+            on_round: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one federated run on Flower's Simulation Engine (Ray) and return its summary.
 
     Starts a private local SuperLink in simulation mode, submits the project's Flower
@@ -129,6 +135,9 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dic
     timeout_s : float, optional
         Seconds the whole run may take once submitted (default 1800); the run is then
         stopped and counted as failed.
+    on_round : callable, optional
+        ``on_round(round, metrics)`` once a round is stored (the ServerApp runs in another
+        process: its log line of the round triggers a read of the round from the store).
 
     Returns
     -------
@@ -204,6 +213,7 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dic
                     federation_config=federation,
                     alive=lambda: None if superlink.poll() is None else
                     f"flower-superlink exited with code {superlink.returncode}",
+                    on_line=(lambda line: _report_round(line, store, cfg.run_name, on_round)) if on_round else None,
                 )
             except RuntimeError as err:  # stopping the SuperLink's process tree (below) ends the run
                 raise failure(f"run {cfg.run_name}: {err}") from None
@@ -231,3 +241,18 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800) -> dic
     from server.app import run_summary
 
     return run_summary(store, run.id)
+
+
+def _report_round(line: str, store: RunStore, run_name: str,
+                  on_round: Callable[[int, dict[str, Any]], None]) -> None:
+    """Call ``on_round`` with a stored round's metrics when ``line`` is its log line."""
+    m = _ROUND_LINE.search(line)
+    if m is None:
+        return
+    try:
+        rows = store.rounds(store.get_run(run_name).id)
+    except KeyError:
+        return
+    row = next((r for r in rows if r["round"] == int(m.group(1))), None)
+    if row is not None:
+        on_round(int(m.group(1)), row)

@@ -253,7 +253,7 @@ def simulate(
     progress : bool
         Show progress bars.
     on_round : callable, optional
-        Called as ``on_round(fold, round, metrics)`` after each round (in-process engine).
+        Called as ``on_round(fold, round, metrics)`` after each round is stored.
 
     Returns
     -------
@@ -279,13 +279,13 @@ def simulate(
         fold_cfg = cfg.replace(fold=fold, run_name=f"{base}-fold{fold}" if len(folds) > 1 else base)
         fold_cfg, num_devices = prepare_run(fold_cfg, extract=False)
         log.info("fold %d: %d devices, engine %s", fold, num_devices, engine)
+        hook = (lambda r, m, f=fold: on_round(f, r, m)) if on_round else None
         if engine == "inprocess":
-            hook = (lambda r, m, f=fold: on_round(f, r, m)) if on_round else None
             summaries.append(_run_inprocess(fold_cfg, num_devices, hook))
         else:
             from server.ray_engine import run_ray
 
-            summaries.append(run_ray(fold_cfg, num_devices))
+            summaries.append(run_ray(fold_cfg, num_devices, on_round=hook))
     return combine_folds(cfg, summaries)
 
 

@@ -117,10 +117,14 @@ def test_ray_simulation_completes_and_is_stored(tones, tmp_path):
     manifest, cache = tones
     cfg = RunConfig(manifest=str(manifest), model="egemaps-mlp", task="both", folds=2, num_server_rounds=2,
                     local_epochs=2, run_name="ray-smoke", run_dir=str(tmp_path / "runs"), cache_dir=str(cache))
-    summary = simulate(cfg, engine="ray", all_folds=False, progress=False)
+    seen = []
+    summary = simulate(cfg, engine="ray", all_folds=False, progress=False,
+                       on_round=lambda f, r, m: seen.append((f, r, m["uar"])))
 
     store = RunStore(summary["config"]["store-url"])
     run = store.get_run("ray-smoke")
+    # the progress hook hears of every stored round, though the ServerApp is another process
+    assert seen == [(0, r["round"], r["uar"]) for r in summary["folds"][0]["rounds"]]
     assert run.status == "completed" and run.engine == "flower"
     assert [r["round"] for r in store.rounds(run.id)] == [0, 1, 2]
     fold = summary["folds"][0]
