@@ -240,7 +240,7 @@ def simulate(
     config: Optional[Path] = typer.Option(None, "--config", help="experiment file (TOML)"),
     set_: list[str] = typer.Option([], "--set", help="override any run-config key: --set batch-size=16"),
     summary_json: Optional[Path] = typer.Option(None, help="write config, per-round and final metrics here"),
-    report: bool = typer.Option(True, help="write the report (PNG + HTML) of the last fold"),
+    report: bool = typer.Option(True, help="write each fold's report (PNG + HTML)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round and device event"),
 ) -> None:
     """Simulate a federation (one device per speaker by default) and report held-out metrics.
@@ -299,10 +299,10 @@ def simulate(
         summary_json.write_text(json.dumps(summary, indent=2, default=str))
         out.print(f"summary: [bold]{summary_json}[/]")
     if report:
-        run_name = summary["runs"][-1]
         store = RunStore(summary["config"]["store-url"] or default_store_url(cfg.run_dir))
-        page = write_report(store, run_name, Path(cfg.run_dir) / run_name / "report")
-        out.print(f"report: [bold]{page}[/]")
+        pages = [write_report(store, name, Path(cfg.run_dir) / name / "report") for name in summary["runs"]]
+        out.print(f"report: [bold]{pages[-1]}[/]" if len(pages) == 1 else
+                  "reports, one per fold:\n" + "\n".join(f"  [bold]{page}[/]" for page in pages))
 
 
 def _existing_store(run_dir: Path) -> str:

@@ -129,8 +129,10 @@ def test_cli_simulate_writes_summary_and_report(tone_manifest, tmp_path):
     console.print(_final_table({**summary, "folds": summary["folds"][:1]}))  # one fold: no std to show
     one = console.export_text()
     assert "value" in one and "std" not in one and "folds" not in one
+    assert "reports, one per fold" in res.output
+    assert all((tmp_path / "runs" / name / "report" / "index.html").exists() for name in summary["runs"])
     report = tmp_path / "runs" / summary["runs"][-1] / "report"
-    for png in ("loss.png", "metrics.png", "groups.png"):
+    for png in ("loss.png", "metrics.png", "groups.png", "confusion.png"):
         data = (report / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     html = (report / "index.html").read_text()
