@@ -28,9 +28,9 @@ from torch import nn
 
 from shared_models.features import Standardiser, extract_features
 from shared_models.manifest import read_manifest
-from shared_models.metrics import classification_metrics, confusion
+from shared_models.metrics import ccc_from_sums, classification_metrics, confusion
 from shared_models.models import MODELS, build_model, frontend_for
-from shared_models.training import LocalData, predict, train_local
+from shared_models.training import LocalData, evaluate_local, predict, train_local
 from shared_models.training import compute_device as resolve_compute_device
 
 __all__ = ["pretrain", "load_checkpoint", "load_initial", "check_initial"]
@@ -43,7 +43,8 @@ KIND = "fedaffect-pretrained"
 def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: str = "emotion", epochs: int = 20,
              lr: float = 3e-3, batch_size: int = 32, seed: int = 0, emotions: Sequence[str] | None = None,
              cache_dir: str | Path = ".cache/fedaffect", progress: bool = False,
-             compute_device: str = "cpu", on_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+             compute_device: str = "cpu", on_epoch: Callable[[int, float], None] | None = None,
+             validation_speakers: int = 0) -> dict[str, Any]:
     """Train ``model_name`` centrally on a source corpus and save a checkpoint.
 
     Parameters
@@ -66,18 +67,25 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
         checkpoint holds CPU tensors either way.
     on_epoch : callable, optional
         ``on_epoch(epoch, loss)`` after each training epoch (1-based), e.g. for a progress bar.
+    validation_speakers : int
+        Speakers (drawn with ``seed``) kept out of training to measure the model on voices it
+        has not heard; 0 (default) trains on every speaker.
 
     Returns
     -------
     dict
-        ``path``, ``clips`` (used), ``speakers``, ``emotions``, ``train_loss``, ``train_uar``
-        (on the training clips themselves, a sanity check), ``seconds``.
+        ``path``, ``clips`` (trained on), ``speakers`` (trained on), ``emotions``,
+        ``train_loss``, ``train_uar`` (on the training clips themselves, a sanity check),
+        ``seconds``; with validation speakers also ``validation_speakers`` (their names),
+        ``val_uar``, ``val_ccc_arousal``, ``val_ccc_valence`` (NaN for a head the task does
+        not train).
 
     Raises
     ------
     ValueError
         For an unknown model, a corpus without the labels the task needs, an emotion class
-        without a clip in the manifest, or ``cuda`` on a machine where torch sees no GPU.
+        without a clip in the manifest, ``cuda`` on a machine where torch sees no GPU, or
+        ``validation_speakers`` not below the number of speakers.
     FileNotFoundError, ManifestError
         For a missing or invalid manifest.
     """
@@ -109,6 +117,13 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     index = {e: i for i, e in enumerate(emotions)}
     data = LocalData(x, np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
                      table[["arousal", "valence"]].to_numpy(dtype=np.float32))
+    speakers = sorted(table["speaker"].astype(str).unique())
+    if not 0 <= validation_speakers < len(speakers):
+        raise ValueError(f"validation_speakers must be in [0, {len(speakers) - 1}] for {len(speakers)} speakers, "
+                         f"got {validation_speakers}")
+    held = sorted(np.random.default_rng(seed).choice(speakers, validation_speakers, replace=False).tolist())
+    is_held = table["speaker"].astype(str).isin(held).to_numpy()
+    data, validation = data.subset(~is_held), data.subset(is_held)
     torch.manual_seed(seed)
     model = build_model(model_name, max(len(emotions), 1)).to(torch_device)
     result = train_local(model, data, task=task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -116,13 +131,21 @@ def pretrain(manifest: str | Path, model_name: str, out: str | Path, *, task: st
     probs, _ = predict(model, data)
     known = data.emotion >= 0
     cm = confusion(data.emotion[known], probs[known].argmax(axis=1), len(emotions))
+    scores: dict[str, Any] = {}
+    if held:
+        stats = evaluate_local(model, validation, task=task, n_classes=max(len(emotions), 1))
+        scores = {"validation_speakers": held,
+                  "val_uar": classification_metrics(stats["cm"])["uar"]
+                  if task != "av" and stats["cm"].sum() else float("nan"),
+                  **{f"val_ccc_{d}": ccc_from_sums(stats[f"sums_{d}"]) if task != "emotion" else float("nan")
+                     for d in ("arousal", "valence")}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"kind": KIND, "model": model_name, "emotions": emotions, "task": task,
                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "source": str(manifest), "epochs": epochs, "seed": seed}, out)
-    return {"path": str(out), "clips": len(data), "speakers": int(table["speaker"].nunique()), "emotions": emotions,
+    return {"path": str(out), "clips": len(data), "speakers": len(speakers) - len(held), "emotions": emotions,
             "train_loss": result["train_loss"], "train_uar": classification_metrics(cm)["uar"] if known.any() else float("nan"),
-            "seconds": time.perf_counter() - t0}
+            **scores, "seconds": time.perf_counter() - t0}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -403,6 +403,8 @@ def pretrain(
     emotions: Optional[str] = typer.Option(None, help="comma-separated classes of the head (default: the corpus's)"),
     cache_dir: Path = typer.Option(Path(".cache/fedaffect"), help="feature cache"),
     compute_device: str = typer.Option("cpu", "--compute-device", help="cpu, cuda or auto (a GPU when torch sees one)"),
+    validation_speakers: int = typer.Option(0, min=0, help="speakers kept out of training to score the model on "
+                                            "unheard voices (0: train on all)"),
 ) -> None:
     """Train a model centrally on a source corpus: the starting point of transfer learning."""
     _setup_logging(False)
@@ -427,7 +429,8 @@ def pretrain(
     try:
         result = run_pretrain(manifest, model, out_path, task=task, epochs=epochs, lr=lr, batch_size=batch_size,
                               seed=seed, emotions=[e.strip() for e in emotions.split(",")] if emotions else None,
-                              cache_dir=cache_dir, progress=True, compute_device=compute_device, on_epoch=on_epoch)
+                              cache_dir=cache_dir, progress=True, compute_device=compute_device, on_epoch=on_epoch,
+                              validation_speakers=validation_speakers)
     except (ValueError, FileNotFoundError, ManifestError) as err:
         progress.stop()
         _fail(str(err))
@@ -435,6 +438,10 @@ def pretrain(
     out.print(f"[green]wrote[/] {result['path']}: {model} on {result['clips']} clips of {result['speakers']} "
               f"speakers, emotions {', '.join(result['emotions'])}; training loss {_fmt(result['train_loss'])}, "
               f"training UAR {_fmt(result['train_uar'])} ({result['seconds']:.0f}s)")
+    if "validation_speakers" in result:
+        out.print(f"validation on {len(result['validation_speakers'])} unheard speakers "
+                  f"({', '.join(result['validation_speakers'])}): UAR {_fmt(result['val_uar'])}, "
+                  f"CCC arousal {_fmt(result['val_ccc_arousal'])}, valence {_fmt(result['val_ccc_valence'])}")
 
 
 @device_app.command("label")

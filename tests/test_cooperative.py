@@ -686,3 +686,15 @@ def test_a_pseudo_label_fills_only_the_kind_of_label_a_clip_lacks(tmp_path):
 
 class _Pickled:
     """An arbitrary object: a checkpoint holding one is refused (weights-only loading)."""
+
+
+def test_pretrain_can_score_the_model_on_speakers_it_never_heard(tone_manifest, tmp_path):
+    from client.transfer import pretrain
+
+    res = pretrain(tone_manifest, "egemaps-mlp", tmp_path / "pre.pt", task="both", epochs=10,
+                   validation_speakers=1, cache_dir=tmp_path / "cache")
+    assert len(res["validation_speakers"]) == 1 and res["speakers"] == 3
+    assert res["clips"] == 18  # 4 speakers x 6 clips, one speaker kept out
+    assert 0 <= res["val_uar"] <= 1 and np.isfinite(res["val_ccc_arousal"])
+    with pytest.raises(ValueError, match=r"validation_speakers must be in \[0, 3\]"):
+        pretrain(tone_manifest, "egemaps-mlp", tmp_path / "x.pt", validation_speakers=4, cache_dir=tmp_path / "cache")
