@@ -260,25 +260,49 @@ APP_ERRORS = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_E
               ErrorCode.MOD_FAILED_PRECONDITION, ErrorCode.INVALID_FAB)
 
 
-def _check_not_all_failed(replies: list[Message], sent: int, what: str) -> None:
-    """Raise when all ``sent`` messages of a phase came back as ClientApp errors.
+#: Exchanges in a row in which every asked device failed before the run is failed.
+ALL_FAILED_LIMIT = 3
+
+
+class FailureWatch:
+    """Fails a run whose devices cannot run it, and only then.
 
     A device that drops out (no reply, node unavailable) does not stop a round, and one
-    device's error does not either; but when every device raises, as for a config that no
-    device can run (``compute-device = cuda`` without a GPU), the rounds would go on with
-    nothing trained or evaluated and the run end as "completed".
-
-    Raises
-    ------
-    RuntimeError
-        Naming the phase and the distinct errors (at most 3, with their counts).
+    device's error does not either, even when it was the only device sampled (fraction-train
+    < 1, a pilot with one device). But when every asked device fails with a ClientApp error
+    in the first exchange with two or more devices (a config no device can run, such as
+    ``compute-device = cuda`` without a GPU), or in :data:`ALL_FAILED_LIMIT` exchanges in a
+    row, the rounds would go on with nothing trained or evaluated and the run would end as
+    "completed": the run fails instead. One watch per phase (``train``, ``evaluate``).
     """
-    failed = [r for r in replies if r.has_error() and r.error.code in APP_ERRORS]
-    if sent and len(failed) == sent:
-        reasons = collections.Counter(
-            (r.error.reason.strip().splitlines() or ["no reason given"])[-1][:300] for r in failed)
-        listed = "; ".join(f"{reason} ({n}x)" for reason, n in reasons.most_common(3))
-        raise RuntimeError(f"every device failed {what}: {listed}")
+
+    def __init__(self, what: str, limit: int = ALL_FAILED_LIMIT) -> None:
+        self.what, self.limit, self.streak, self.ever_ok = what, limit, 0, False
+
+    def check(self, replies: list[Message], sent: int, server_round: int) -> None:
+        """Account one exchange: ``sent`` messages of this phase, their ``replies``.
+
+        Raises
+        ------
+        RuntimeError
+            Naming the phase, the round and the distinct errors (at most 3, with counts).
+        """
+        if not sent:
+            return
+        failed = [r for r in replies if r.has_error() and r.error.code in APP_ERRORS]
+        if len(failed) < sent:
+            self.ever_ok, self.streak = self.ever_ok or len(failed) < len(replies), 0
+            return
+        self.streak += 1
+        if self.streak >= self.limit or (not self.ever_ok and sent >= 2):
+            reasons = collections.Counter(
+                (r.error.reason.strip().splitlines() or ["no reason given"])[-1][:300] for r in failed)
+            listed = "; ".join(f"{reason} ({n}x)" for reason, n in reasons.most_common(3))
+            raise RuntimeError(f"every device failed to {self.what} round {server_round}"
+                               + (f" ({self.streak} exchanges in a row)" if self.streak > 1 else "")
+                               + f": {listed}")
+        log.warning("every device asked to %s round %d failed (%d in a row; the run fails at %d)",
+                    self.what, server_round, self.streak, self.limit)
 
 
 def _trained(reply: Message) -> bool:
@@ -562,6 +586,7 @@ def run_federation(
         ckpt_dir = Path(cfg.run_dir) / name / "checkpoints"
 
         in_sample = not heldout_ids
+        watch = {"train": FailureWatch("train"), "evaluate": FailureWatch("evaluate")}
 
         def phase(eval_round: int | None, train_round: int | None, arrays: ArrayRecord):
             """One exchange with the devices: the global model ``arrays`` goes out once for the
@@ -585,9 +610,9 @@ def run_federation(
                                                  round_extra)
             replies = list(grid.send_and_receive(train_msgs + eval_msgs, timeout=cfg.round_timeout))
             train_replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
-            _check_not_all_failed(train_replies, len(train_msgs), f"to train round {train_round}")
-            _check_not_all_failed([r for r in replies if r.metadata.message_type == MessageType.EVALUATE],
-                                  len(eval_msgs), f"to evaluate round {eval_round}")
+            watch["train"].check(train_replies, len(train_msgs), train_round)
+            watch["evaluate"].check([r for r in replies if r.metadata.message_type == MessageType.EVALUATE],
+                                    len(eval_msgs), eval_round)
             evaluation = None
             if eval_round is not None:
                 parts = [p for r in replies if (p := _evaluation_part(r)) is not None]
