@@ -119,9 +119,13 @@ def data_prepare(
 
 def _default(key: str) -> str:
     """`` [default: X]`` for an option's help: the run config's default of ``key``."""
+    import dataclasses
+
     from shared_models.config import RunConfig
 
-    return escape(f" [default: {getattr(RunConfig(), key.replace('-', '_'))}]")  # not Rich markup
+    # the field's default, not RunConfig(): building one validates emotions, which imports pandas
+    default = {f.name: f.default for f in dataclasses.fields(RunConfig)}[key.replace("-", "_")]
+    return escape(f" [default: {default}]")  # not Rich markup
 
 
 def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -221,7 +225,7 @@ def simulate(
                                           + _default("dirichlet-alpha")),
     folds: Optional[int] = typer.Option(None, help="leave-speakers-out folds (1 = no held-out speakers)"
                                         + _default("folds")),
-    fold: Optional[int] = typer.Option(None, help="run only this fold [default: every fold]"),
+    fold: Optional[int] = typer.Option(None, help="run only this fold" + escape(" [default: every fold]")),
     rounds: Optional[int] = typer.Option(None, help="federated rounds" + _default("num-server-rounds")),
     local_epochs: Optional[int] = typer.Option(None, help="local epochs per round" + _default("local-epochs")),
     lr: Optional[float] = typer.Option(None, help="local learning rate (Adam)" + _default("lr")),
@@ -259,8 +263,17 @@ def simulate(
     one_fold = "fold" in named  # named anywhere: option, file or --set
     if not cfg.manifest:
         _fail("no manifest: pass --manifest MANIFEST.csv (from `fedaffect data prepare`)")
-    if "dirichlet-alpha" in named and cfg.partition != "dirichlet":
+    from shared_models.config import RunConfig
+
+    # options given on this command line that the partition would ignore (a file's are left alone:
+    # one experiment file serves several partitions)
+    given = {k for k, v in options.items() if v is not None} | {
+        RunConfig.check_key(item.split("=", 1)[0].strip()) for item in set_}
+    if "dirichlet-alpha" in given and cfg.partition != "dirichlet":
         _fail(f"--alpha (dirichlet-alpha) applies to --partition dirichlet, not {cfg.partition!r}")
+    if "num-devices" in given and cfg.num_devices and cfg.partition == "speaker":
+        _fail(f"--num-devices applies to partitions iid and dirichlet; --partition speaker makes one device "
+              "per speaker")
     from server.report import write_report
     from server.simulation import simulate as run_simulation
     from server.store import RunStore, default_store_url
@@ -448,6 +461,8 @@ def pretrain(
 def device_label(
     data_dir: Path = typer.Option(..., help="the device's data directory (node config data-dir)"),
     play: bool = typer.Option(True, "--play/--no-play", help="offer to play clips (aplay, paplay, ffplay or play)"),
+    drop_missing: bool = typer.Option(False, "--drop-missing", help="drop queued clips whose files are gone even when "
+                                      "their folder is missing too (they are kept, in case a drive is not mounted)"),
 ) -> None:
     """Label the clips the device's model is least certain about, one at a time (q quits).
 
@@ -458,7 +473,7 @@ def device_label(
     from client.labelling import label_session
 
     try:
-        label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play)
+        label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play, drop_missing=drop_missing)
     except FileNotFoundError as err:
         _fail(str(err))
 

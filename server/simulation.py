@@ -159,7 +159,7 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
         For a missing or invalid manifest.
     ValueError
         For a task that needs labels the manifest lacks, an emotion class without clips,
-        an impossible partition (or ``num-devices`` with partition ``speaker``), a
+        an impossible partition, a
         protected attribute that is not a manifest column (the columns are listed), a
         ``fair-attribute`` that is not protected, ``faireg`` on for task ``emotion``, or
         ``compute-device = cuda`` where torch sees no GPU.
@@ -168,8 +168,8 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
         raise ValueError("config key 'manifest' is empty: pass --manifest MANIFEST.csv")
     compute_device(cfg.compute_device)  # every simulated device runs here: 'cuda' without a GPU fails now
     if cfg.partition == "speaker" and cfg.num_devices:
-        raise ValueError(f"num-devices = {cfg.num_devices} applies to partitions 'iid' and 'dirichlet'; partition "
-                         "'speaker' makes one device per speaker")
+        log.warning("num-devices = %d is ignored: partition 'speaker' makes one device per speaker "
+                    "(it applies to 'iid' and 'dirichlet')", cfg.num_devices)
     manifest = read_manifest(cfg.manifest)
     emotions = emotion_classes(cfg, manifest)
     if cfg.task in ("emotion", "both") and len(emotions) < 2:

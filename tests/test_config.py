@@ -115,3 +115,21 @@ def test_an_option_name_used_as_a_key_points_to_its_key_and_the_source_is_named(
         _config_values(None, {}, ["alpha=0.1"])
     with pytest.raises(ConfigError, match="known keys: .*num-server-rounds"):  # nothing close: the list
         RunConfig.from_mapping({"zzz": 1})
+
+
+def test_options_the_partition_ignores_are_refused_on_the_command_line_only(tone_manifest, tmp_path):
+    """--alpha with a speaker partition is a mistake; the same key in an experiment file that
+    also serves a Dirichlet run is not."""
+    from typer.testing import CliRunner
+
+    from fedaffect.cli import app as cli
+
+    base = ["simulate", "--manifest", str(tone_manifest), "--folds", "1", "--rounds", "1", "--no-report",
+            "--run-dir", str(tmp_path / "runs"), "--set", f"cache-dir='{tmp_path / 'c'}'"]
+    for extra in (["--alpha", "0.3"], ["--set", "dirichlet_alpha=0.3"], ["--num-devices", "3"]):
+        res = CliRunner().invoke(cli, base + extra)
+        assert res.exit_code == 2 and "applies to" in res.output, (extra, res.output)
+    exp = tmp_path / "exp.toml"
+    exp.write_text("dirichlet-alpha = 0.3\nnum-devices = 3\n")
+    res = CliRunner().invoke(cli, base + ["--config", str(exp), "--partition", "speaker"])
+    assert res.exit_code == 0, res.output
