@@ -203,7 +203,7 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800,
             cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        pump = LogPump(superlink.stdout, log_path, tail, "")
+        pump = LogPump(superlink.stdout, log_path, tail, "", max_bytes=0)  # the run's log: not rotated
         problem: BaseException | None = None
         try:
             wait_healthy(superlink, f"http://127.0.0.1:{port}/health", tail)

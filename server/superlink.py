@@ -260,7 +260,8 @@ def follow_run(app_dir: Path, connection: str, run_config: Path, env: dict[str, 
         [str(BIN / "flwr"), "log", str(run_id), connection, "--stream"],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    pump = LogPump(streamer.stdout, log_path, tail, "[run] ", on_line=on_line)
+    # a run's own log, bounded by the run: not rotated (ray_engine's SuperLink appends to the same file)
+    pump = LogPump(streamer.stdout, log_path, tail, "[run] ", on_line=on_line, max_bytes=0)
     deadline = t0 + timeout_s
     unknown = 0
     status = ""

@@ -171,7 +171,8 @@ class LogPump:
 
     The file is rotated at ``max_bytes`` (default :data:`LOG_MAX_BYTES`), keeping ``backups``
     older files (``path.1`` ... ``path.N``), so a SuperLink or SuperNode that runs for months
-    cannot fill its disk. A log file that cannot be opened or written (full disk) or a
+    cannot fill its disk; ``max_bytes = 0`` never rotates (a run's own log, which two pumps
+    may share). A log file that cannot be opened or written (full disk) or a
     callback that raises is warned about once and the output is still read to its end, so
     the process never blocks on a full pipe."""
 
