@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 # Bump when a front-end's computation changes, so that cached features are recomputed.
-_CACHE_VERSION = 1
+# 2: rates whose ratio to 16 kHz torchaudio handles slowly (TESS's 24414 Hz) are resampled
+# by soxr (shared_models.audio.resample); a cache cannot tell which clips those are.
+_CACHE_VERSION = 2
 
 
 def _crop_centre(wave: np.ndarray, max_samples: int) -> np.ndarray:
