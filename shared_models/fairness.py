@@ -106,9 +106,9 @@ FAIREG_SCALE = 3.0
 MIN_GROUP_LABELS = 2
 """A FaiReg group needs at least this many labels of a dimension for its own mean and std."""
 GROUP_SEP = "|"
-#: The group of clips whose protected attribute has no value.
-UNKNOWN_GROUP = "unknown"
 """Separator of attribute values in an intersection group key (``female|young``)."""
+UNKNOWN_GROUP = "unknown"
+"""The group of clips whose protected attribute has no value."""
 _MIN_STD = 1e-6
 
 

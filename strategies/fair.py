@@ -17,7 +17,8 @@ AAAI 2023), adapted to performance parity between speaker groups:
    mean of the arousal and valence CCC for ``av``).
 4. A device's gap is ``D_k = F - F_{g(k)}``, positive when its group is behind the global
    model (for a device holding several groups, the mean of ``F - F_g`` weighted by its share
-   of clips in each group; a group without data counts 0).
+   of clips in each group; a group without data, and the ``"unknown"`` group of clips
+   without a value, count 0).
 5. ``w_k <- w_k + beta * (D_k - mean_i D_i)`` (mean over the devices with examples), clipped
    at 0 and renormalised; the new global model is ``sum_k w_k theta_k``.
 
@@ -47,7 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from shared_models.fairness import device_group_shares, group_task_metrics, task_metric
+from shared_models.fairness import UNKNOWN_GROUP, device_group_shares, group_task_metrics, task_metric
 
 __all__ = ["FairAvg", "fair_weights", "group_balanced", "PRE_STATS_KEY"]
 
@@ -309,7 +310,9 @@ class FairAvg(FedAvg):
         stats = [s for s, _ in parsed if s is not None]
         shares = [sh for _, sh in parsed]
         global_metric = task_metric(stats, self.task) if stats else float("nan")
-        group_metric = group_task_metrics(stats, self.attribute, self.task) if stats else {}
+        # clips without a value (UNKNOWN_GROUP) are no group to pull towards: no gap step for them
+        group_metric = {g: v for g, v in (group_task_metrics(stats, self.attribute, self.task) if stats else {}).items()
+                        if g != UNKNOWN_GROUP}
         weights = fair_weights(counts, shares, group_metric, global_metric, self.beta, self.balance)
         count_weights = fair_weights(counts, shares, group_metric, global_metric, 0.0)
 

@@ -255,6 +255,21 @@ def test_beta_zero_is_exactly_fedavg_and_beta_moves_weight_to_the_group_behind(t
     assert metrics["train_loss"] == pytest.approx(metrics0["train_loss"])
 
 
+def test_devices_of_the_unknown_group_get_no_fairness_step(task_identity):
+    """Clips without a value are no group: a device of them that trails the global model is
+    not pulled up like a female device that trails it (the coordinator's gaps ignore it too)."""
+    rng = np.random.default_rng(2)
+    specs = [(40, "male", 0.9), (25, "female", 0.4), (25, "unknown", 0.2)]
+    replies = [_reply({"w": rng.standard_normal((3, 4)).astype(np.float32)}, n, g, h, i + 1)
+               for i, (n, g, h) in enumerate(specs)]
+    fair = FairAvg(beta=1.0)
+    fair.aggregate_train(1, replies)
+    h = fair.history[-1]
+    assert set(h["group_metric"]) == {"female", "male"}
+    # global UAR .5: gaps male -.4, female +.1, unknown 0 (not its own -.3 behind); mean -.1
+    np.testing.assert_allclose(h["weights"], [40 / 90 - 0.3, 25 / 90 + 0.2, 25 / 90 + 0.1])
+
+
 def test_fair_strategy_tolerates_dropped_devices_and_missing_pre_stats(task_identity):
     replies = _replies(np.random.default_rng(1))
     replies[0].content["device"].pop("pre-stats")  # an old device: its group comes from "groups"
