@@ -22,8 +22,8 @@ device's data directory). This session goes through the pending clips one at a t
   skips a clip (it stays queued), ``?`` lists the labels, ``q`` (or end of input) quits;
 * every answer is stored the moment it is given, so an interrupted session loses nothing;
 * a queued clip whose file has gone is dropped from the queue with a warning; one whose
-  folder has gone, or a queue none of whose files can be found (a drive not mounted), is
-  kept and reported.
+  folder has gone, or a queue none of whose files can be found in folders that are missing
+  or empty (a drive not mounted), is kept and reported, unless ``drop_missing``.
 
 Answered clips join the device's labelled set at its next federated round, with their
 arousal/valence where given (:meth:`client.cooperative.CoopState.training_data`).
@@ -235,9 +235,17 @@ def _duration(item: dict) -> float | None:
         return None
 
 
+def _unmounted(folder: Path) -> bool:
+    """Whether ``folder`` looks like a drive that is not mounted: missing, or an empty mount point."""
+    try:
+        return not folder.is_dir() or not any(folder.iterdir())
+    except OSError:
+        return True
+
+
 def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: bool = True,
                   player: Sequence[str] | None = None,
-                  run: Callable[..., object] = subprocess.run) -> dict[str, int]:
+                  run: Callable[..., object] = subprocess.run, drop_missing: bool = False) -> dict[str, int]:
     """Go through the device's pending queue, asking ``stdin`` for an answer per clip.
 
     The answers taken depend on the run's task, read from the store's meta ``task``
@@ -255,6 +263,9 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         Player command line (without the file); default :func:`find_player`.
     run : callable
         Runs the player (``subprocess.run``; replaceable in tests).
+    drop_missing : bool
+        Drop every queued clip whose file cannot be found, even when its folder is missing
+        (recordings deleted with their folder, not a drive that is not mounted).
 
     Returns
     -------
@@ -293,11 +304,14 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
             say("Nothing to label: the queue is empty.")
             return counts
         gone = [not Path(item["clip"]).exists() for item in pending]
-        if len(pending) > 1 and all(gone):
-            # Every file at once is a drive that is not mounted, not clips deleted one by one.
+        if (not drop_missing and len(pending) > 1 and all(gone)
+                and all(_unmounted(Path(item["clip"]).parent) for item in pending)):
+            # Every file at once, in folders that are missing or empty: a drive that is not
+            # mounted, not clips deleted one by one.
             counts["left"] = counts["unreachable"] = len(pending)
             say(f"None of the {len(pending)} queued clips can be found (e.g. {pending[0]['clip']}): is the "
-                "drive or folder holding the recordings mounted? The queue is kept as it is.")
+                "drive or folder holding the recordings mounted? The queue is kept as it is "
+                "(--drop-missing drops them).")
             return counts
         chosen = player  # None: the installed player that can play each clip (find_player)
         if play and player is None:
@@ -316,10 +330,11 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
         prompt = {"emotion": "label", "av": "arousal and valence", "both": "label and/or arousal, valence"}[task]
         for n, item in enumerate(pending, 1):
             path = Path(item["clip"])
-            if not path.exists() and not path.parent.is_dir():  # its folder unmounted, not the clip deleted
+            if not drop_missing and not path.exists() and not path.parent.is_dir():  # unmounted, not deleted
                 counts["unreachable"] += 1
                 log.warning("queued clip %s: its folder %s is missing; kept in the label queue", path, path.parent)
-                say(f"warning: {path} cannot be reached (its folder {path.parent} is missing); kept in the queue")
+                say(f"warning: {path} cannot be reached (its folder {path.parent} is missing); kept in the queue "
+                    "(--drop-missing drops it)")
                 continue
             if not path.exists():
                 store.drop_queued(item["clip"], "file not found")

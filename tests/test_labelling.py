@@ -98,6 +98,24 @@ def test_an_unmounted_drive_keeps_the_queue(tmp_path):
     assert counts["answered"] == 2 and counts["dropped"] == 0 and counts["unreachable"] == 1
     with DeviceStore(data_dir) as store:
         assert [q["clip"] for q in store.pending()] == [clips[2]]
+    # A folder deleted on purpose: --drop-missing clears what would otherwise stay forever.
+    res = CliRunner().invoke(cli, ["device", "label", "--data-dir", str(data_dir), "--no-play", "--drop-missing"],
+                             input="")
+    assert res.exit_code == 0 and "dropped 1" in res.output, res.output
+    with DeviceStore(data_dir) as store:
+        assert store.pending() == []
+
+
+def test_recordings_deleted_from_a_folder_that_is_still_there_are_dropped(queued):
+    """All queued files gone but their folder holds other files: deleted, not unmounted."""
+    import os
+
+    data_dir, clips = queued
+    for clip in clips:
+        os.remove(clip)
+    (data_dir.parent / "another-recording.wav").write_bytes(b"")  # the folder is mounted
+    counts = label_session(data_dir, stdin=io.StringIO(""), stdout=io.StringIO(), play=False)
+    assert counts["dropped"] == 3 and counts["unreachable"] == 0 and counts["left"] == 0
 
 
 def test_play_uses_the_player(queued):
