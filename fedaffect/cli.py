@@ -202,14 +202,23 @@ def _final_table(summary: dict[str, Any]) -> Table:
     table.add_column("mean" if folds > 1 else "value", justify="right")
     if folds > 1:  # a standard deviation over one fold says nothing
         table.add_column("std", justify="right")
+    config = summary.get("config", {})
     for k, v in summary["final"].items():
         # Blank: a head this task does not train. The other fairness measures are in the JSON.
-        if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS) or k == "dp_epsilon"):
+        if v["mean"] is not None and (k in FINAL_METRICS or k.startswith(TABLE_FAIRNESS)):
             table.add_row(k, _fmt(v["mean"]), *([_fmt(v["std"])] if folds > 1 else []))
+    if config.get("dp", "off") != "off":  # epsilon means nothing without its delta; no noise, no guarantee
+        eps = (summary["final"].get("dp_epsilon") or {}).get("mean")
+        table.add_row(f"dp_epsilon (delta {config.get('dp-delta')})",
+                      _fmt(eps) if eps is not None else "inf (no noise: no privacy guarantee)",
+                      *([""] if folds > 1 else []))
+    task = config.get("task", "emotion")
+    keys = (["uar"] if task != "av" else []) + (["ccc_arousal", "ccc_valence"] if task != "emotion" else [])
     for attr, groups in summary["per_group"].items():
         for g, metrics in groups.items():
-            key = "uar" if metrics.get("uar") is not None else "ccc_arousal"
-            table.add_row(f"{key} {attr}={g}", _fmt(metrics.get(key)), *([""] if folds > 1 else []))
+            for key in keys:  # a group without a value (a speaker only trained on) has no row
+                if metrics.get(key) is not None:
+                    table.add_row(f"{key} {attr}={g}", _fmt(metrics.get(key)), *([""] if folds > 1 else []))
     return table
 
 
@@ -663,32 +672,55 @@ def train(
     min_devices: Optional[int] = typer.Option(None, help="wait for this many connected devices before round 1"),
     run_name: Optional[str] = typer.Option(None, help="name of the run (default train-DATE-TIME)"),
     resume: Optional[str] = typer.Option(None, help="continue this stored run from its last valid checkpoint"),
+    mode: Optional[str] = typer.Option(None, help="supervised, self-labelling, active or cooperative (devices' "
+                                       "clips without a label form their pool)"),
     config: Optional[Path] = typer.Option(None, "--config", help="experiment file (TOML)"),
     set_: list[str] = typer.Option([], "--set", help="override any run-config key: --set round-timeout=120"),
     timeout: float = typer.Option(24 * 3600, help="seconds the run may take"),
 ) -> None:
-    """Submit a federated run to the coordinator's devices, follow it, exit with its status."""
+    """Submit a federated run to the coordinator's devices, follow it, exit with its status.
+
+    Ctrl-C, SIGTERM and SIGHUP (a closed ssh session) stop the run and mark it failed; it can
+    be continued with --resume RUN."""
     _setup_logging(False)
+    import signal
+
     from shared_models.config import ConfigError
     from server.deployment import train as run_train
 
     try:
         values = _config_values(config, {"model": model, "task": task, "num-server-rounds": rounds,
-                                         "strategy": strategy, "min-devices": min_devices, "run-name": run_name},
-                                set_)
+                                         "strategy": strategy, "min-devices": min_devices, "run-name": run_name,
+                                         "mode": mode}, set_)
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
+
+    def interrupted(signum, _frame) -> None:  # as Ctrl-C: follow_run stops the Flower run on its way out
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
 
     def on_line(line: str) -> None:
         if "fedaffect." in line or "ERROR" in line or "rror" in line:
             console.print(line.split("fedaffect.server ", 1)[-1], markup=False, highlight=False)
 
+    if not resume and not values.get("run-name"):  # named here, so that the resume hint can name it
+        import time
+
+        values["run-name"] = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = resume or values["run-name"]
+    hint = f"`fedaffect train --state-dir {state_dir} --resume {name}` continues it"
     try:
         result = run_train(state_dir, values, resume=resume or "", timeout_s=timeout, on_line=on_line)
+    except KeyboardInterrupt as err:
+        console.print(f"[yellow]stopped[/] ({err or 'Ctrl-C'}): the run is stopped on the devices and marked "
+                      f"failed; {hint}")
+        raise typer.Exit(130)
     except (ConfigError, KeyError, FileNotFoundError, ValueError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     except RuntimeError as err:
-        _fail(str(err), code=1)
+        _fail(f"{err}\n{hint}", code=1)
     colour = "green" if result.ok else "red"
     out.print(f"[{colour}]run {result.run}[/]: Flower {result.flower_status}, store {result.store_status} "
               f"({result.seconds:.0f}s)" + (f"\n{result.error}" if result.error else ""))

@@ -225,6 +225,14 @@ def pooled_metrics(stats: list[dict[str, Any]]) -> tuple[dict[str, float], list[
     return metrics, rows
 
 
+def _shown(value: Any) -> str:
+    """A metric for the round's log line: 3 decimals, ``-`` for none (a head the task does
+    not train) and ``inf`` for an unbounded epsilon."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
 
@@ -680,9 +688,10 @@ def run_federation(
             if on_round:
                 on_round(server_round, metrics)
             log.info(
-                "round %d/%d  train_loss %s  UAR %.3f  CCC-A %.3f  CCC-V %.3f  (%.1fs)",
-                server_round, cfg.num_server_rounds, f"{metrics.get('train_loss', float('nan')):.3f}",
-                metrics["uar"], metrics["ccc_arousal"], metrics["ccc_valence"], metrics["wall_s"],
+                "round %d/%d  train_loss %s  UAR %s  CCC-A %s  CCC-V %s%s  (%.1fs)",
+                server_round, cfg.num_server_rounds,
+                *(_shown(metrics.get(k)) for k in ("train_loss", "uar", "ccc_arousal", "ccc_valence")),
+                f"  epsilon {_shown(metrics['dp_epsilon'])}" if "dp_epsilon" in metrics else "", metrics["wall_s"],
             )
             pending = outcome
             if new_arrays is not None:

@@ -56,8 +56,8 @@ from sqlalchemy.engine import make_url
 
 from shared_models.config import ConfigError, RunConfig
 from shared_models.security import (
-    check_certificate, check_device_name, fingerprint, make_ca, make_server_certificate, read_device_public_key,
-    write_certificate, write_private_key,
+    CertificateError, check_certificate, check_device_name, fingerprint, make_ca, make_server_certificate,
+    read_device_public_key, write_certificate, write_private, write_private_key,
 )
 from server.store import RunStore
 from shared_models.processes import BIN, TAIL_LINES, flower_environment, run_foreground
@@ -187,9 +187,9 @@ class ServerConfig:
             raise ConfigError(f"key 'port' = {self.port!r}: must be a TCP port, 1-65535")
 
     def save(self, path: Path) -> None:
-        """Write ``server.toml``."""
+        """Write ``server.toml``, readable by its owner only (its store URL may hold a password)."""
         data = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
-        path.write_text(tomli_w.dumps(data))
+        write_private(path, tomli_w.dumps(data).encode())
 
     def url(self, paths: StatePaths) -> str:
         """The run store's URL: ``store_url``, or SQLite in the state directory's ``runs/``."""
@@ -283,7 +283,9 @@ def init_server(state_dir: Path, *, names: list[str] | None = None, host: str | 
         ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     else:
-        paths.root.mkdir(parents=True, exist_ok=True)
+        if not paths.root.exists():  # a folder the operator made keeps the mode they gave it
+            paths.root.mkdir(parents=True, mode=0o750)
+            paths.root.chmod(0o750)  # mkdir's mode is masked by the umask
         for folder in (paths.certs, paths.logs, paths.runs):
             folder.mkdir(parents=True, exist_ok=True)
         ca, ca_key = make_ca()
@@ -352,13 +354,24 @@ def start_server(state_dir: Path, *, ready: Callable[[str], None] | None = None,
     Raises
     ------
     CertificateError
-        For a bad certificate.
+        For a bad or missing certificate or key.
     RuntimeError
-        If the SuperLink does not start (e.g. the port is taken).
+        If the SuperLink does not start, or its port is taken (another coordinator).
     """
     paths, cfg = _load(state_dir)
+    for needed in (paths.ca_cert, paths.server_cert, paths.server_key):
+        if not needed.is_file():  # a broken state dir: restarting would not help (exit code 2)
+            raise CertificateError(f"{needed} is missing: `fedaffect server init --state-dir {paths.root} --renew` "
+                                   "makes a new server certificate and key")
     for warning in _check_certificates(paths, cfg):
         log.warning(warning)
+    with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart: old connections in TIME_WAIT
+        try:  # the health check below would otherwise be answered by the SuperLink already there
+            probe.bind((cfg.host, cfg.port))
+        except OSError as err:
+            raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port} ({err.strerror}): is a coordinator already "
+                               f"running (`fedaffect server start --state-dir {paths.root}`)?") from None
 
     def healthy(proc: subprocess.Popen, tail: collections.deque) -> None:
         wait_healthy(proc, f"https://{cfg.address()}/health", tail, cafile=paths.ca_cert)

@@ -193,6 +193,14 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     if cfg.strategy == "fair" and cfg.fair_attribute not in cfg.protected_list:
         raise ValueError(f"fair-attribute {cfg.fair_attribute!r} is not a protected attribute "
                          f"(protected = {cfg.protected!r}); add it to 'protected'")
+    if cfg.mode != "supervised" and cfg.label_fraction >= 1:
+        log.warning("mode %r with label-fraction 1: every clip keeps its label, so no device has a pool to "
+                    "self-label or query; set --label-fraction (e.g. 0.1)", cfg.mode)
+    if cfg.freeze_rounds and not cfg.init:
+        log.warning("freeze-rounds = %d without --init: the front-end frozen is a random one", cfg.freeze_rounds)
+    if cfg.dp != "off" and cfg.dp_noise_multiplier == 0:
+        log.warning("dp = %r with dp-noise-multiplier 0: updates are clipped but no noise is added, so there is "
+                    "no privacy guarantee (epsilon is infinite)", cfg.dp)
     if cfg.faireg == "on" and cfg.task == "emotion":
         raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
     if cfg.init and extract:  # transfer learning: a wrong checkpoint fails before any run starts
@@ -348,8 +356,10 @@ def combine_folds(cfg: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, 
     per_group = {
         a: {g: {m: stat(v)["mean"] for m, v in ms.items()} for g, ms in gs.items()} for a, gs in per_group.items()
     }
+    privacy = [s["privacy"] for s in summaries if "privacy" in s]
     return {
         "config": cfg.to_mapping(),
+        **({"privacy": privacy[0] if len(privacy) == 1 else privacy} if privacy else {}),
         "runs": [s["run"] for s in summaries],
         "folds": summaries,
         "rounds": mean_rounds(summaries),

@@ -361,6 +361,9 @@ class RunConfig:
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
+            elif want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)  # --set rater-reliability=0.9 (one rater), run-name=7: TOML reads numbers
+                setattr(self, f.name, value)
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"config key '{key}': expected {want.__name__}, got {value!r}")
             check = f.metadata.get("check")

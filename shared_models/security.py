@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
-    "CertificateError", "make_ca", "make_server_certificate", "write_private_key", "write_certificate",
+    "CertificateError", "make_ca", "make_server_certificate", "write_private", "write_private_key", "write_certificate",
     "make_device_keypair", "read_device_public_key", "fingerprint", "check_certificate", "check_device_name",
 ]
 
@@ -126,7 +126,10 @@ def make_server_certificate(ca_cert: x509.Certificate, ca_key: ec.EllipticCurveP
     return cert, key
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file only its owner can read or write (mode 0600, never wider,
+    even for a moment): keys, and configs that hold a password."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -138,7 +141,7 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey, openssh: bool
     """Write a private key readable by its owner only (mode 0600): PEM PKCS#8, or OpenSSH
     format for a SuperNode's authentication key."""
     fmt = serialization.PrivateFormat.OpenSSH if openssh else serialization.PrivateFormat.PKCS8
-    _write_private(Path(path), key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
+    write_private(Path(path), key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
     return Path(path)
 
 

@@ -133,3 +133,11 @@ def test_options_the_partition_ignores_are_refused_on_the_command_line_only(tone
     exp.write_text("dirichlet-alpha = 0.3\nnum-devices = 3\n")
     res = CliRunner().invoke(cli, base + ["--config", str(exp), "--partition", "speaker"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_number_is_accepted_for_a_text_key():
+    """One simulated rater: ``--set rater-reliability=0.9`` parses as a number."""
+    cfg = RunConfig.from_mapping({"rater-reliability": 0.9, "run-name": 7})
+    assert cfg.rater_reliability == "0.9" and cfg.run_name == "7"
+    with pytest.raises(ConfigError, match="rater-reliability"):
+        RunConfig.from_mapping({"rater-reliability": 1.5})

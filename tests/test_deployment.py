@@ -131,6 +131,9 @@ def test_server_init_keeps_the_ca_on_renew_and_refuses_to_overwrite(tmp_path):
         assert flag in cmd
     assert "--insecure" not in cmd and cmd[cmd.index("--port") + 1] == "18555"
     assert stat.S_IMODE(os.stat(paths.ca_key).st_mode) == 0o600
+    # the store URL (a PostgreSQL password) in server.toml: the owner's alone, in a folder only the group enters
+    assert stat.S_IMODE(os.stat(paths.config).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(paths.root).st_mode) == 0o750
 
 
 def test_a_failed_server_init_writes_nothing_and_renew_can_change_the_port(tmp_path):
@@ -438,6 +441,11 @@ def test_server_start_serves_tls_and_stops_cleanly_on_sigterm(tmp_path):
         except OSError:
             time.sleep(0.5)
     children = descendants(proc.pid)
+    # a second coordinator on the same state dir is refused, not told "SuperLink up" by the first's health check
+    second = subprocess.run([str(Path(sys.executable).parent / "fedaffect"), "server", "start", "--state-dir",
+                             str(paths.root)], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "already running" in second.stdout + second.stderr
+    assert "SuperLink up" not in second.stdout + second.stderr
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0].decode(errors="replace")
     assert healthy, output
@@ -469,3 +477,15 @@ def test_a_failing_device_tells_the_coordinator_the_error_type_only(tmp_path, ca
     assert "device failed" in str(err.value) and "alice" not in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained original either
     assert "alice-private-recordings" in caplog.text  # the device's own log has the details
+
+
+def test_a_state_dir_without_its_server_key_is_a_configuration_error(tmp_path):
+    """Exit code 2 (systemd does not restart it) with the command that repairs it, not
+    Flower's complaint about an argument."""
+    from server.deployment import start_server
+    from shared_models.security import CertificateError
+
+    paths = init_server(tmp_path / "st", names=["localhost"], port=18556)
+    paths.server_key.unlink()
+    with pytest.raises(CertificateError, match=r"server\.key is missing: .*--renew"):
+        start_server(paths.root)

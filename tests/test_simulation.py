@@ -279,3 +279,24 @@ def test_a_simulation_no_device_could_run_is_refused_before_it_starts(changes, m
     with pytest.raises(ValueError, match=match):
         prepare_run(cfg, progress=False)
     assert not (tmp_path / "c").exists()  # refused before any feature was extracted
+
+
+def test_final_table_shows_delta_with_epsilon_and_every_trained_dimension_per_group():
+    from rich.console import Console
+
+    from fedaffect.cli import _final_table
+
+    summary = {
+        "config": {"task": "av", "dp": "client", "dp-delta": 1e-5},
+        "folds": [{}],
+        "final": {"ccc_arousal": {"mean": 0.8, "std": 0.0}, "dp_epsilon": {"mean": None, "std": None}},
+        "per_group": {"gender": {"female": {"ccc_arousal": 0.7, "ccc_valence": 0.2},
+                                 "male": {"ccc_arousal": 0.75, "ccc_valence": 0.4}},
+                      "speaker": {"s1": {"ccc_arousal": None, "ccc_valence": None}}},
+    }
+    console = Console(record=True, width=120)
+    console.print(_final_table(summary))
+    text = console.export_text()
+    assert "dp_epsilon (delta 1e-05)" in text and "no privacy guarantee" in text
+    assert "ccc_valence gender=female" in text and "ccc_valence gender=male" in text
+    assert "speaker=s1" not in text and "uar gender" not in text
