@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,21 @@ log = logging.getLogger("fedaffect.device")
 _EXIT_NOT_ACTIVATED = 305
 
 
+#: Seconds a SuperLink keeps a node online after its last heartbeat (Flower 1.41: patience 2 x
+#: the 30 s interval), plus a margin: a device restarted sooner is refused activation as if
+#: its key were unknown, so ``device start`` retries that long before it gives up.
+ACTIVATION_RETRY_S = 70.0
+
+
 class DeviceRefused(RuntimeError):
-    """The SuperLink refused this device (not enrolled, revoked, or TLS failed)."""
+    """The SuperLink refused this device (not enrolled, revoked, or TLS failed).
+
+    ``activation`` is True when the SuperLink refused to activate the node, which Flower
+    also answers while a node with this key is still online (a restart within a minute)."""
+
+    def __init__(self, message: str, activation: bool = False) -> None:
+        super().__init__(message)
+        self.activation = activation
 
 
 @dataclass(frozen=True)
@@ -280,7 +295,11 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         ``ca`` missing, expired, or not a CA certificate.
     DeviceRefused
         The SuperLink refused the device: not enrolled or revoked, or the SuperLink's
-        certificate is not signed by ``ca`` (the message says which is likely).
+        certificate is not signed by ``ca`` (the message says which is likely). A refused
+        activation is retried for up to :data:`ACTIVATION_RETRY_S` (at most ``max_wait_s``)
+        first: the SuperLink refuses a device restarted within a minute the same way.
+    RuntimeError
+        Another ``device start`` runs on this data directory.
     """
     paths = DevicePaths(Path(data_dir).expanduser().resolve())
     if not paths.private_key.exists():
@@ -303,13 +322,55 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         if code == _EXIT_NOT_ACTIVATED or "Failed to activate SuperNode" in text:
             raise DeviceRefused(f"the SuperLink at {superlink} refused this device: its key is not enrolled or was "
                                 f"revoked (ask the operator to run `fedaffect server enrol --public-key "
-                                f"{paths.public_key.name} ...`), or the SuperLink's TLS certificate is not signed by "
-                                f"{ca}.\nlast lines:\n{text[-1500:]}")
+                                f"{paths.public_key.name} ...`), a SuperNode with this key is still connected "
+                                f"(another `device start` on {paths.root}), or the SuperLink's TLS certificate is not "
+                                f"signed by {ca}.\nlast lines:\n{text[-1500:]}", activation=True)
 
     env = flower_environment(paths.root / "flower")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return run_foreground(cmd, env=env, cwd=paths.root,
-                          log_path=paths.logs / "supernode.log", echo=echo, on_exit=refused)
+    lock = _lock_data_dir(paths)  # one SuperNode per device: a second one is refused by its key anyway
+    try:
+        # A device restarted within a minute is still "online" for the SuperLink, which refuses
+        # to activate it exactly as it refuses an unknown key: retry until that has expired.
+        deadline = time.monotonic() + min(ACTIVATION_RETRY_S, max_wait_s or ACTIVATION_RETRY_S)
+        while True:
+            try:
+                return run_foreground(cmd, env=env, cwd=paths.root,
+                                      log_path=paths.logs / "supernode.log", echo=echo, on_exit=refused)
+            except DeviceRefused as err:
+                if not err.activation or time.monotonic() >= deadline:
+                    raise
+                log.warning("the SuperLink did not activate this device; if it ran less than a minute ago the "
+                            "SuperLink still sees it online: retrying for %.0f s", deadline - time.monotonic())
+                time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
+    finally:
+        lock.close()
+
+
+def _lock_data_dir(paths: DevicePaths):
+    """Hold an exclusive lock on the data directory for as long as the returned file is open.
+
+    Raises
+    ------
+    RuntimeError
+        If another ``fedaffect device start`` holds it.
+    """
+    import fcntl
+
+    handle = open(paths.root / ".supernode.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise RuntimeError(f"another `fedaffect device start` is running on {paths.root}"
+                           + (f" (pid {holder})" if holder else "") + ": one SuperNode per device") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

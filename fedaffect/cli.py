@@ -640,7 +640,7 @@ def server_devices(
     state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """List enrolled devices with their status and when they were last seen."""
+    """List enrolled devices with their status and when they last came online."""
     _setup_logging(False)
     from server.deployment import list_devices
 
@@ -652,7 +652,7 @@ def server_devices(
         out.print_json(json.dumps(rows))
         return
     table = Table(title=f"Devices of {state_dir}")
-    for c in ("name", "status", "groups", "last seen", "enrolled", "node id"):
+    for c in ("name", "status", "groups", "came online", "enrolled", "node id"):
         table.add_column(c)
     colours = {"online": "green", "offline": "yellow", "revoked": "red"}
     for r in rows:
@@ -797,6 +797,8 @@ def device_start(
                             echo=(lambda line: console.print(line, markup=False, highlight=False)) if verbose else None)
     except DeviceRefused as err:
         _fail(str(err), code=3)
+    except RuntimeError as err:  # another device start on this data directory
+        _fail(str(err), code=1)
     except Exception as err:  # noqa: BLE001
         _state_error(err)
     if code != 0 and max_wait is not None:

@@ -489,3 +489,17 @@ def test_a_state_dir_without_its_server_key_is_a_configuration_error(tmp_path):
     paths.server_key.unlink()
     with pytest.raises(CertificateError, match=r"server\.key is missing: .*--renew"):
         start_server(paths.root)
+
+
+def test_a_second_device_start_on_one_data_dir_is_refused(tmp_path):
+    """Two SuperNodes with one key: the SuperLink would refuse the second as if unenrolled."""
+    from client.deployment import DevicePaths, _lock_data_dir
+
+    paths = DevicePaths(tmp_path)
+    first = _lock_data_dir(paths)
+    try:
+        with pytest.raises(RuntimeError, match=rf"another `fedaffect device start` is running on .* \(pid {os.getpid()}\)"):
+            _lock_data_dir(paths)
+    finally:
+        first.close()
+    _lock_data_dir(paths).close()  # released with the first one
