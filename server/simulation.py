@@ -204,9 +204,13 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     if cfg.faireg == "on" and cfg.task == "emotion":
         raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
     if cfg.init and extract:  # transfer learning: a wrong checkpoint fails before any run starts
-        from client.transfer import check_initial
+        from client.transfer import check_initial, load_checkpoint
 
         check_initial(cfg.init, cfg.model, emotions)
+        trained = load_checkpoint(cfg.init).get("task")
+        if trained == "emotion" and cfg.task != "emotion":
+            log.warning("%s was pre-trained with task 'emotion': its arousal/valence head starts untrained",
+                        cfg.init)
     cfg = cfg.replace(
         emotions=",".join(emotions),
         store_url=cfg.store_url or default_store_url(cfg.run_dir),

@@ -698,3 +698,22 @@ def test_pretrain_can_score_the_model_on_speakers_it_never_heard(tone_manifest, 
     assert 0 <= res["val_uar"] <= 1 and np.isfinite(res["val_ccc_arousal"])
     with pytest.raises(ValueError, match=r"validation_speakers must be in \[0, 3\]"):
         pretrain(tone_manifest, "egemaps-mlp", tmp_path / "x.pt", validation_speakers=4, cache_dir=tmp_path / "cache")
+
+
+def test_an_emotion_checkpoint_into_an_av_run_is_warned_about(tone_manifest, tmp_path, caplog):
+    import logging
+
+    from client.transfer import pretrain
+    from server.simulation import prepare_run
+
+    ckpt = tmp_path / "emo.pt"
+    pretrain(tone_manifest, "egemaps-mlp", ckpt, task="emotion", epochs=1, cache_dir=tmp_path / "cache")
+    cfg = RunConfig(manifest=str(tone_manifest), task="av", init=str(ckpt), folds=2, run_dir=str(tmp_path),
+                    cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        prepare_run(cfg, progress=False)
+    assert "arousal/valence head starts untrained" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_run(cfg.replace(task="emotion"), progress=False)
+    assert "starts untrained" not in caplog.text
