@@ -64,7 +64,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # the message is text, not Rich markup (a "[...]" in it would vanish), and one problem a
+    # line stays on its line
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -91,8 +93,6 @@ def data_prepare(
     """
     import warnings
 
-    from rich.markup import escape
-
     _setup_logging(False)
     from client.corpora import CORPORA, prepare
     from shared_models.audio import SkippedClipsWarning
@@ -107,8 +107,7 @@ def data_prepare(
             warnings.simplefilter("ignore", SkippedClipsWarning)  # summarised below, without Python's file:line
             result = prepare(corpus, out=out_path, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:  # FileNotFoundError, ManifestError among them
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)  # one problem a line, unwrapped
-        raise typer.Exit(2)
+        _fail(str(err))
     out.print(f"[green]wrote[/] {escape(str(result.manifest))}: {result.n_clips} clips, {result.n_speakers} speakers",
               soft_wrap=True)
     if result.skipped.total:
@@ -153,10 +152,12 @@ def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets:
 
 
 def _build_config(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]):
+    """The run config and the values named for it (file, options, ``--set``), read once."""
     from shared_models.config import ConfigError, RunConfig
 
     try:
-        return RunConfig.from_mapping(_config_values(config_file, overrides, sets))
+        values = _config_values(config_file, overrides, sets)
+        return RunConfig.from_mapping(values), values
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
 
@@ -267,8 +268,7 @@ def simulate(
         "run-dir": str(run_dir) if run_dir else None, "store-url": store_url,
         "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None,
     }
-    cfg = _build_config(config, options, set_)
-    named = _config_values(config, options, set_)
+    cfg, named = _build_config(config, options, set_)
     one_fold = "fold" in named  # named anywhere: option, file or --set
     if not cfg.manifest:
         _fail("no manifest: pass --manifest MANIFEST.csv (from `fedaffect data prepare`)")

@@ -320,10 +320,8 @@ def mean_rounds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i in range(min((len(s["rounds"]) for s in summaries), default=0)):
         rows = [s["rounds"][i] for s in summaries]
         row: dict[str, Any] = {"round": rows[0].get("round", i)}
-        for key in dict.fromkeys(k for r in rows for k in r):
+        for key in dict.fromkeys(k for r in rows for k in r if k != "round"):
             values = [r.get(key) for r in rows]
-            if key == "round":
-                continue
             if key == CONFUSION_KEY:
                 counts = [np.asarray(v) for v in values if v is not None]
                 row[key] = np.sum(counts, axis=0).tolist() if counts else None
