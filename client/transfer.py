@@ -175,14 +175,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: Sequence[str], *,
-                 warn: bool = True) -> str:
+                 task: str | None = None, warn: bool = True) -> str:
     """Load a checkpoint into ``model`` (the run's freshly built model); return what was done.
 
     Every layer is loaded when model and emotion classes match. When the classes differ,
     every layer but the categorical head is loaded, and the head rows of the shared classes
     are copied (the other rows keep their fresh initialisation), and (``warn``) a warning
     says so; a warning also says when the checkpoint comes from a FaiReg run (its
-    arousal/valence head predicts normalised targets).
+    arousal/valence head predicts normalised targets), and when the run's ``task`` (``av`` or
+    ``both``) needs an arousal/valence head that the checkpoint never trained (pre-trained
+    with task ``emotion``). The coordinator calls it once per run, in simulation and in
+    deployment alike.
 
     Raises
     ------
@@ -207,15 +210,19 @@ def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: 
             raise ValueError(f"init checkpoint {path}: layer {key} has shape {tuple(value.shape)}, "
                              f"the run's model {tuple(state[key].shape)}")
         loaded[key] = value
-    faireg = (" The checkpoint comes from a FaiReg run: its arousal/valence head predicts per-group "
-              "normalised targets, which a run without FaiReg (or with other groups) must unlearn."
-              if ckpt.get("faireg") else "")
+    notes = ""
+    if ckpt.get("faireg"):
+        notes += (" The checkpoint comes from a FaiReg run: its arousal/valence head predicts per-group "
+                  "normalised targets, which a run without FaiReg (or with other groups) must unlearn.")
+    if ckpt.get("task") == "emotion" and task in ("av", "both"):
+        notes += (f" It was pre-trained with task 'emotion': its arousal/valence head starts untrained "
+                  f"(this run's task is {task!r}).")
     if source == target:
         model.load_state_dict({**state, **loaded})
         message = f"initial model from {path}: every layer loaded ({model_name}, emotions {', '.join(target)})."
-        if faireg and warn:
-            log.warning(message + faireg)
-        return message + faireg
+        if notes and warn:
+            log.warning(message + notes)
+        return message + notes
     shared = [e for e in target if e in source]
     for key in ("emotion.weight", "emotion.bias"):
         if key in ckpt["state_dict"]:
@@ -226,12 +233,14 @@ def load_initial(model: nn.Module, path: str | Path, model_name: str, emotions: 
     model.load_state_dict({**state, **loaded})
     message = (f"initial model from {path}: emotion classes differ (checkpoint {', '.join(source)}; run "
                f"{', '.join(target)}): loaded every layer but the emotion head, and its rows for the "
-               f"{len(shared)} shared classes ({', '.join(shared) or 'none'}).{faireg}")
+               f"{len(shared)} shared classes ({', '.join(shared) or 'none'}).{notes}")
     if warn:
         log.warning(message)
     return message
 
 
-def check_initial(path: str | Path, model_name: str, emotions: Sequence[str]) -> str:
-    """Check up front that ``path`` can initialise ``model_name``; the message of :func:`load_initial`."""
-    return load_initial(build_model(model_name, max(len(emotions), 1)), path, model_name, emotions, warn=False)
+def check_initial(path: str | Path, model_name: str, emotions: Sequence[str], *, task: str | None = None) -> str:
+    """Check up front that ``path`` can initialise ``model_name``; the message of :func:`load_initial`
+    (no warning logged: the coordinator logs it when it loads the checkpoint)."""
+    return load_initial(build_model(model_name, max(len(emotions), 1)), path, model_name, emotions, task=task,
+                        warn=False)

@@ -576,7 +576,7 @@ def run_federation(
         random.seed(cfg.seed * 1_000_003 + start_round)
         initial = build_model(cfg.model, max(len(emotions), 1))
         if cfg.init:  # transfer learning: start from a pre-trained checkpoint (client/transfer.py)
-            log.info(load_initial(initial, cfg.init, cfg.model, emotions))
+            log.info(load_initial(initial, cfg.init, cfg.model, emotions, task=cfg.task))
         arrays = to_record(initial)
         coop = CoopTracker(info[n] for n in train_ids)  # cooperative learning counts per round
         if resumed:

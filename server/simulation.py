@@ -204,13 +204,9 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     if cfg.faireg == "on" and cfg.task == "emotion":
         raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
     if cfg.init and extract:  # transfer learning: a wrong checkpoint fails before any run starts
-        from client.transfer import check_initial, load_checkpoint
+        from client.transfer import check_initial
 
-        check_initial(cfg.init, cfg.model, emotions)
-        trained = load_checkpoint(cfg.init).get("task")
-        if trained == "emotion" and cfg.task != "emotion":
-            log.warning("%s was pre-trained with task 'emotion': its arousal/valence head starts untrained",
-                        cfg.init)
+        check_initial(cfg.init, cfg.model, emotions, task=cfg.task)  # the ServerApp logs its warnings
     cfg = cfg.replace(
         emotions=",".join(emotions),
         store_url=cfg.store_url or default_store_url(cfg.run_dir),

@@ -704,16 +704,22 @@ def test_an_emotion_checkpoint_into_an_av_run_is_warned_about(tone_manifest, tmp
     import logging
 
     from client.transfer import pretrain
-    from server.simulation import prepare_run
 
     ckpt = tmp_path / "emo.pt"
     pretrain(tone_manifest, "egemaps-mlp", ckpt, task="emotion", epochs=1, cache_dir=tmp_path / "cache")
-    cfg = RunConfig(manifest=str(tone_manifest), task="av", init=str(ckpt), folds=2, run_dir=str(tmp_path),
-                    cache_dir=str(tmp_path / "cache"))
+    emotions = ["anger", "sadness"]
+    for task in ("av", "both"):
+        note = load_initial(build_model("egemaps-mlp", 2), ckpt, "egemaps-mlp", emotions, task=task, warn=False)
+        assert f"arousal/valence head starts untrained (this run's task is '{task}')" in note
+    assert "untrained" not in load_initial(build_model("egemaps-mlp", 2), ckpt, "egemaps-mlp", emotions,
+                                           task="emotion", warn=False)
+    # The coordinator warns when it loads the checkpoint: the same ServerApp code runs in deployment.
+    cfg = RunConfig(manifest=str(tone_manifest), task="av", init=str(ckpt), folds=2, num_server_rounds=1,
+                    run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), run_name="warned")
     with caplog.at_level(logging.WARNING):
-        prepare_run(cfg, progress=False)
+        simulate(cfg, all_folds=False, progress=False)
     assert "arousal/valence head starts untrained" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        prepare_run(cfg.replace(task="emotion"), progress=False)
+        simulate(cfg.replace(task="emotion", run_name="quiet"), all_folds=False, progress=False)
     assert "starts untrained" not in caplog.text
