@@ -4,8 +4,10 @@ Dynamic active learning (:mod:`client.cooperative`) puts the clips the model is 
 about into the device's label queue (:class:`client.device_store.DeviceStore`, under the
 device's data directory). This session goes through the pending clips one at a time:
 
-* it shows the clip's path, its duration and the model's top guesses, and plays it (``p``)
-  when an audio player is installed (``aplay``, ``paplay``, ``ffplay`` or ``play``);
+* it shows the clip's path, its duration and the model's top guesses (unless ``guesses`` is
+  off: a shown guess anchors the person's answer, so a study that wants unprompted labels
+  hides them), and plays it (``p``) when an audio player is installed (``aplay``,
+  ``paplay``, ``ffplay`` or ``play``);
 * it takes the answers the run's task uses (:func:`parse_answer`; the device records its
   task in the store every round, a store without one is taken as ``emotion``):
 
@@ -245,7 +247,8 @@ def _unmounted(folder: Path) -> bool:
 
 def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: bool = True,
                   player: Sequence[str] | None = None,
-                  run: Callable[..., object] = subprocess.run, drop_missing: bool = False) -> dict[str, int]:
+                  run: Callable[..., object] = subprocess.run, drop_missing: bool = False,
+                  guesses: bool = True) -> dict[str, int]:
     """Go through the device's pending queue, asking ``stdin`` for an answer per clip.
 
     The answers taken depend on the run's task, read from the store's meta ``task``
@@ -266,6 +269,10 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
     drop_missing : bool
         Drop every queued clip whose file cannot be found, even when its folder is missing
         (recordings deleted with their folder, not a drive that is not mounted).
+    guesses : bool
+        Show the model's guesses for each clip. Off, the person labels unprompted: shown
+        guesses anchor annotators' answers towards the model's (the labels then confirm the
+        model's mistakes instead of correcting them).
 
     Returns
     -------
@@ -343,12 +350,12 @@ def label_session(data_dir: str | Path, *, stdin: TextIO, stdout: TextIO, play: 
                 say(f"warning: {path} has gone; dropped from the label queue")
                 continue
             duration = _duration(item)
-            guesses = ", ".join(f"{g[0]} {100 * float(g[1]):.0f}%" for g in item.get("guesses") or [])
-            av_guess = item.get("av_guess") if task in _AV_TASKS else None
+            shown = ", ".join(f"{g[0]} {100 * float(g[1]):.0f}%" for g in item.get("guesses") or []) if guesses else ""
+            av_guess = item.get("av_guess") if guesses and task in _AV_TASKS else None
             say()
             say(f"[{n}/{len(pending)}] {path}" + (f"  ({duration:.1f} s)" if duration else ""))
-            if guesses and task in _EMOTION_TASKS:
-                say(f"  the model's guesses: {guesses}")
+            if shown and task in _EMOTION_TASKS:
+                say(f"  the model's guesses: {shown}")
             if av_guess:
                 say(f"  the model's guess: arousal {av_guess[0]:+.2f}, valence {av_guess[1]:+.2f}")
             while True:

@@ -472,6 +472,8 @@ def device_label(
     play: bool = typer.Option(True, "--play/--no-play", help="offer to play clips (aplay, paplay, ffplay or play)"),
     drop_missing: bool = typer.Option(False, "--drop-missing", help="drop queued clips whose files are gone even when "
                                       "their folder is missing too (they are kept, in case a drive is not mounted)"),
+    guesses: bool = typer.Option(True, "--guesses/--no-guesses", help="show the model's guesses for each clip "
+                                 "(--no-guesses: label unprompted; a shown guess anchors the answer)"),
 ) -> None:
     """Label the clips the device's model is least certain about, one at a time (q quits).
 
@@ -482,7 +484,8 @@ def device_label(
     from client.labelling import label_session
 
     try:
-        label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play, drop_missing=drop_missing)
+        label_session(data_dir, stdin=sys.stdin, stdout=sys.stdout, play=play, drop_missing=drop_missing,
+                      guesses=guesses)
     except FileNotFoundError as err:
         _fail(str(err))
 

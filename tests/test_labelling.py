@@ -47,6 +47,17 @@ def test_answers_and_an_invalid_answer_through_the_prompt(queued):
     assert "answered 3" in res.output
 
 
+def test_the_models_guesses_can_be_hidden(queued):
+    """Unprompted labelling: shown guesses anchor a person's answers towards the model's."""
+    data_dir, clips = queued
+    res = CliRunner().invoke(cli, ["device", "label", "--data-dir", str(data_dir), "--no-play", "--no-guesses"],
+                             input="anger\nq\n")
+    assert res.exit_code == 0, res.output
+    assert clips[0] in res.output and "the model's guess" not in res.output and "41%" not in res.output
+    with DeviceStore(data_dir) as store:
+        assert {c: a["emotion"] for c, a in store.answers().items()} == {clips[0]: "anger"}
+
+
 def test_quitting_half_way_loses_no_answer(queued):
     data_dir, clips = queued
     res = CliRunner().invoke(cli, ["device", "label", "--data-dir", str(data_dir), "--no-play"], input="2\nq\n")
