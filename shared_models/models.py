@@ -54,6 +54,7 @@ __all__ = [
     "load_record",
     "clippable_update",
     "for_inference",
+    "copy_model",
     "masked_mean",
 ]
 
@@ -268,6 +269,22 @@ def frontend_for(name: str) -> FrontEnd:
     return get_frontend(_spec(name).frontend)
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (same device, same mode) whose recurrent layers keep their
+    weights in one contiguous block.
+
+    ``copy.deepcopy`` copies a GRU's weights one tensor at a time; on a GPU, cuDNN then finds
+    them scattered, warns ("RNN module weights are not part of single contiguous chunk of
+    memory") and copies them into one block on every forward pass. ``flatten_parameters``
+    puts them back in one block (a no-op on the CPU).
+    """
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        if isinstance(module, nn.RNNBase):
+            module.flatten_parameters()
+    return out
+
+
 def for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for on-device inference: eval mode, no gradients, and every batch
     norm folded into the convolution before it.
@@ -280,7 +297,7 @@ def for_inference(model: nn.Module) -> nn.Module:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    out = copy.deepcopy(model).eval()
+    out = copy_model(model).eval()
     for seq in out.modules():
         if isinstance(seq, nn.Sequential):
             for i in range(len(seq) - 1):

@@ -276,11 +276,11 @@ def adapt_batch_norm(model: nn.Module, data: LocalData) -> nn.Module:
         The adapted copy, in eval mode; ``model`` itself when it has no batch norm or
         ``data`` is empty.
     """
-    import copy
+    from .models import copy_model
 
     if len(data) == 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
-    adapted = copy.deepcopy(model).eval()
+    adapted = copy_model(model).eval()
     norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.reset_running_stats()
