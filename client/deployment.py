@@ -50,11 +50,6 @@ __all__ = ["DeviceConfig", "DevicePaths", "init_device", "supernode_command", "p
 
 log = logging.getLogger("fedaffect.device")
 
-#: ``flower-supernode`` exit code when the SuperLink refuses to activate the node
-#: (an unregistered or revoked key).
-_EXIT_NOT_ACTIVATED = 305
-
-
 #: Seconds a SuperLink keeps a node online after its last heartbeat (Flower 1.41: patience 2 x
 #: the 30 s interval), plus a margin: a device restarted sooner is refused activation as if
 #: its key were unknown, so ``device start`` retries that long before it gives up.
@@ -295,12 +290,21 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         ``ca`` missing, expired, or not a CA certificate.
     DeviceRefused
         The SuperLink refused the device: not enrolled or revoked, or the SuperLink's
-        certificate is not signed by ``ca`` (the message says which is likely). A refused
+        certificate is not signed by ``ca`` (the message says which is likely); also when
+        the SuperNode stops by itself with success, which it does when the SuperLink stops
+        accepting its key mid-session (unenrolled while running). A refused
         activation is retried for up to :data:`ACTIVATION_RETRY_S` (at most ``max_wait_s``)
         first: the SuperLink refuses a device restarted within a minute the same way.
     RuntimeError
         Another ``device start`` runs on this data directory.
+    ValueError
+        ``superlink`` is not ``HOST:PORT``.
     """
+    host, colon, port_text = superlink.rpartition(":")
+    if not (colon and host and port_text.isdigit() and 0 < int(port_text) < 65536):
+        # Flower would take it, fail to parse it and keep retrying (or restart forever under systemd)
+        raise ValueError(f"superlink {superlink!r} is not HOST:PORT: give the coordinator's address with its port, "
+                         f"e.g. coord.example.org:8000 (`fedaffect server init` printed it)")
     paths = DevicePaths(Path(data_dir).expanduser().resolve())
     if not paths.private_key.exists():
         raise FileNotFoundError(f"{paths.private_key} not found: run `fedaffect device init --data-dir {paths.root}`")
@@ -319,12 +323,21 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             raise DeviceRefused(f"the SuperLink at {superlink} has a certificate not signed by {ca} (wrong CA, "
                                 "self-signed or expired): get the coordinator's certs/ca.crt")
-        if code == _EXIT_NOT_ACTIVATED or "Failed to activate SuperNode" in text:
+        # Flower's own exit codes (305 here) reach the shell as 1: only its log text tells.
+        if "Failed to activate SuperNode" in text:
             raise DeviceRefused(f"the SuperLink at {superlink} refused this device: its key is not enrolled or was "
                                 f"revoked (ask the operator to run `fedaffect server enrol --public-key "
                                 f"{paths.public_key.name} ...`), a SuperNode with this key is still connected "
                                 f"(another `device start` on {paths.root}), or the SuperLink's TLS certificate is not "
                                 f"signed by {ca}.\nlast lines:\n{text[-1500:]}", activation=True)
+        if code == 0:
+            # A SuperNode runs until signalled; one that stops by itself with success was told by
+            # the SuperLink that its key is no longer accepted (Flower answers an unenrolled node's
+            # heartbeat or pull with UNAUTHENTICATED, and the SuperNode stops "gracefully").
+            raise DeviceRefused(f"the SuperLink at {superlink} no longer accepts this device ({paths.root}): its key "
+                                f"was unenrolled (`fedaffect server unenrol`) or the coordinator's registry was "
+                                f"reset. Ask the operator to enrol it again (`fedaffect server enrol --public-key "
+                                f"{paths.public_key.name} ...`), then start the device again.")
 
     env = flower_environment(paths.root / "flower")
     if threads is not None:

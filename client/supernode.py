@@ -256,6 +256,9 @@ def _supernode(poll_s: float, flower_args: list[str]) -> None:
 def _superexec(poll_s: float, runtime_api_address: str, parent_pid: int | None) -> None:
     """Flower's SuperExec loop with a :class:`ForkExecutor`, after :func:`warm_imports`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # httpx logs every request at INFO: with a 0.5 s poll, ~2 lines a second into supernode.log
+    # (about 20 MB a day of an idle device, which would rotate the useful lines away)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     warm = warm_imports()
     os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(poll_s)
     import flwr.supercore.superexec.run_superexec as superexec

@@ -503,3 +503,16 @@ def test_a_second_device_start_on_one_data_dir_is_refused(tmp_path):
     finally:
         first.close()
     _lock_data_dir(paths).close()  # released with the first one
+
+
+@pytest.mark.parametrize("superlink", ["localhost", "localhost:", ":8000", "coord:80x0", "coord:70000"])
+def test_a_superlink_address_without_a_port_is_an_option_error(tmp_path, superlink):
+    """Flower would accept it, fail to parse it in the background and retry forever."""
+    from typer.testing import CliRunner
+
+    from fedaffect.cli import app as cli
+
+    init_device(tmp_path / "dev")
+    res = CliRunner().invoke(cli, ["device", "start", "--data-dir", str(tmp_path / "dev"), "--superlink", superlink,
+                                   "--ca", str(tmp_path / "ca.crt")])
+    assert res.exit_code == 2 and "is not HOST:PORT" in res.output

@@ -266,7 +266,9 @@ def test_a_revoked_device_is_refused(federation):
     res = cli("server", "unenrol", "dev1", "--state-dir", str(federation.state))
     assert res.returncode == 0, res.stdout + res.stderr
     assert federation.devices_status()["dev1"]["status"] == "revoked"
-    federation.devices["dev1"].send_signal(signal.SIGTERM)
-    federation.devices["dev1"].wait(timeout=60)
+    # the running device learns it at its next heartbeat or pull, stops, and says why (exit 3:
+    # systemd does not restart it)
+    assert federation.devices["dev1"].wait(timeout=120) == 3
+    assert "no longer accepts this device" in (federation.root / "dev1.log").read_text()
     proc = federation.start_device("dev1", "--max-wait", "30")
     assert proc.wait(timeout=90) == 3
