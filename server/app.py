@@ -29,6 +29,7 @@ recorded; the round goes on with the others.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
@@ -139,22 +140,81 @@ class PollingGrid(NodeSubset):
         """Push ``messages``; pull replies every ``poll_s`` until all came or ``timeout`` s passed.
 
         The last pull starts after the deadline, so every reply that reached the SuperLink in
-        time is returned, even when an earlier pull was held past the deadline (Flower's pull
-        waits for a reply's objects: a device killed while uploading them holds it for the
-        SuperLink's 180 s push-session lifetime, while the other devices' replies arrive).
+        time is returned. A reply's objects (its arrays) may still be on their way when the
+        reply is pulled; Flower's pull waits for them, for up to 2 hours by default, and a
+        device killed while uploading them held the round for the SuperLink's 180 s
+        push-session lifetime, whatever the round timeout. Here that wait ends
+        :data:`OBJECT_PULL_GRACE_S` after the deadline (:func:`bounded_object_pulls`): the
+        reply becomes an error reply and the round goes on.
+
+        Flower's own error replies (a node unavailable, a reply whose objects never came) name
+        the ServerApp's node as their sender; they are returned as replies from the device the
+        message was sent to, so that the run can say which device failed.
         """
-        pending = set(self._grid.push_messages(messages))
+        messages = list(messages)
+        sent = {mid: msg for mid, msg in zip(self._grid.push_messages(messages), messages) if mid}
+        pending = set(sent)
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while True:
             began = time.monotonic()
-            got = list(self._grid.pull_messages(pending))
+            with bounded_object_pulls(None if timeout is None else max(end - began, 0.0) + OBJECT_PULL_GRACE_S):
+                got = [_from_device(m, sent) for m in self._grid.pull_messages(pending)]
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (timeout is not None and began >= end):
                 break
             time.sleep(self.poll_s if timeout is None else max(0.0, min(self.poll_s, end - time.monotonic())))
         return replies
+
+
+#: Seconds a reply's objects may still be pulled after a round's deadline (see
+#: :meth:`PollingGrid.send_and_receive`).
+OBJECT_PULL_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def bounded_object_pulls(max_s: float | None):
+    """Within the block, Flower's object pulls in this process give up after ``max_s``
+    seconds (Flower 1.41: ``max_time`` 7200 s); ``None`` leaves them as they are.
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release no longer has the ``max_time`` keyword.
+    """
+    if max_s is None:
+        yield
+        return
+    from flwr.supercore.inflatable import inflatable_utils
+
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = []
+    for pull in pulls:
+        defaults = pull.__kwdefaults__ or {}
+        if "max_time" not in defaults:
+            raise RuntimeError(f"flwr {pull.__name__} has no max_time keyword any more: "
+                               "update server.app.bounded_object_pulls")
+        saved.append(defaults["max_time"])
+        defaults["max_time"] = max_s
+    try:
+        yield
+    finally:
+        for pull, value in zip(pulls, saved):
+            pull.__kwdefaults__["max_time"] = value
+
+
+def _from_device(reply: Message, sent: dict[str, Message]) -> Message:
+    """``reply``, or, for an error reply Flower made itself (its sender is not the node the
+    message went to), the same error as a reply from that node."""
+    original = sent.get(reply.metadata.reply_to_message_id)
+    if original is None or not reply.has_error() or reply.metadata.src_node_id == original.metadata.dst_node_id:
+        return reply
+    m = reply.metadata  # Flower's own type for these is "system": the original's type says what failed
+    metadata = Metadata(run_id=m.run_id, message_id=m.message_id, src_node_id=original.metadata.dst_node_id,
+                        dst_node_id=m.dst_node_id, reply_to_message_id=m.reply_to_message_id, group_id=m.group_id,
+                        created_at=m.created_at, ttl=m.ttl, message_type=original.metadata.message_type)
+    return Message(metadata=metadata, error=reply.error)
 
 
 def _state_dict(model: torch.nn.Module, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -237,19 +297,47 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
 
 
-def _describe(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
-    """Ask every connected node for its description; returns {node_id: info}."""
+def _describe(grid: Grid, timeout: float, enrolled: dict[int, str] | None = None) -> dict[int, dict[str, Any]]:
+    """Ask every connected node for its description; returns {node_id: info}.
+
+    ``enrolled`` maps node ids to the names the operator enrolled them under (the device
+    registry); an enrolled device's ``name`` is that one, whatever the device calls itself
+    (its ``device init --name``, by default its data directory's name): names in the run
+    store are the operator's, unique, and cannot be claimed by another device."""
+    enrolled = enrolled or {}
     messages = [
         Message(RecordDict({"config": ConfigRecord()}), node_id, f"{MessageType.QUERY}.device_info")
         for node_id in grid.get_node_ids()
     ]
     info = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("device %s could not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("device %s could not describe itself: %s", enrolled.get(node, f"node {node}"),
+                        reply.error.reason)
             continue
-        info[reply.metadata.src_node_id] = dict(reply.content["device"])
+        info[node] = dict(reply.content["device"])
+        if node in enrolled and info[node].get("name") != enrolled[node]:
+            log.info("node %s calls itself %r; its metrics are stored under its enrolled name %r", node,
+                     info[node].get("name"), enrolled[node])
+            info[node]["name"] = enrolled[node]
     return info
+
+
+def _left_out(replies: list[Message], messages: list[Message], names: dict[int, str], timeout: float) -> list[str]:
+    """What became of the messages without a successful reply: ``"NAME: train failed (reason)"``
+    or ``"NAME: no evaluate reply within T s"``, one entry per message."""
+    out = []
+    answered = {(r.metadata.src_node_id, r.metadata.message_type) for r in replies}
+    for r in replies:
+        if r.has_error():
+            node = r.metadata.src_node_id
+            out.append(f"{names.get(node, f'node {node}')}: {r.metadata.message_type} failed ({r.error.reason})")
+    for m in messages:
+        node, kind = m.metadata.dst_node_id, m.metadata.message_type
+        if (node, kind) not in answered:
+            out.append(f"{names.get(node, f'node {node}')}: no {kind} reply within {timeout:g} s")
+    return out
 
 
 def _evaluation_messages(node_ids: Iterable[int], arrays: ArrayRecord, server_round: int,
@@ -323,15 +411,16 @@ def _trained(reply: Message) -> bool:
     return int(metrics.get("num-examples", 0)) > 0 and math.isfinite(float(metrics.get("train_loss", math.nan)))
 
 
-def _evaluation_part(reply: Message) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+def _evaluation_part(reply: Message, names: dict[int, str] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
     """``(stats, metrics, device row)`` of one device's evaluation of the global model: an
     ``evaluate`` reply, or a ``train`` reply carrying ``eval-stats`` (the model as received,
-    before local training); None for an error or a train reply without them."""
+    before local training); None for an error (logged by the round) or a train reply without
+    them. ``names``: node id -> the device's name in the run store (default: the name it sends)."""
     if reply.has_error():
-        if reply.metadata.message_type == MessageType.EVALUATE:  # a failed train reply is the strategy's to log
-            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason)
         return None
     info = dict(reply.content["device"])
+    info["name"] = (names or {}).get(reply.metadata.src_node_id, info["name"])
     if reply.metadata.message_type == MessageType.TRAIN:
         if "eval-stats" not in info:
             return None
@@ -558,7 +647,9 @@ def run_federation(
     try:
         _wait_for_devices(grid, cfg.min_devices, cfg.round_timeout)
         grid = EnrolmentGrid.from_registry(grid, store)
-        info = _describe(grid, cfg.round_timeout)
+        info = _describe(grid, cfg.round_timeout, {int(d.node_id): d.name for d in store.enrolled_devices(
+            include_revoked=False) if str(d.node_id).isdigit()})
+        names = {n: str(d["name"]) for n, d in info.items()}
         train_ids = [n for n, d in info.items() if d["role"] == "train" and (
             d["n-labelled"] > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
         heldout_ids = [n for n, d in info.items() if d["role"] == "heldout" and d["n-clips"] > 0]
@@ -617,13 +708,16 @@ def run_federation(
                 eval_msgs = _evaluation_messages([n for n in eval_ids if n not in training], arrays, eval_round,
                                                  round_extra)
             replies = list(grid.send_and_receive(train_msgs + eval_msgs, timeout=cfg.round_timeout))
+            if missing := _left_out(replies, train_msgs + eval_msgs, names, cfg.round_timeout):
+                log.warning("round %d: left out %s", eval_round if eval_round is not None else train_round,
+                            "; ".join(missing))
             train_replies = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
             watch["train"].check(train_replies, len(train_msgs), train_round)
             watch["evaluate"].check([r for r in replies if r.metadata.message_type == MessageType.EVALUATE],
                                     len(eval_msgs), eval_round)
             evaluation = None
             if eval_round is not None:
-                parts = [p for r in replies if (p := _evaluation_part(r)) is not None]
+                parts = [p for r in replies if (p := _evaluation_part(r, names)) is not None]
                 evaluation = _pool_evaluation(parts, len(eval_ids))
             if train_round is None:
                 return evaluation, None, None
@@ -638,7 +732,7 @@ def run_federation(
                     "train_devices": len(ok),
                     "train_failures": len(train_msgs) - len(ok),
                 },
-                "devices": [{"device": d["name"], "role": d["role"], "phase": "train",
+                "devices": [{"device": names.get(r.metadata.src_node_id, d["name"]), "role": d["role"], "phase": "train",
                              "metrics": dict(r.content["metrics"])} for d, r in zip(infos, ok)],
                 "infos": infos,
                 "weights": _weight_rows(strategy),

@@ -242,11 +242,15 @@ def test_enrolled_groups_reach_the_devices_and_no_clip_data_is_sent(device_dirs,
     cfg, grid = _federation(device_dirs, tmp_path)
     store = RunStore(cfg.store_url)
     first = grid.get_node_ids()[0]  # node of dev0, whose manifest has no gender
-    store.enrol_device("dev0", first, "ecdsa-sha2-nistp384 AAAA", "SHA256:x", {"gender": "female"})
+    # enrolled under another name than the one the device gives itself (its folder's, dev0)
+    store.enrol_device("phone-07", first, "ecdsa-sha2-nistp384 AAAA", "SHA256:x", {"gender": "female"})
     summary = _run(grid, cfg, store)
     groups = {(r["attribute"], r["group"]) for r in store.group_metrics(store.get_run("dep").id)}
     assert ("gender", "unknown") not in groups and ("gender", "female") in groups
     assert summary["final"]["uar"] is not None
+    # the run store names it as the operator enrolled it: a device cannot pick its stored name
+    stored = {d["device"] for d in store.device_metrics(store.get_run("dep").id)}
+    assert "phone-07" in stored and "dev0" not in stored and {"dev1", "dev2"} <= stored
 
     # What went over the wire (protobuf bytes of every message both ways) holds no audio,
     # no features, no file names or paths and no per-clip labels of any device.

@@ -181,7 +181,7 @@ class _SlowGrid:
         if self.pulls < self.lag:
             return []
         from types import SimpleNamespace
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: False) for i in ids]
 
 
 def test_polling_grid_collects_every_reply_and_honours_the_timeout():
@@ -254,3 +254,43 @@ def test_a_service_log_is_rotated_by_size_and_keeps_the_newest_lines(tmp_path):
             for line in (tmp_path / name).read_text().splitlines()]
     numbers = [int(line.split()[1]) for line in kept]
     assert numbers == list(range(numbers[0], 3000))
+
+
+def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_pulls():
+    """A device killed while uploading its reply held the round for the SuperLink's 180 s
+    push session, and Flower's error reply named the ServerApp's node ("node 1")."""
+    from flwr.app import Error, Message, MessageType, Metadata, RecordDict
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    from server.app import OBJECT_PULL_GRACE_S
+
+    def with_id(msg, message_id):
+        msg.metadata.__dict__["_message_id"] = message_id  # what Flower's push does
+        return msg
+
+    seen = []
+
+    class _Grid:
+        def push_messages(self, messages):
+            return [with_id(m, f"id{m.metadata.dst_node_id}").metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):
+            seen.append(pulls.pull_objects.__kwdefaults__["max_time"])
+            # made by Flower in the ServerApp's process: its sender is the ServerApp's own node
+            metadata = Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=1, reply_to_message_id="id7",
+                                group_id="", created_at=time.time(), ttl=0, message_type="system")
+            return [Message(metadata=metadata, error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                                                           reason="objects unavailable"))]
+
+    from flwr.supercore.task_identity import TaskIdentity  # messages need a run id (server/simulation.py)
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 17, 0, 1
+    default = pulls.pull_objects.__kwdefaults__["max_time"]
+    sent = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
+    replies = PollingGrid(_Grid(), poll_s=0.01).send_and_receive([sent], timeout=5)
+    assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == "objects unavailable"
+    assert replies[0].metadata.src_node_id == 7 and replies[0].metadata.message_type == MessageType.TRAIN
+    assert OBJECT_PULL_GRACE_S < seen[0] <= 5 + OBJECT_PULL_GRACE_S  # the round's deadline, not 2 hours
+    assert pulls.pull_objects.__kwdefaults__["max_time"] == default == 7200  # restored after the pull
+
