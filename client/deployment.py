@@ -339,6 +339,13 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
                                 f"reset. Ask the operator to enrol it again (`fedaffect server enrol --public-key "
                                 f"{paths.public_key.name} ...`), then start the device again.")
 
+    def watch(line: str) -> None:
+        if "SuperNode ID:" in line:  # Flower's line once the SuperLink has activated the node
+            log.info("online: the SuperLink at %s accepted this device (node %s); it trains when a run asks it",
+                     superlink, line.rsplit(":", 1)[-1].strip())
+        if echo is not None:
+            echo(line)
+
     env = flower_environment(paths.root / "flower")
     if threads is not None:
         if threads < 1:
@@ -352,7 +359,7 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         while True:
             try:
                 return run_foreground(cmd, env=env, cwd=paths.root,
-                                      log_path=paths.logs / "supernode.log", echo=echo, on_exit=refused)
+                                      log_path=paths.logs / "supernode.log", echo=watch, on_exit=refused)
             except DeviceRefused as err:
                 if not err.activation or time.monotonic() >= deadline:
                     raise

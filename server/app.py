@@ -526,9 +526,11 @@ def _faireg_config(grid: Grid, cfg: RunConfig, train_ids: list[int]) -> dict[str
     return {"faireg": params.to_json()}
 
 
-def _wait_for_devices(grid: Grid, min_devices: int, timeout: float, key: str = "min-devices") -> None:
+def _wait_for_devices(grid: Grid, min_devices: int, timeout: float, key: str = "min-devices",
+                      expected: dict[int, str] | None = None) -> None:
     """Wait until ``min_devices`` devices are connected (deployment: SuperNodes may still
-    be starting when a run is submitted).
+    be starting when a run is submitted). ``expected``: node id -> name of the devices that
+    should be there (the enrolled ones), named in the messages when they are not.
 
     Raises
     ------
@@ -538,13 +540,20 @@ def _wait_for_devices(grid: Grid, min_devices: int, timeout: float, key: str = "
     if min_devices <= 0:
         return
     deadline = time.monotonic() + timeout
+
+    def absent(connected: set[int]) -> str:
+        names = sorted(name for node, name in (expected or {}).items() if node not in connected)
+        return f" (not connected: {', '.join(names)})" if names else ""
+
     while True:
-        n = len(list(grid.get_node_ids()))
+        connected = set(grid.get_node_ids())
+        n = len(connected)
         if n >= min_devices:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {n} of {key}={min_devices} devices connected after {timeout:.0f}s")
-        log.info("waiting for devices: %d of %d connected", n, min_devices)
+            raise RuntimeError(f"only {n} of {key}={min_devices} devices connected after {timeout:.0f}s"
+                               f"{absent(connected)}")
+        log.info("waiting for devices: %d of %d connected%s", n, min_devices, absent(connected))
         time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
 
@@ -645,10 +654,11 @@ def run_federation(
     else:
         run = store.create_run(name, cfg.to_mapping(), engine)
     try:
-        _wait_for_devices(grid, cfg.min_devices, cfg.round_timeout)
+        enrolled = {int(d.node_id): d.name for d in store.enrolled_devices(include_revoked=False)
+                    if str(d.node_id).isdigit()}  # deployment's device registry (none in simulation)
+        _wait_for_devices(grid, cfg.min_devices, cfg.round_timeout, expected=enrolled)
         grid = EnrolmentGrid.from_registry(grid, store)
-        info = _describe(grid, cfg.round_timeout, {int(d.node_id): d.name for d in store.enrolled_devices(
-            include_revoked=False) if str(d.node_id).isdigit()})
+        info = _describe(grid, cfg.round_timeout, enrolled)
         names = {n: str(d["name"]) for n, d in info.items()}
         train_ids = [n for n, d in info.items() if d["role"] == "train" and (
             d["n-labelled"] > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
@@ -700,7 +710,8 @@ def run_federation(
                     "eval-stats": in_sample and eval_round is not None,
                 })
                 # Flower's sampling would wait for the strategy's minimum without end
-                _wait_for_devices(train_grid, min_train, cfg.round_timeout, "min-train-devices")
+                _wait_for_devices(train_grid, min_train, cfg.round_timeout, "min-train-devices",
+                                  {n: names[n] for n in train_ids})
                 train_msgs = list(strategy.configure_train(train_round, arrays, train_config, train_grid))
             eval_msgs: list[Message] = []
             if eval_round is not None:
@@ -794,7 +805,14 @@ def run_federation(
         store.finish_run(run.id, "completed", summary)
         return summary
     except BaseException as err:
-        store.finish_run(run.id, "failed", error="".join(traceback.format_exception(err)))
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            # Flower stops a ServerApp whose run was stopped on the SuperLink (`fedaffect train`
+            # interrupted or timed out, `flwr stop`) with a signal: not a failure to debug
+            error = (f"stopped ({type(err).__name__}): the run was stopped on the SuperLink (fedaffect train "
+                     f"interrupted or timed out, or flwr stop); `fedaffect train --resume {name}` continues it")
+        else:
+            error = "".join(traceback.format_exception(err))
+        store.finish_run(run.id, "failed", error=error)
         raise
 
 

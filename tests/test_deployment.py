@@ -338,9 +338,26 @@ def test_resume_of_an_unknown_run_is_refused(device_dirs, tmp_path):
 def test_a_missing_device_is_waited_for_then_refused(device_dirs, tmp_path):
     cfg, grid = _federation(device_dirs, tmp_path, **{"min-devices": 4, "round-timeout": 1.0})
     store = RunStore(cfg.store_url)
-    with pytest.raises(RuntimeError, match="only 3 of min-devices=4"):
+    store.enrol_device("pi-b", 999, "ecdsa-sha2-nistp384 BBBB", "SHA256:y", {})  # enrolled, never started
+    with pytest.raises(RuntimeError, match=r"only 3 of min-devices=4 .*\(not connected: pi-b\)"):
         _run(grid, cfg, store)
     assert store.get_run("dep").status == "failed"
+
+
+def test_a_run_stopped_on_the_superlink_is_stored_as_stopped_not_as_a_traceback(device_dirs, tmp_path):
+    """Flower ends a ServerApp whose run was stopped (train interrupted, flwr stop) by a signal."""
+    cfg, grid = _federation(device_dirs, tmp_path)
+    store = RunStore(cfg.store_url)
+
+    def stopped(*args, **kwargs):
+        raise SystemExit(0)
+
+    grid.send_and_receive = stopped
+    with pytest.raises(SystemExit):
+        _run(grid, cfg, store)
+    run = store.get_run("dep")
+    assert run.status == "failed" and run.error.startswith("stopped (SystemExit)")
+    assert "Traceback" not in run.error and "--resume dep" in run.error
 
 
 def test_train_resume_needs_a_known_run(tmp_path):

@@ -203,6 +203,9 @@ def test_train_two_rounds_on_three_devices(federation):
     assert ("gender", "unknown") not in groups  # dev0's clips took its enrolled gender
     assert {("gender", "female"), ("gender", "male")} <= groups
     assert store.latest_checkpoint(run.id)[0] == 2
+    # the device's console says when the coordinator accepted it; its log is not flooded
+    assert "accepted this device" in (federation.root / "dev1.log").read_text()
+    assert "HTTP Request" not in (federation.root / "dev1" / "logs" / "supernode.log").read_text()
 
 
 def test_a_run_that_times_out_is_stopped_and_marked_failed(federation):
