@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["BIN", "TAIL_LINES", "LOG_MAX_BYTES", "LOG_BACKUPS", "LogPump", "flower_environment", "free_port", "descendants", "terminate_tree",
-           "run_foreground", "PULL_BACKOFF_S", "shorten_object_pull_backoff"]
+__all__ = ["BIN", "TAIL_LINES", "LOG_MAX_BYTES", "LOG_BACKUPS", "LogPump", "flower_environment", "free_port",
+           "descendants", "terminate_tree", "run_foreground", "PULL_BACKOFF_S", "PULL_MAX_TIME_S",
+           "shorten_object_pull_backoff"]
 
 log = logging.getLogger("fedaffect.processes")
 
@@ -306,15 +307,36 @@ def run_foreground(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: 
 #: there yet (Flower 1.41: 1 s, then doubling up to 10 s).
 PULL_BACKOFF_S = 0.05
 
+#: Longest time (seconds) a Flower process keeps asking for the objects of one message
+#: (Flower 1.41: ``PULL_MAX_TIME`` = 7200 s, and 500 tries per object, ~80 min at 10 s apart).
+#: A message's objects follow it within seconds: fedaffect's largest model (``wave-cnn-gru``)
+#: is 1.3 MB, under two minutes even at 100 kbit/s. An object still missing after 5 minutes
+#: is not coming: its sender has stopped. When a run is stopped on the coordinator while a
+#: device's SuperNode is downloading a message (``fedaffect train`` interrupted), Flower's
+#: SuperNode gives the message up but leaves it and its task in place
+#: (``flwr.supernode.start_client_internal._pull_and_store_message``: the stop arrives as
+#: ``RunNotRunningException``, a ``BaseException`` its cleanup (``except Exception``) does not
+#: catch), so the ClientApp it started would ask for the missing objects every 10 s, a
+#: 240 MB process held for up to 2 hours; with this limit it gives up after 5 minutes and
+#: exits. The ServerApp's pulls (its grid's, for replies) get the same default: a device that
+#: went away in the middle of a reply costs at most 5 minutes, not 2 hours (a caller may still
+#: pass its own ``max_time``, or bound a round's pulls more tightly).
+PULL_MAX_TIME_S = 300.0
 
-def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S) -> None:
-    """Make this process's Flower object pulls retry after ``initial_s`` seconds, not 1 s.
+
+def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S, max_time_s: float = PULL_MAX_TIME_S) -> None:
+    """Make this process's Flower object pulls retry after ``initial_s`` seconds, not 1 s, and
+    give up after ``max_time_s`` seconds (:data:`PULL_MAX_TIME_S`), not 2 hours.
 
     A Flower message travels as a message plus its objects (one per array), pushed one after
     the other: a SuperNode can see a message before the ServerApp has uploaded its objects, a
     ClientApp before its SuperNode has downloaded them, and a ServerApp a reply before its
     objects. Each miss costs 1 s, then 2 s (``flwr.supercore.inflatable.inflatable_utils``),
-    seconds a round that are pure waiting. The retries still double up to Flower's cap.
+    seconds a round that are pure waiting. The retries still double up to Flower's cap (10 s).
+
+    A pull that runs out of time raises Flower's ``ObjectPullError``, which each caller
+    already handles: the ClientApp exits with an error (no reply), the SuperNode drops the
+    message, the ServerApp's grid returns an error reply in place of the device's.
 
     Raises
     ------
@@ -325,7 +347,9 @@ def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S) -> None:
 
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = pull.__kwdefaults__ or {}
-        if "initial_backoff" not in defaults:
-            raise RuntimeError(f"flwr {pull.__name__} has no initial_backoff keyword any more: "
+        missing = [k for k in ("initial_backoff", "max_time") if k not in defaults]
+        if missing:
+            raise RuntimeError(f"flwr {pull.__name__} has no {' or '.join(missing)} keyword any more: "
                                "update shared_models.processes.shorten_object_pull_backoff")
         defaults["initial_backoff"] = initial_s
+        defaults["max_time"] = max_time_s

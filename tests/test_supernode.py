@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +21,8 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
 
-from client.supernode import ForkExecutor, patch_supernode_poll, REPLY_POLL_S, superexec_command
+from client.supernode import (ForkExecutor, patch_supernode_poll, REPLY_POLL_S, superexec_command,
+                              task_input_received)
 from server.app import PollingGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,21 +152,156 @@ def test_flower_still_exposes_what_the_warm_superexec_replaces():
     assert cmd[1:4] == ["-m", "client.supernode", "superexec"] and cmd[-2:] == ["--parent-pid", "42"]
 
 
+def _restore_pull_defaults(monkeypatch):
+    """Flower's object-pull functions, their keyword defaults restored after the test."""
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    functions = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
+    for fn in functions:
+        for key in ("initial_backoff", "max_time"):
+            monkeypatch.setitem(fn.__kwdefaults__, key, fn.__kwdefaults__[key])
+    return functions
+
+
 def test_object_pulls_retry_sooner_in_patched_processes(monkeypatch):
     from flwr.supercore.inflatable import inflatable_utils as pulls
 
-    from shared_models.processes import PULL_BACKOFF_S, shorten_object_pull_backoff
+    from shared_models.processes import PULL_BACKOFF_S, PULL_MAX_TIME_S, shorten_object_pull_backoff
 
-    functions = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
-    for fn in functions:  # restored after the test
-        monkeypatch.setitem(fn.__kwdefaults__, "initial_backoff", fn.__kwdefaults__["initial_backoff"])
+    functions = _restore_pull_defaults(monkeypatch)
     assert all(fn.__kwdefaults__["initial_backoff"] == 1 for fn in functions)  # Flower 1.41's wait
+    assert all(fn.__kwdefaults__["max_time"] == 7200 for fn in functions)  # ... and its 2 hours
     shorten_object_pull_backoff()
     assert all(fn.__kwdefaults__["initial_backoff"] == PULL_BACKOFF_S for fn in functions)
+    assert all(fn.__kwdefaults__["max_time"] == PULL_MAX_TIME_S for fn in functions)
+    assert 60 <= PULL_MAX_TIME_S <= 600  # minutes, not hours
     # the ClientApp's pull goes through the patched function and passes the default on
     from flwr.supernode.runtime import run_clientapp
     assert run_clientapp.pull_and_inflate_object_from_tree is pulls.pull_and_inflate_object_from_tree
     assert "initial_backoff=initial_backoff" in inspect.getsource(pulls.pull_and_inflate_object_from_tree)
+    assert "max_time=max_time" in inspect.getsource(pulls.pull_and_inflate_object_from_tree)
+
+
+def test_a_clientapp_whose_message_never_comes_gives_up_after_minutes(monkeypatch):
+    """Bug: a run stopped on the coordinator while the SuperNode was downloading a message
+    left the ClientApp asking for its objects every 10 s for up to 2 hours (Flower's
+    PULL_MAX_TIME). The pull the ClientApp makes (run_clientapp.pull_task_input) must give
+    up once PULL_MAX_TIME_S has passed; a fake clock moves 100 s a miss."""
+    from types import SimpleNamespace
+
+    from flwr.proto.message_pb2 import ObjectTree
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    from shared_models.processes import PULL_MAX_TIME_S, shorten_object_pull_backoff
+
+    _restore_pull_defaults(monkeypatch)
+    shorten_object_pull_backoff()
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(pulls, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    misses = []
+
+    def pull(object_id):  # the SuperNode's answer: object found, never available
+        misses.append(object_id)
+        if len(misses) > PULL_MAX_TIME_S / 100 + 2:
+            raise RuntimeError(f"still asking after {clock['now'] - 1000:.0f} s: the pull has no limit")
+        clock["now"] += 100
+        raise pulls.ObjectUnavailableError(object_id)
+
+    with pytest.raises(pulls.ObjectPullError, match="timeout"):
+        pulls.pull_and_inflate_object_from_tree(ObjectTree(object_id="m"), pull, lambda _id: None)
+    assert len(misses) == math.ceil(PULL_MAX_TIME_S / 100)
+
+
+def _wait_for(path: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"the child never wrote {path.name}"
+
+
+def _waiting_forever(started: Path, *, tell: bool = False, ignore_term: bool = False):
+    """A child's ``run``: a ClientApp that waits without end (e.g. for message objects that
+    never come), after telling the executor it has its message when ``tell``."""
+    def run(spec):
+        if ignore_term:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if tell:
+            task_input_received()
+        started.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+    return run
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_a_clientapp_that_never_gets_its_message_is_ended(tmp_path, ignore_term):
+    """Bug: each run stopped on the coordinator left one forked ClientApp (~240 MB) per
+    device, waiting for its message. The executor ends a child that has not received its
+    message within input_limit_s (SIGTERM, then SIGKILL kill_grace_s later)."""
+    started = tmp_path / "started"
+    executor = ForkExecutor(_Fallback(), run=_waiting_forever(started, ignore_term=ignore_term))
+    executor.input_limit_s, executor.kill_grace_s = 0, 0  # set after construction: ignored without the limit
+    executor.launch(_spec())
+    (pid,) = executor.children
+    try:
+        _wait_for(started)  # its SIGTERM handling is in place
+        _wait_reaped(executor)
+    finally:
+        if executor.children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_clientapp_with_its_message_is_ended_only_past_the_task_limit(tmp_path):
+    started = tmp_path / "started"
+    executor = ForkExecutor(_Fallback(), run=_waiting_forever(started, tell=True))
+    executor.input_limit_s = 0  # it said it has its message: this limit no longer applies
+    executor.launch(_spec())
+    (pid,) = executor.children
+    try:
+        _wait_for(started)  # written after task_input_received()
+        for _ in range(3):
+            executor.reconcile()
+        assert pid in executor.children and executor.children[pid].has_input
+        os.kill(pid, 0)  # still running
+        executor.task_limit_s = 0
+        _wait_reaped(executor)
+    finally:
+        if executor.children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_the_clientapp_task_tells_the_executor_once_flower_has_its_message(monkeypatch):
+    """run_clientapp_task wraps Flower's pull_task_input, which run_clientapp looks up by name."""
+    import flwr.supernode.runtime.run_clientapp as flower_clientapp
+
+    import client.supernode as supernode
+
+    assert "pull_task_input(client)" in inspect.getsource(flower_clientapp.run_clientapp)
+    _restore_pull_defaults(monkeypatch)
+    real_tell = supernode.task_input_received
+    told, order = [], []
+    monkeypatch.setattr(supernode, "task_input_received", lambda: told.append(len(order)))
+    monkeypatch.setattr(flower_clientapp, "pull_task_input", lambda client: order.append(client) or "input")
+
+    def fake_run_clientapp(**kwargs):  # what Flower's run_clientapp does first
+        assert told == [] and flower_clientapp.pull_task_input("client") == "input"
+        order.append("ran")
+
+    monkeypatch.setattr(flower_clientapp, "run_clientapp", fake_run_clientapp)
+    supernode.run_clientapp_task(_spec())
+    assert order == ["client", "ran"] and told == [1]  # told right after the pull, before the app ran
+    real_tell()  # outside a forked child: nothing to tell, no error
+
+
+def test_the_task_limit_is_flowers_message_lifetime():
+    from flwr.app.constants import DEFAULT_TTL
+
+    from client.supernode import INPUT_LIMIT_S, TASK_LIMIT_S
+    from shared_models.processes import PULL_MAX_TIME_S
+
+    assert TASK_LIMIT_S == DEFAULT_TTL and PULL_MAX_TIME_S < INPUT_LIMIT_S < TASK_LIMIT_S
 
 
 class _SlowGrid:
@@ -292,5 +430,5 @@ def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_p
     assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == "objects unavailable"
     assert replies[0].metadata.src_node_id == 7 and replies[0].metadata.message_type == MessageType.TRAIN
     assert OBJECT_PULL_GRACE_S < seen[0] <= 5 + OBJECT_PULL_GRACE_S  # the round's deadline, not 2 hours
-    assert pulls.pull_objects.__kwdefaults__["max_time"] == default == 7200  # restored after the pull
+    assert pulls.pull_objects.__kwdefaults__["max_time"] == default  # restored after the pull
 
