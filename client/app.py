@@ -4,9 +4,11 @@ A device loads its own clips (never sent anywhere), computes their features once
 on disk), standardises them with its own statistics, and answers these message types:
 
 ``train``
-    start from the global weights, train ``local-epochs`` on the device's labelled clips,
-    reply with the new weights, ``num-examples`` (labelled clips used), ``train_loss`` and
-    the device's description;
+    start from the global weights, train ``local-epochs`` on the device's labelled clips
+    (its manifest's labels and, in every mode, the answers its person gave to queued clips;
+    in modes ``self-labelling`` and ``cooperative`` also its pseudo-labels:
+    :meth:`client.cooperative.CoopState.training_data`), reply with the new weights,
+    ``num-examples`` (labelled clips used), ``train_loss`` and the device's description;
 ``evaluate``
     evaluate the global weights on the device's clips and reply with ``num-examples``,
     ``eval_loss`` and *sufficient statistics* (confusion counts, CCC sums) overall and per
@@ -317,7 +319,12 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the device's labelled clips (one federated round)."""
+    """Train the global model on the device's labelled clips (one federated round).
+
+    The labelled clips are the manifest's (in simulation, those ``label-fraction`` keeps), plus,
+    in every mode, the clips the device's person answered, plus the active pseudo-labels in
+    the self-labelling modes (:meth:`client.cooperative.CoopState.before_training`).
+    """
     cfg = RunConfig.from_mapping(context.run_config)
     device = load_device(context.run_config, _node_config(context, msg))
     round_cfg = msg.content["config"]
@@ -327,7 +334,7 @@ def train(msg: Message, context: Context) -> Message:
     held = _validation_mask(cfg, device) if round_cfg.get("pre-stats", False) else None
     extra = _eval_stats(cfg, device, model, round_cfg, faireg)
     extra.update(_pre_stats(cfg, device, model, round_cfg, faireg, held, extra.get("eval-stats")))
-    coop = device.coop  # cooperative learning: labels + answers + pseudo-labels, then the pool step
+    coop = device.coop  # labels + answers (every mode) + pseudo-labels (self-labelling modes), then the pool step
     data = device.data if held is None else _without_labels(device.data, held)  # before any upsampling
     data = coop.before_training(model, data, round_cfg, server_round) if coop else data
     result = train_local(

@@ -66,6 +66,10 @@ Dynamic active learning (modes ``active`` and ``cooperative``)
     effort is counted in rater answers. Answered clips join the labelled set at the next round,
     with their categorical label and/or arousal/valence (the person gives what the run's task
     uses; the device records its task and classes in the store for the labelling session).
+    Answers are human labels: a device trains on them in every mode, ``supervised`` included
+    (answers given during an earlier run; a supervised run queues nothing itself), while
+    pseudo-labels, machine labels, join the training set only in the self-labelling modes
+    (:meth:`CoopState.training_data`).
 
 Transfer learning
     While the server says ``freeze`` (rounds up to ``freeze-rounds``), only the heads train:
@@ -963,16 +967,39 @@ class CoopState:
         """Whether the run's mode does anything beyond supervised training."""
         return self.cfg.mode != "supervised"
 
+    @property
+    def reads_store(self) -> bool:
+        """Whether this run reads the device's store (:attr:`store`): in every mode but
+        ``supervised``; in a supervised run, on a real device whose store exists, for the
+        answers its person gave (human labels count in every mode). Never in a supervised
+        simulation: no rater answers one, and it opens no store."""
+        if self.active:
+            return True
+        if self.simulated:
+            return False
+        from .device_store import STORE_FILE
+
+        return (self.data_dir / STORE_FILE).exists()
+
     def info(self) -> dict[str, Any]:
         """Counts for the device's description (``n-pool``: clips without a label at the start)."""
         return {"n-pool": int((~self.labelled0).sum())}
 
     # -- the training set -------------------------------------------------------------
     def training_data(self, data: LocalData) -> LocalData:
-        """``data`` with answered queries and active pseudo-labels filled in (features shared)."""
-        if not self.active:
+        """``data`` with the answered queries filled in, in every mode, and the active
+        pseudo-labels, in modes ``self-labelling`` and ``cooperative`` (features shared).
+
+        A person's answers (``fedaffect device label``) are human labels, trained on whatever
+        the run's mode; pseudo-labels are machine labels, trained on only by the modes that
+        make them (a store keeps those of earlier runs, which an ``active`` or ``supervised``
+        run leaves out). A supervised simulation has no answers: ``data`` as it is.
+        """
+        if not self.reads_store:
             return data
         emotion, av = self._human_labels(data)
+        if self.cfg.mode not in SELF_LABELLING:
+            return LocalData(data.x, emotion, av, data.groups)
         index = self._index
         for clip, p in self.store.active_pseudo().items():
             i = index.get(clip)
@@ -1013,9 +1040,10 @@ class CoopState:
             return self._before_training(model, data, round_cfg, server_round)
 
     def _unchecked_reads(self):
-        """The store's :meth:`DeviceStore.unchecked_reads` (nothing for a supervised run, which
-        has no store): within one step, another process's answers can wait for the next."""
-        return self.store.unchecked_reads() if self.active else contextlib.nullcontext()
+        """The store's :meth:`DeviceStore.unchecked_reads` (nothing for a run that reads no
+        store, :attr:`reads_store`): within one step, another process's answers can wait for
+        the next."""
+        return self.store.unchecked_reads() if self.reads_store else contextlib.nullcontext()
 
     def _before_training(self, model, data, round_cfg, server_round) -> LocalData:
         t0 = time.perf_counter()
@@ -1352,18 +1380,19 @@ class CoopState:
         self.store.answer_many(given)  # one transaction for the round's answers
 
     def _counts(self) -> dict[str, Any]:
-        """Cumulative counts: clips, human labels, pseudo-labels and their precision."""
+        """Cumulative counts: clips, human labels (answers count in every mode, as in
+        :meth:`training_data`), pseudo-labels (in the self-labelling modes) and their precision."""
         n = len(self.paths)
         initial = int(self.labelled0.sum())
         counts = {"n_clips": n, "initial_labelled": initial, "labelled": initial, "answered": 0,
                   "pool": n - initial, "pseudo_total": 0, "pseudo_correct": 0, "pseudo_checked": 0,
                   "queries_total": 0, "pending": 0, "rater_answers_total": 0, "human_labels": initial}
-        if not self.active:
+        if not self.reads_store:
             return counts
         answers = self.store.answers()
         index = self._index
         answered = [c for c in answers if c in index and not self.labelled0[index[c]]]
-        active = self.store.active_pseudo()
+        active = self.store.active_pseudo() if self.cfg.mode in SELF_LABELLING else {}
         queue = self.store.queue()
         effort = sum(answers[c]["n_raters"] for c in answered)
         counts.update(labelled=initial + len(answered), answered=len(answered), pool=n - initial - len(answered),

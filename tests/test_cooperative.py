@@ -684,6 +684,59 @@ def test_a_pseudo_label_fills_only_the_kind_of_label_a_clip_lacks(tmp_path):
     np.testing.assert_allclose(train.av, [[0.5, 0.5], [-0.2, 0.1], [0.3, 0.4]])
 
 
+def test_a_person_s_answers_train_in_every_mode_and_pseudo_labels_only_where_the_mode_makes_them(
+        tone_manifest, tmp_path, monkeypatch):
+    """Bug: a deployed device with 12 labelled clips and 3 answered queries trained on 12 clips
+    in supervised runs (the default of ``fedaffect train``) and on 15 in cooperative ones.
+    Answers are human labels (every mode); pseudo-labels machine labels (self-labelling modes)."""
+    import pandas as pd
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as client_app
+
+    for name, value in (("_run_id", 11), ("_node_id", 0), ("_task_id", 1)):  # messages need a run id
+        monkeypatch.setattr(TaskIdentity, name, value)
+    rows = pd.read_csv(tone_manifest)
+    rows.loc[rows.index % 2 == 1, ["emotion", "arousal", "valence"]] = None  # 12 labelled, 12 in the pool
+    data_dir = tmp_path / "phone"
+    data_dir.mkdir()
+    rows.to_csv(data_dir / "manifest.csv", index=False)
+    pool = rows.loc[rows.index % 2 == 1, "path"].tolist()
+    with DeviceStore(data_dir) as store:  # left by an earlier cooperative run and `fedaffect device label`
+        for clip in pool[:3]:
+            store.answer(clip, "anger")
+        store.add_pseudo(1, [{"clip": pool[3], "emotion": "sadness"}])
+
+    def trained_on(mode):
+        cfg = RunConfig(mode=mode, emotions="anger,sadness", cache_dir=str(tmp_path / "cache"), local_epochs=1)
+        msg = Message(RecordDict({"arrays": ArrayRecord(build_model(cfg.model, 2).state_dict()),
+                                  "config": ConfigRecord({**round_settings(cfg, 2), "server-round": 2})}),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+        context = Context(run_id=11, node_id=1, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
+                          run_config=cfg.to_mapping())
+        reply = client_app(msg, context)
+        assert not reply.has_error(), reply.error
+        return int(reply.content["metrics"]["num-examples"]), json.loads(reply.content["device"]["coop"])
+
+    n, counts = trained_on("supervised")
+    assert n == 12 + 3  # was 12: the person's answers were ignored
+    assert (counts["labelled"], counts["answered"], counts["pseudo_total"]) == (15, 3, 0)
+    assert trained_on("active")[0] == 12 + 3  # no pseudo-label of an earlier run either
+    assert trained_on("cooperative")[0] == 12 + 3 + 1  # before its own step adds any
+
+
+def test_a_supervised_simulation_opens_no_store(tmp_path):
+    """In simulation nobody answers a supervised run: its training set is the kept labels,
+    and no store file is made for it (as before)."""
+    from client.device_store import STORE_FILE
+
+    cfg, data, state = _coop_state(tmp_path, mode="supervised")
+    assert state.training_data(data) is data and state._counts()["labelled"] == 2
+    state.after_training(_biased(0), data, round_settings(cfg, 1), 1)
+    assert not (tmp_path / "dev" / STORE_FILE).exists()
+
+
 class _Pickled:
     """An arbitrary object: a checkpoint holding one is refused (weights-only loading)."""
 
