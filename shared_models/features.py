@@ -292,7 +292,7 @@ def extract_features(
 ) -> tuple[list[np.ndarray | None], SkipCounter]:
     """Features of many clips, through the cache (no cache when ``cache_dir`` is None).
 
-    Bad clips (unreadable, missing, empty, silent, too short) are skipped and counted, and one
+    Bad clips (missing, unreadable, empty, silent, too short) are skipped and counted by reason, and one
     warning summarising them is emitted at the end. A transient Rich progress bar is shown on
     stderr when ``progress`` is true and stderr is a terminal.
 
@@ -321,11 +321,10 @@ def extract_features(
             try:
                 out.append(cache.load_or_compute(path, frontend) if cache is not None
                            else frontend(load_audio(path)))
-            except ClipError as err:
-                skipped.add(path, err.reason)
-                out.append(None)
-            except OSError:  # the file vanished or cannot be opened
-                skipped.add(path, "unreadable")
+            except (ClipError, OSError) as err:  # OSError: the file vanished or cannot be opened
+                # a file that is not there was moved or deleted, not damaged: say so apart
+                reason = "missing" if not os.path.exists(path) else getattr(err, "reason", "unreadable")
+                skipped.add(path, reason)
                 out.append(None)
     skipped.warn(f"clips ({description})", of=len(paths))
     return out, skipped

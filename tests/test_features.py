@@ -89,7 +89,7 @@ def test_corrupt_clip_raises_and_is_skipped(clip, tmp_path):
         feats, skipped = extract_features([clip, bad, tmp_path / "missing.wav"], get_frontend("wave"),
                                           tmp_path / "c", progress=False)
     assert feats[0].shape == (SR,) and feats[1] is None and feats[2] is None
-    assert skipped.total == 2 and skipped.as_dict() == {"unreadable": 2}
+    assert skipped.total == 2 and skipped.as_dict() == {"unreadable": 1, "missing": 1}
 
 
 def test_a_cache_that_cannot_be_written_costs_no_clip(clip, tmp_path):
@@ -142,6 +142,6 @@ def test_parallel_extraction_equals_serial_and_counts_missing_files(tmp_path, mo
     frontend = LogMelFrontEnd()
     parallel, skipped = extract_features(paths, frontend, tmp_path / "cache_p", progress=False, workers=2)
     serial, _ = extract_features(paths, frontend, tmp_path / "cache_s", progress=False, workers=1)
-    assert skipped.as_dict() == {"unreadable": 1} and parallel[-1] is None
+    assert skipped.as_dict() == {"missing": 1} and parallel[-1] is None
     for a, b in zip(parallel[:-1], serial[:-1]):
         np.testing.assert_array_equal(a, b)
