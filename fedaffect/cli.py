@@ -128,7 +128,8 @@ def _default(key: str) -> str:
 
 
 def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """Run-config values: the experiment file, then the options given, then ``--set`` items.
+    """Run-config values: the experiment file, then the options given, then ``--set`` items;
+    keys hyphenated (``local_epochs`` in a file and ``--set local-epochs=3`` are one key).
 
     Raises
     ------
@@ -137,17 +138,18 @@ def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets:
     """
     from shared_models.config import ConfigError, RunConfig, load_config_file
 
-    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+    values: dict[str, Any] = {RunConfig.check_key(k): v for k, v in
+                              (load_config_file(config_file) if config_file else {}).items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            RunConfig.check_key(key.strip())
+            key = RunConfig.check_key(key.strip())
         except ConfigError as err:
             raise ConfigError(f"--set {item}: {err}") from None
-        values[key.strip()] = _parse_value(raw.strip())
+        values[key] = _parse_value(raw.strip())
     return values
 
 
@@ -536,6 +538,12 @@ def predict(
 # --------------------------------------------------------------------------- real federation (issue 5)
 
 
+def _when(iso: str) -> str:
+    """A registry time (ISO 8601 UTC, ``2026-11-23T07:04:19Z``) as tables show it:
+    ``2026-11-23 07:04:19Z``; empty stays empty."""
+    return iso.replace("T", " ", 1)
+
+
 def _state_error(err: Exception) -> None:
     from shared_models.config import ConfigError
     from shared_models.security import CertificateError
@@ -605,19 +613,28 @@ def server_enrol(
     name: str = typer.Option(..., help="the device's name"),
     public_key: Path = typer.Option(..., help="the device's public key (from `fedaffect device init`)"),
     group: list[str] = typer.Option([], help="protected-group attribute, e.g. gender=female (repeat)"),
+    force: bool = typer.Option(False, "--force", help="enrol a public key that was revoked before (refused "
+                               "otherwise: a revoked key may have leaked)"),
 ) -> None:
-    """Enrol a device: register its key with the SuperLink and record it in the registry."""
+    """Enrol a device: register its key with the SuperLink and record it in the registry.
+
+    A revoked name can be enrolled again with a new key; the registry keeps the revoked
+    enrolment (`fedaffect server devices --all`)."""
     _setup_logging(False)
     from server.deployment import enrol_device
 
     try:
-        info = enrol_device(state_dir, name, public_key, group)
+        info = enrol_device(state_dir, name, public_key, group, force=force)
     except RuntimeError as err:
         _fail(str(err), code=1)
     except Exception as err:  # noqa: BLE001
         _state_error(err)
     groups = ", ".join(f"{k}={v}" for k, v in info["groups"].items()) or "none"
     out.print(f"[green]enrolled[/] {info['name']}: node {info['node-id']}, key {info['fingerprint']}, groups {groups}")
+    if info.get("replaces"):
+        old = info["replaces"]
+        out.print(f"  in place of its enrolment revoked {_when(old['revoked-at'])} (key {old['fingerprint']}), kept in "
+                  f"the registry: `fedaffect server devices --state-dir {state_dir} --all`", soft_wrap=True)
 
 
 @server_app.command("unenrol")
@@ -635,20 +652,22 @@ def server_unenrol(
         _fail(str(err), code=1)
     except Exception as err:  # noqa: BLE001
         _state_error(err)
-    out.print(f"[yellow]revoked[/] {info['name']} (node {info['node-id']}) at {info['revoked-at']}")
+    out.print(f"[yellow]revoked[/] {info['name']} (node {info['node-id']}) at {_when(info['revoked-at'])}")
 
 
 @server_app.command("devices")
 def server_devices(
     state_dir: Path = typer.Option(..., help="the coordinator's state directory"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table (times ISO 8601, UTC)"),
+    show_all: bool = typer.Option(False, "--all", help="also list the earlier, revoked enrolments of names "
+                                  "enrolled again"),
 ) -> None:
-    """List enrolled devices with their status and when they last came online."""
+    """List enrolled devices with their status and when they last came online (times in UTC)."""
     _setup_logging(False)
     from server.deployment import list_devices
 
     try:
-        rows = list_devices(state_dir)
+        rows = list_devices(state_dir, include_superseded=show_all)
     except Exception as err:  # noqa: BLE001
         _state_error(err)
     if as_json:
@@ -659,9 +678,10 @@ def server_devices(
         table.add_column(c)
     colours = {"online": "green", "offline": "yellow", "revoked": "red"}
     for r in rows:
-        status = f"[{colours.get(r['status'], 'white')}]{r['status']}[/]"
-        table.add_row(r["name"], status, ", ".join(f"{k}={v}" for k, v in r["groups"].items()), r["last-seen"],
-                      r["enrolled-at"], r["node-id"])
+        status = f"[{colours.get(r['status'], 'white')}]{r['status']}[/]" + (
+            f" {_when(r['revoked-at'])}" if r["revoked-at"] else "")
+        table.add_row(r["name"], status, ", ".join(f"{k}={v}" for k, v in r["groups"].items()),
+                      _when(r["last-seen"]), _when(r["enrolled-at"]), r["node-id"])
     out.print(table)
 
 
@@ -674,7 +694,9 @@ def train(
     strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, qfedavg or fair"),
     min_devices: Optional[int] = typer.Option(None, help="wait for this many connected devices before round 1"),
     run_name: Optional[str] = typer.Option(None, help="name of the run (default train-DATE-TIME)"),
-    resume: Optional[str] = typer.Option(None, help="continue this stored run from its last valid checkpoint"),
+    resume: Optional[str] = typer.Option(None, help="continue this stored run from its last valid checkpoint, with "
+                                         "its stored config: only --rounds, --min-devices and --set round-timeout / "
+                                         "min-train-devices may change"),
     mode: Optional[str] = typer.Option(None, help="supervised, self-labelling, active or cooperative (devices' "
                                        "clips without a label form their pool)"),
     config: Optional[Path] = typer.Option(None, "--config", help="experiment file (TOML)"),
@@ -684,7 +706,8 @@ def train(
     """Submit a federated run to the coordinator's devices, follow it, exit with its status.
 
     Ctrl-C, SIGTERM and SIGHUP (a closed ssh session) stop the run and mark it failed; it can
-    be continued with --resume RUN."""
+    be continued with --resume RUN. A resumed run keeps its stored config: options that would
+    change what it trains (model, strategy, task, mode, learning rate...) are refused."""
     _setup_logging(False)
     import signal
 
@@ -701,9 +724,6 @@ def train(
     def interrupted(signum, _frame) -> None:  # as Ctrl-C: follow_run stops the Flower run on its way out
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupted)
-
     def on_line(line: str) -> None:
         if "fedaffect." in line or "ERROR" in line or "rror" in line:
             console.print(line.split("fedaffect.server ", 1)[-1], markup=False, highlight=False)
@@ -713,23 +733,45 @@ def train(
 
         values["run-name"] = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     name = resume or values["run-name"]
-    hint = f"`fedaffect train --state-dir {state_dir} --resume {name}` continues it"
+    handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = run_train(state_dir, values, resume=resume or "", timeout_s=timeout, on_line=on_line)
     except KeyboardInterrupt as err:
-        console.print(f"[yellow]stopped[/] ({err or 'Ctrl-C'}): the run is stopped on the devices and marked "
-                      f"failed; {hint}")
+        stored, next_step = _after_stopped_train(state_dir, name)
+        what = "" if stored is False else "the run is stopped on the devices and marked failed; "
+        console.print(f"[yellow]stopped[/] ({escape(str(err) or 'Ctrl-C')}): {what}{escape(next_step)}",
+                      soft_wrap=True)
         raise typer.Exit(130)
     except (ConfigError, KeyError, FileNotFoundError, ValueError) as err:
         _fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     except RuntimeError as err:
-        _fail(f"{err}\n{hint}", code=1)
+        _fail(f"{err}\n{_after_stopped_train(state_dir, name)[1]}", code=1)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     colour = "green" if result.ok else "red"
     out.print(f"[{colour}]run {result.run}[/]: Flower {result.flower_status}, store {result.store_status} "
               f"({result.seconds:.0f}s)" + (f"\n{result.error}" if result.error else ""))
     where = _store_option(state_dir)
     out.print(f"see: fedaffect runs {where} / fedaffect report {result.run} {where}")
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _after_stopped_train(state_dir: Path, name: str) -> tuple[Optional[bool], str]:
+    """Whether a stopped or failed ``train`` left its run in the store (None: the store cannot
+    say), and what to do next: resume it, or (nothing stored) run the command again."""
+    from server.deployment import StatePaths, stored_run
+
+    resume = f"`fedaffect train --state-dir {state_dir} --resume {name}` continues it"
+    try:
+        run = stored_run(state_dir, name)
+    except Exception:  # noqa: BLE001 - the store cannot be read now: say when the hint holds
+        return None, f"if `fedaffect runs` lists {name}, {resume}"
+    if run is not None:
+        return True, resume
+    log_file = StatePaths(Path(state_dir).expanduser().resolve()).runs / name / "flower.log"
+    said = f" (what it logged: {log_file})" if log_file.is_file() else ""
+    return False, f"the run was not stored, so there is nothing to resume{said}: run the same command again to start it"
 
 
 def _store_option(state_dir: Path) -> str:

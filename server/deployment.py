@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import difflib
 import logging
 import socket
 import subprocess
@@ -59,13 +60,13 @@ from shared_models.security import (
     CertificateError, check_certificate, check_device_name, fingerprint, make_ca, make_server_certificate,
     read_device_public_key, write_certificate, write_private, write_private_key,
 )
-from server.store import RunStore
+from server.store import Run, RunStore, utc_iso
 from shared_models.processes import BIN, TAIL_LINES, flower_environment, run_foreground
 from server.superlink import flwr_cli, follow_run, json_from, stage_app, wait_healthy, write_flower_config
 
 __all__ = [
     "ServerConfig", "StatePaths", "DEFAULT_EMOTIONS", "init_server", "superlink_command", "start_server",
-    "enrol_device", "unenrol_device", "list_devices", "train", "TrainResult",
+    "enrol_device", "unenrol_device", "list_devices", "train", "TrainResult", "RESUME_KEYS", "stored_run",
 ]
 
 log = logging.getLogger("fedaffect.deployment")
@@ -174,10 +175,19 @@ class ServerConfig:
         known = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+            key = unknown[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (" (a run-config key: put it under [run-defaults])" if key.replace("_", "-") in RunConfig.keys()
+                    else f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}")
         cfg = cls(**{known[k]: v for k, v in data.items()})
         cfg.check()
-        RunConfig.from_mapping(cfg.run_defaults)  # names a bad run default now, not at train time
+        if not isinstance(cfg.run_defaults, dict):
+            raise ConfigError(f"{path}: 'run-defaults' must be a table ([run-defaults] with key = value lines)")
+        try:  # names a bad run default now, not at train time
+            RunConfig.from_mapping(cfg.run_defaults)
+        except ConfigError as err:
+            raise ConfigError(f"{path} [run-defaults]: {err}") from None
         return cfg
 
     def check(self) -> None:
@@ -417,7 +427,7 @@ def _parse_groups(groups: dict[str, str] | list[str] | None) -> dict[str, str]:
 
 
 def enrol_device(state_dir: Path, name: str, public_key: Path,
-                 groups: dict[str, str] | list[str] | None = None) -> dict[str, Any]:
+                 groups: dict[str, str] | list[str] | None = None, *, force: bool = False) -> dict[str, Any]:
     """Enrol a device: register its public key with the SuperLink and record it.
 
     Parameters
@@ -430,18 +440,23 @@ def enrol_device(state_dir: Path, name: str, public_key: Path,
     groups : dict or list of "attr=value", optional
         The device's protected-group attributes (e.g. ``gender=female``); clips of the
         device whose manifest lacks an attribute take this value.
+    force : bool
+        Enrol a key that was revoked before (refused otherwise: it may have leaked).
 
     Returns
     -------
     dict
-        ``name``, ``node-id``, ``fingerprint``, ``groups``.
+        ``name``, ``node-id``, ``fingerprint``, ``groups``, and ``replaces``: the revoked
+        enrolment of this name that the registry keeps as an earlier one (``fingerprint``,
+        ``revoked-at``), or None.
 
     Raises
     ------
     CertificateError
         For a key that is not an EC P-384 OpenSSH public key.
     ValueError
-        For a bad name or group, or a name or key enrolled already.
+        For a bad name or group, a name or key enrolled already, or a revoked key without
+        ``force``.
     RuntimeError
         If the SuperLink refuses the key or cannot be reached.
     """
@@ -450,14 +465,17 @@ def enrol_device(state_dir: Path, name: str, public_key: Path,
     key_line = read_device_public_key(public_key)
     attrs = _parse_groups(groups)
     store = cfg.store(paths)
-    store.check_enrolable(name, key_line)  # before the SuperLink registers the key
+    store.check_enrolable(name, key_line, force=force)  # before the SuperLink registers the key
+    replaced = [r for r in store.enrolled_devices() if r.name == name]  # revoked: an active one was refused
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "device.pub"
         key_file.write_text(key_line + "\n")
         data = _flwr(paths, ["supernode", "register", str(key_file), CONNECTION, "--name", name])
     node_id = str(data["node-id"])
-    store.enrol_device(name, node_id, key_line, fingerprint(key_line), attrs)
-    return {"name": name, "node-id": node_id, "fingerprint": fingerprint(key_line), "groups": attrs}
+    store.enrol_device(name, node_id, key_line, fingerprint(key_line), attrs, force=force)
+    return {"name": name, "node-id": node_id, "fingerprint": fingerprint(key_line), "groups": attrs,
+            "replaces": {"fingerprint": replaced[0].fingerprint, "revoked-at": utc_iso(replaced[0].revoked_at)}
+            if replaced else None}
 
 
 def unenrol_device(state_dir: Path, name: str) -> dict[str, Any]:
@@ -478,18 +496,25 @@ def unenrol_device(state_dir: Path, name: str) -> dict[str, Any]:
         raise KeyError(f"no enrolled device named {name!r}")
     _flwr(paths, ["supernode", "unregister", rows[0].node_id, CONNECTION])
     row = store.revoke_device(name)
-    return {"name": row.name, "node-id": row.node_id, "revoked-at": row.revoked_at.isoformat()}
+    return {"name": row.name, "node-id": row.node_id, "revoked-at": utc_iso(row.revoked_at)}
 
 
-def list_devices(state_dir: Path) -> list[dict[str, Any]]:
+def list_devices(state_dir: Path, *, include_superseded: bool = False) -> list[dict[str, Any]]:
     """Enrolled devices with their status from the SuperLink.
+
+    Parameters
+    ----------
+    state_dir : Path
+    include_superseded : bool
+        Also list the earlier, revoked enrolments of names enrolled again.
 
     Returns
     -------
     list of dict
-        ``name``, ``node-id``, ``groups``, ``enrolled-at``, ``status`` (``online``,
-        ``offline``, ``registered``: never connected, ``revoked``, or ``unknown`` when the
-        SuperLink cannot be reached), ``last-seen`` (when it last came online, or empty).
+        ``name``, ``node-id``, ``groups``, ``fingerprint``, ``enrolled-at``, ``revoked-at``,
+        ``status`` (``online``, ``offline``, ``registered``: never connected, ``revoked``, or
+        ``unknown`` when the SuperLink cannot be reached), ``last-seen`` (when it last came
+        online, or empty). Times are ISO 8601 in UTC to the second (``2026-11-23T07:04:19Z``).
     """
     paths, cfg = _load(state_dir)
     store = cfg.store(paths)
@@ -500,7 +525,7 @@ def list_devices(state_dir: Path) -> list[dict[str, Any]]:
         log.warning("%s", err)
         nodes, reachable = {}, False
     out = []
-    for row in store.enrolled_devices():
+    for row in store.enrolled_devices(include_superseded=include_superseded):
         node = nodes.get(row.node_id, {})
         if row.revoked_at is not None:
             status = "revoked"
@@ -508,12 +533,11 @@ def list_devices(state_dir: Path) -> list[dict[str, Any]]:
             status = "unknown"
         else:
             status = str(node.get("status", "unregistered"))
-        seen = node.get("online-at", "")
+        seen = node.get("online-at") or ""
         out.append({
-            "name": row.name, "node-id": row.node_id, "groups": row.groups, "fingerprint": row.fingerprint,
-            "enrolled-at": row.enrolled_at.isoformat(timespec="seconds") if row.enrolled_at else "",
-            "revoked-at": row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
-            "status": status, "last-seen": "" if seen in ("", "N/A") else str(seen),
+            "name": row.device_name, "node-id": row.node_id, "groups": row.groups, "fingerprint": row.fingerprint,
+            "enrolled-at": utc_iso(row.enrolled_at), "revoked-at": utc_iso(row.revoked_at),
+            "status": status, "last-seen": "" if seen == "N/A" else utc_iso(str(seen)),
         })
     return out
 
@@ -550,6 +574,67 @@ class TrainResult:
         return self.flower_status == "finished:completed" and self.store_status == "completed"
 
 
+#: Run-config keys a resumed run may change (``fedaffect train --resume RUN``): how long the
+#: coordinator waits, for how many devices, and how many rounds it trains in all. Every other
+#: key stays as stored: the run's rounds and checkpoint were trained with them.
+RESUME_KEYS = ("num-server-rounds", "round-timeout", "min-devices", "min-train-devices")
+
+#: Keys ``train`` always sets itself (the run's folder and store are the coordinator's, its
+#: devices hold the clips): given or not, they are not the run's to choose.
+_COORDINATOR_KEYS = ("run-dir", "store-url", "manifest")
+
+
+def _resumed_values(previous: Run, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run config of a resumed run: its stored config, with the :data:`RESUME_KEYS` of
+    ``overrides`` (named keys, hyphenated).
+
+    Raises
+    ------
+    ConfigError
+        Naming every other key of ``overrides`` whose value differs from the stored one
+        (the same value is accepted: an experiment file given again).
+    """
+    stored = RunConfig.from_mapping(previous.config).to_mapping()
+    stored["run-name"] = previous.name
+    changed = [f"{key} {stored[key]!r} -> {RunConfig.typed(key, value)!r}" for key, value in overrides.items()
+               if key not in (*RESUME_KEYS, *_COORDINATOR_KEYS) and RunConfig.typed(key, value) != stored[key]]
+    if changed:
+        them = "it" if len(changed) == 1 else "them"
+        raise ConfigError(f"run {previous.name!r} is resumed with its stored config: {', '.join(changed)} would "
+                          f"change what it trains. Drop {them}, or train with {them} in a new run (without --resume); "
+                          f"a resumed run may change only {', '.join(RESUME_KEYS)} (--rounds, --min-devices, --set)")
+    return {**previous.config, **{k: v for k, v in overrides.items() if k in RESUME_KEYS}, "resume": previous.name}
+
+
+def stored_run(state_dir: Path, name: str) -> Run | None:
+    """The run ``name`` in a coordinator's run store, or None when it was never stored."""
+    paths, cfg = _load(state_dir)
+    try:
+        return cfg.store(paths).get_run(name)
+    except KeyError:
+        return None
+
+
+def _drop_unused_folder(folder: Path, store: RunStore, name: str) -> None:
+    """Remove a run folder ``train`` made for a run that never reached the store (not
+    submitted, or stopped before its ServerApp stored it), unless its log says something:
+    then it stays, as the only trace of what happened."""
+    try:
+        store.get_run(name)
+        return
+    except KeyError:
+        pass
+    except Exception:  # noqa: BLE001 - a store that cannot say: keep the folder, raise what happened
+        return
+    log_file = folder / "flower.log"
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    try:
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass
+
+
 def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: str = "",
           timeout_s: float = 24 * 3600, on_line: Callable[[str], None] | None = None) -> TrainResult:
     """Submit a federated run to the coordinator's SuperLink and follow it to the end.
@@ -563,7 +648,9 @@ def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: s
         config's ``run-defaults``.
     resume : str, optional
         Name of a stored run to continue from its last valid checkpoint (same run name,
-        same config except the number of rounds; a new Flower run).
+        same stored config; a new Flower run). Only the :data:`RESUME_KEYS` of
+        ``overrides`` (rounds, timeouts, device minimums) change it; the config's
+        ``run-defaults`` are for new runs.
     timeout_s : float
         Seconds the run may take.
     on_line : callable, optional
@@ -576,43 +663,67 @@ def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: s
     Raises
     ------
     ConfigError
-        For a bad run-config key or value (named).
+        For a bad run-config key or value (named); with ``resume``, for keys other than
+        :data:`RESUME_KEYS` that would change the stored config (named, with both values);
+        for a new run whose name is stored already.
     KeyError
         If ``resume`` names no stored run.
     RuntimeError
         If the app cannot be submitted (SuperLink not running).
+
+    Notes
+    -----
+    A run folder made for a run that never reached the store (the app not submitted, or
+    stopped before the ServerApp stored it) is removed again, unless its ``flower.log`` holds
+    what the run said: see :func:`stored_run` for whether there is a run to resume.
     """
     paths, cfg = _load(state_dir)
     store = cfg.store(paths)
-    values: dict[str, Any] = {"emotions": cfg.emotions, **cfg.run_defaults, **(overrides or {})}
+    named = {RunConfig.check_key(k): v for k, v in (overrides or {}).items()}
+    if named.get("resume"):
+        raise ConfigError("config key 'resume': continue a run with `fedaffect train --resume RUN`, not with the key")
     if resume:
         previous = store.get_run(resume)
-        values = {**previous.config, **{k: v for k, v in (overrides or {}).items() if k == "num-server-rounds"},
-                  "resume": previous.name}
+        values = _resumed_values(previous, named)
         name = previous.name
     else:
+        defaults = {RunConfig.check_key(k): v for k, v in cfg.run_defaults.items()}
+        values = {"emotions": cfg.emotions, **defaults, **named}
         name = values.get("run-name") or f"train-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        try:
+            store.get_run(name)
+        except KeyError:
+            pass
+        else:  # the ServerApp would refuse it after submission, and a stop would mark the stored run failed
+            raise ConfigError(f"a run named {name!r} is stored already: continue it with --resume {name}, or give "
+                              "the new run another --run-name")
     # A URL with a password stays out of the run config (Flower stores run configs): the
     # ServerApp gets it from FEDAFFECT_STORE_URL, set by `server start`.
     url = "" if make_url(store.url).password else store.url
     values.update({"run-name": name, "run-dir": str(paths.runs), "store-url": url, "manifest": ""})
     run_cfg = RunConfig.from_mapping(values)
     run_folder = paths.runs / name
+    made_folder = not run_folder.exists()
     run_folder.mkdir(parents=True, exist_ok=True)
     log_path = run_folder / "flower.log"
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     env = flower_environment(paths.flower_home)
-    with tempfile.TemporaryDirectory(prefix="fedaffect-app-", ignore_cleanup_errors=True) as tmp_name:
-        tmp = Path(tmp_name)
-        app_dir = stage_app(tmp / "app")  # not "fedaffect": flwr takes a folder named like the connection for an app
-        run_config = tmp / "run-config.toml"
-        run_config.write_text(tomli_w.dumps(run_cfg.to_mapping()))
-        try:
-            result = follow_run(app_dir, CONNECTION, run_config, env, tmp, log_path=log_path, tail=tail,
-                                timeout_s=timeout_s, on_line=on_line)
-        except BaseException as err:  # follow_run stopped the Flower run; the store says so too
-            store.fail_unfinished(name, f"{type(err).__name__}: {err}".rstrip(": "))
-            raise
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedaffect-app-", ignore_cleanup_errors=True) as tmp_name:
+            tmp = Path(tmp_name)
+            # not "fedaffect": flwr takes a folder named like the connection for an app
+            app_dir = stage_app(tmp / "app")
+            run_config = tmp / "run-config.toml"
+            run_config.write_text(tomli_w.dumps(run_cfg.to_mapping()))
+            try:
+                result = follow_run(app_dir, CONNECTION, run_config, env, tmp, log_path=log_path, tail=tail,
+                                    timeout_s=timeout_s, on_line=on_line)
+            except BaseException as err:  # follow_run stopped the Flower run; the store says so too
+                store.fail_unfinished(name, f"{type(err).__name__}: {err}".rstrip(": "))
+                raise
+    finally:
+        if made_folder:
+            _drop_unused_folder(run_folder, store, name)
     try:
         run = store.get_run(name)
         store_status, error = run.status, (run.error or "").strip().splitlines()[-1:]

@@ -24,7 +24,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-__all__ = ["RunStore", "default_store_url", "CONFUSION_KEY", "Run", "Round", "DeviceMetric", "GroupMetric", "Checkpoint", "EnrolledDevice"]
+__all__ = ["RunStore", "default_store_url", "utc_iso", "CONFUSION_KEY", "Run", "Round", "DeviceMetric", "GroupMetric",
+           "Checkpoint", "EnrolledDevice"]
 
 
 #: Key of a round's metrics holding the pooled confusion counts of its evaluation (a C x C
@@ -34,6 +35,25 @@ CONFUSION_KEY = "confusion"
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def utc_iso(value: dt.datetime | str | None) -> str:
+    """A time as ISO 8601 in UTC to the second, ``2026-11-23T07:04:19Z`` (empty for none).
+
+    Takes what the registry and Flower give: datetimes with a zone (PostgreSQL), without one
+    (SQLite keeps none; the store writes UTC) and ISO texts (Flower's ``2026-11-23
+    07:04:19Z``). A text that is not a time is returned as it is.
+    """
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Base(DeclarativeBase):
@@ -93,12 +113,22 @@ class GroupMetric(Base):
     value: Mapped[float] = mapped_column(Float)
 
 
+#: Between a device's name and its row id in the name of a kept earlier enrolment
+#: (``phone-07~3``): never in a device name (:func:`shared_models.security.check_device_name`).
+SUPERSEDED_MARK = "~"
+
+
 class EnrolledDevice(Base):
     """A device enrolled with the coordinator (the fedaffect device registry).
 
     Flower's SuperLink keeps the registered public keys and node ids; the registry adds
     what fedaffect needs: a human name, the device's protected-group attributes, and when
     it was enrolled and revoked. ``node_id`` is Flower's (uint64, kept as text).
+
+    A revoked name enrolled again keeps its old row, revoked key and time included: names
+    are unique in the table, so the old row is renamed ``NAME~ID`` (:attr:`superseded`;
+    :attr:`device_name` is still ``NAME``). No column was added for this, so stores written
+    before open unchanged.
     """
 
     __tablename__ = "devices"
@@ -110,6 +140,16 @@ class EnrolledDevice(Base):
     groups: Mapped[dict] = mapped_column(JSON, default=dict)
     enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def superseded(self) -> bool:
+        """True for an earlier enrolment of a name that was enrolled again (always revoked)."""
+        return SUPERSEDED_MARK in self.name
+
+    @property
+    def device_name(self) -> str:
+        """The device's name (an earlier enrolment's row name without its ``~ID``)."""
+        return self.name.split(SUPERSEDED_MARK, 1)[0]
 
 
 class Checkpoint(Base):
@@ -352,21 +392,28 @@ class RunStore:
 
     # -- device registry ----------------------------------------------------------------
     def enrol_device(self, name: str, node_id: int | str, public_key: str, fingerprint: str,
-                     groups: dict[str, str] | None = None) -> EnrolledDevice:
+                     groups: dict[str, str] | None = None, *, force: bool = False) -> EnrolledDevice:
         """Record an enrolled device.
 
-        A revoked device's name can be enrolled again (with a new key); the old row is
-        replaced.
+        A revoked device's name can be enrolled again (with a new key); the old row is kept
+        as an earlier enrolment (:attr:`EnrolledDevice.superseded`), so the revoked key and
+        when it was revoked stay known.
+
+        Parameters
+        ----------
+        force : bool
+            Enrol a public key that was revoked before (it may have leaked).
 
         Raises
         ------
         ValueError
-            If an active device has that name or that public key already.
+            If an active device has that name or that public key already, or (without
+            ``force``) the key was revoked.
         """
         with self._session() as s:
-            for row in self._enrolment_rows(s, name, public_key):
-                if row.name == name:
-                    s.delete(row)
+            for row in self._enrolment_rows(s, name, public_key, force=force):
+                if row.name == name:  # revoked: kept under another name, which frees this one
+                    row.name = f"{name}{SUPERSEDED_MARK}{row.id}"
             s.flush()
             device = EnrolledDevice(name=name, node_id=str(node_id), public_key=public_key,
                                     fingerprint=fingerprint, groups=dict(groups or {}))
@@ -374,26 +421,37 @@ class RunStore:
             s.commit()
             return device
 
-    def check_enrolable(self, name: str, public_key: str) -> None:
-        """Refuse a name or key an active device holds (before anything is registered).
+    def check_enrolable(self, name: str, public_key: str, *, force: bool = False) -> None:
+        """Refuse a name or key an active device holds, or a revoked key unless ``force``
+        (before anything is registered).
 
         Raises
         ------
         ValueError
-            If an active device has that name or that public key already.
+            If an active device has that name or that public key already, or (without
+            ``force``) the key was revoked.
         """
         with self._session() as s:
-            self._enrolment_rows(s, name, public_key)
+            self._enrolment_rows(s, name, public_key, force=force)
 
     @staticmethod
-    def _enrolment_rows(s: Session, name: str, public_key: str) -> list[EnrolledDevice]:
-        """Revoked rows with this name or key; raises ValueError for an active one."""
+    def _enrolment_rows(s: Session, name: str, public_key: str, *, force: bool = False) -> list[EnrolledDevice]:
+        """Revoked rows with this name or key; raises ValueError for an active one, and for a
+        revoked key unless ``force``."""
         rows = list(s.scalars(select(EnrolledDevice).where(
-            (EnrolledDevice.name == name) | (EnrolledDevice.public_key == public_key))))
+            (EnrolledDevice.name == name) | (EnrolledDevice.public_key == public_key)).order_by(EnrolledDevice.id)))
         for row in rows:
             if row.revoked_at is None:
                 what = "name" if row.name == name else "public key"
                 raise ValueError(f"a device with this {what} is enrolled already: {row.name!r}")
+        revoked = [row for row in rows if row.public_key == public_key]
+        if revoked and not force:
+            row = revoked[-1]
+            raise ValueError(
+                f"this public key ({row.fingerprint}) was revoked on {utc_iso(row.revoked_at).replace('T', ' ')} "
+                f"(device {row.device_name!r}): a revoked key may be in other hands. Enrol a new key (on the "
+                "device: move keys/ away and run `fedaffect device init`), or pass --force if you know this "
+                "key is safe")
         return rows
 
     def revoke_device(self, name: str) -> EnrolledDevice:
@@ -413,13 +471,14 @@ class RunStore:
             s.commit()
             return row
 
-    def enrolled_devices(self, include_revoked: bool = True) -> list[EnrolledDevice]:
-        """Enrolled devices, oldest first."""
+    def enrolled_devices(self, include_revoked: bool = True, include_superseded: bool = False) -> list[EnrolledDevice]:
+        """Enrolled devices, oldest first: one row a name (its latest enrolment), and with
+        ``include_superseded`` the earlier, revoked enrolments of names enrolled again."""
         with self._session() as s:
             query = select(EnrolledDevice).order_by(EnrolledDevice.id)
             if not include_revoked:
                 query = query.where(EnrolledDevice.revoked_at.is_(None))
-            return list(s.scalars(query))
+            return [row for row in s.scalars(query) if include_superseded or not row.superseded]
 
     # -- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, run_id: int, server_round: int, payload: dict[str, Any], folder: Path, keep: int = 3) -> Path:

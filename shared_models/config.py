@@ -355,15 +355,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
             key = f.name.replace("_", "-")
-            want = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, f.name, value)
-            elif want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = str(value)  # --set rater-reliability=0.9 (one rater), run-name=7: TOML reads numbers
-                setattr(self, f.name, value)
+            want = _field_type(f)
+            value = _coerce(want, getattr(self, f.name))
+            setattr(self, f.name, value)
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"config key '{key}': expected {want.__name__}, got {value!r}")
             check = f.metadata.get("check")
@@ -378,6 +373,19 @@ class RunConfig:
         if self.dp != "off" and self.strategy not in DP_STRATEGIES:
             raise ConfigError(f"config key 'dp' = {self.dp!r}: needs strategy {' or '.join(DP_STRATEGIES)} (the "
                               f"privacy accounting assumes a mean of clipped updates), got {self.strategy!r}")
+
+    @classmethod
+    def typed(cls, key: str, value: Any) -> Any:
+        """``value`` as the config holds it for ``key`` (unchecked): an int for a float key
+        becomes a float, a number for a text key text (``--set run-name=7``: TOML reads
+        numbers); other values are returned as they are.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key.
+        """
+        return _coerce(_field_type(_FIELDS[cls.check_key(key).replace("-", "_")]), value)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -449,6 +457,25 @@ class RunConfig:
         other = RunConfig.from_mapping(state)
         for f in fields(self):
             setattr(self, f.name, getattr(other, f.name))
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The Python type of a RunConfig field (annotations are strings here)."""
+    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+
+
+def _coerce(want: type, value: Any) -> Any:
+    """``value`` for a field of type ``want``: an int becomes a float for a float field, a
+    number text for a text field (``--set rater-reliability=0.9``: one rater, ``run-name=7``:
+    TOML reads numbers); anything else is left for the check."""
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

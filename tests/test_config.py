@@ -141,3 +141,18 @@ def test_a_number_is_accepted_for_a_text_key():
     assert cfg.rater_reliability == "0.9" and cfg.run_name == "7"
     with pytest.raises(ConfigError, match="rater-reliability"):
         RunConfig.from_mapping({"rater-reliability": 1.5})
+
+
+def test_a_key_written_with_underscores_or_hyphens_is_one_key(tmp_path):
+    """A file's ``local_epochs`` and ``--set local-epochs`` are the same key: the later wins,
+    and commands (train's resume check) see hyphenated keys only."""
+    from fedaffect.cli import _config_values
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text("local_epochs = 3\nround_timeout = 120\n")
+    values = _config_values(exp, {"num-server-rounds": 2}, ["local-epochs=4", "run_name=x"])
+    assert values == {"local-epochs": 4, "round-timeout": 120, "num-server-rounds": 2, "run-name": "x"}
+    assert RunConfig.typed("round_timeout", 99) == 99.0 and isinstance(RunConfig.typed("round-timeout", 99), float)
+    assert RunConfig.typed("run-name", 7) == "7" and RunConfig.typed("model", "x") == "x"
+    with pytest.raises(ConfigError, match="did you mean 'round-timeout'"):
+        RunConfig.typed("round-timout", 1)

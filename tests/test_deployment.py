@@ -157,6 +157,26 @@ def test_server_config_names_a_bad_key(tmp_path):
         ServerConfig.load(paths.config)
 
 
+def test_a_typo_in_server_toml_names_the_file_its_table_and_the_key_meant(tmp_path):
+    """A run default is checked when server.toml is read, and named as the other config errors are."""
+    import re
+
+    paths = init_server(tmp_path / "st", names=["localhost"])
+    text = paths.config.read_text()
+    where = re.escape(str(paths.config))
+    for line, match in (("round-timout = 300", r"unknown config key 'round-timout' \(did you mean 'round-timeout'\?\)$"),
+                        ("round-timeout = -1", r"config key 'round-timeout' = -1(\.0)?: must be > 0$")):
+        paths.config.write_text(text.replace("[run-defaults]", f"[run-defaults]\n{line}"))
+        with pytest.raises(ConfigError, match=rf"^{where} \[run-defaults\]: {match}"):
+            ServerConfig.load(paths.config)
+    paths.config.write_text(text.replace("port =", "prot ="))
+    with pytest.raises(ConfigError, match=rf"^{where}: unknown key 'prot' \(did you mean 'port'\?\)$"):
+        ServerConfig.load(paths.config)
+    paths.config.write_text("round-timeout = 300\n" + text)  # a run default outside its table
+    with pytest.raises(ConfigError, match=r"'round-timeout' \(a run-config key: put it under \[run-defaults\]\)"):
+        ServerConfig.load(paths.config)
+
+
 def test_supernode_command_points_at_the_data_dir_and_key(tmp_path):
     init_device(tmp_path / "dev", name="phone-07", role="heldout")
     cmd = supernode_command(tmp_path / "dev", "coord:8000", tmp_path / "ca.crt", port=9555)
@@ -184,6 +204,90 @@ def test_device_registry_enrols_revokes_and_re_enrols(tmp_path):
     store.enrol_device("phone-07", 126, "ecdsa-sha2-nistp384 AAAA3", "SHA256:z")  # a new key after revocation
     (row,) = store.enrolled_devices()
     assert row.node_id == "126" and row.revoked_at is None and row.groups == {}
+
+
+class FakeFlwr:
+    """The coordinator's ``flwr`` CLI without a SuperLink: registers keys, lists nodes."""
+
+    def __init__(self, nodes: list[dict] | None = None) -> None:
+        self.nodes = nodes or []
+        self.next_id = 1000
+
+    def __call__(self, paths, args, timeout=60):
+        if args[:2] == ["supernode", "register"]:
+            self.next_id += 1
+            return {"success": True, "node-id": self.next_id}
+        if args[:2] == ["supernode", "list"]:
+            return {"success": True, "nodes": self.nodes}
+        return {"success": True}
+
+
+def test_a_revoked_key_is_enrolled_again_only_with_force_and_the_revocation_is_kept(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import server.deployment as deployment
+    from fedaffect.cli import app as cli
+
+    monkeypatch.setattr(deployment, "_flwr", FakeFlwr())
+    state = str(init_server(tmp_path / "st", names=["localhost"]).root)
+    old = init_device(tmp_path / "old")
+    old_key = tmp_path / "old" / "keys" / "device.pub"
+    enrol = ["server", "enrol", "--state-dir", state, "--name", "phone-07", "--group", "gender=female"]
+    assert CliRunner().invoke(cli, [*enrol, "--public-key", str(old_key)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["server", "unenrol", "phone-07", "--state-dir", state]).exit_code == 0
+    res = CliRunner().invoke(cli, [*enrol, "--public-key", str(old_key)])
+    assert res.exit_code == 2 and old["fingerprint"] in res.output and "was revoked" in res.output
+    assert "--force" in res.output and "fedaffect device init" in res.output
+    new_key = init_device(tmp_path / "new")
+    res = CliRunner().invoke(cli, [*enrol, "--public-key", str(tmp_path / "new" / "keys" / "device.pub")])
+    assert res.exit_code == 0, res.output
+    assert "in place of its enrolment revoked" in res.output and old["fingerprint"] in res.output
+    rows = deployment.list_devices(state, include_superseded=True)
+    assert [(r["name"], r["status"], r["fingerprint"]) for r in rows] == [
+        ("phone-07", "revoked", old["fingerprint"]), ("phone-07", "unregistered", new_key["fingerprint"])]
+    assert [r["name"] for r in deployment.list_devices(state)] == ["phone-07"]  # the current one
+    # the revoked key stays refused under any name; with --force the operator takes it back
+    other = ["server", "enrol", "--state-dir", state, "--name", "phone-08", "--public-key", str(old_key)]
+    assert CliRunner().invoke(cli, other).exit_code == 2
+    res = CliRunner().invoke(cli, [*other, "--force"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["server", "devices", "--state-dir", state, "--all", "--json"])
+    assert [d["name"] for d in __import__("json").loads(res.stdout)] == ["phone-07", "phone-07", "phone-08"]
+
+
+def test_device_times_have_one_format(tmp_path, monkeypatch):
+    """Flower's ``2026-11-23 07:04:19Z``, SQLite's zone-less times and Python's ``+00:00``:
+    all ISO 8601 UTC in JSON, and ``2026-11-23 07:04:19Z`` in the table."""
+    import json
+    import re
+
+    from typer.testing import CliRunner
+
+    import server.deployment as deployment
+    from fedaffect.cli import app as cli
+
+    monkeypatch.setattr(deployment, "_flwr", FakeFlwr(
+        [{"node-id": "123", "status": "online", "online-at": "2026-11-23 07:04:19Z"},
+         {"node-id": "124", "status": "registered", "online-at": "N/A"}]))
+    paths = init_server(tmp_path / "st", names=["localhost"])
+    store = ServerConfig.load(paths.config).store(paths)
+    store.enrol_device("phone-07", 123, "ecdsa-sha2-nistp384 AAAA1", "SHA256:x")
+    store.enrol_device("phone-08", 124, "ecdsa-sha2-nistp384 AAAA2", "SHA256:y")
+    store.enrol_device("phone-09", 125, "ecdsa-sha2-nistp384 AAAA3", "SHA256:z")
+    revoked = deployment.unenrol_device(paths.root, "phone-09")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", revoked["revoked-at"])
+    rows = {r["name"]: r for r in deployment.list_devices(paths.root)}
+    assert rows["phone-07"]["last-seen"] == "2026-11-23T07:04:19Z" and rows["phone-08"]["last-seen"] == ""
+    assert rows["phone-09"]["revoked-at"] == revoked["revoked-at"]
+    for row in rows.values():
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["enrolled-at"]), row
+    res = CliRunner().invoke(cli, ["server", "devices", "--state-dir", str(paths.root), "--json"])
+    assert json.loads(res.stdout) == list(rows.values())
+    res = CliRunner().invoke(cli, ["server", "devices", "--state-dir", str(paths.root)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "2026-11-23 07:04:19Z" in res.stdout and rows["phone-07"]["enrolled-at"].replace("T", " ") in res.stdout
+    assert f"revoked {revoked['revoked-at'].replace('T', ' ')}" in res.stdout
+    assert not re.search(r"\d\dT\d\d|\+00:00|\d:\d\d\.\d", res.stdout)  # no ISO "T", no offsets, no fractions
 
 
 # --------------------------------------------------------------------------- devices as data directories
@@ -366,6 +470,107 @@ def test_train_resume_needs_a_known_run(tmp_path):
     init_server(tmp_path / "st", names=["localhost"])
     with pytest.raises(KeyError):
         train(tmp_path / "st", resume=f"missing-{uuid.uuid4().hex[:4]}")
+
+
+@pytest.fixture()
+def coordinator(tmp_path, monkeypatch):
+    """An initialised state directory whose ``flwr run`` is a stand-in: each submitted run
+    config is kept in ``configs``; ``then(log_path, config)`` plays the run (its default
+    does what the ServerApp does to the store: reopens or creates the run, completes it)."""
+    import tomllib
+    from types import SimpleNamespace
+
+    import server.deployment as deployment
+    from server.superlink import FlowerRun
+
+    paths = init_server(tmp_path / "st", names=["localhost"], emotions=EMOTIONS)
+    fake = SimpleNamespace(paths=paths, store=ServerConfig.load(paths.config).store(paths), configs=[])
+
+    def server_app(log_path, config):
+        run = fake.store.reopen_run(config["resume"], config)[0] if config["resume"] else \
+            fake.store.create_run(config["run-name"], config)
+        fake.store.finish_run(run.id, "completed")
+
+    def follow_run(app_dir, connection, run_config, env, cwd, *, log_path, **_):
+        config = tomllib.loads(run_config.read_text())
+        fake.configs.append(config)
+        fake.then(log_path, config)
+        return FlowerRun(1, "finished:completed", 0.0)
+
+    fake.then = server_app
+    monkeypatch.setattr(deployment, "follow_run", follow_run)
+    monkeypatch.setattr(deployment, "stage_app", lambda dest: dest)
+    return fake
+
+
+def _train(coordinator, *args):
+    from typer.testing import CliRunner
+
+    from fedaffect.cli import app as cli
+
+    return CliRunner().invoke(cli, ["train", "--state-dir", str(coordinator.paths.root), *args])
+
+
+def test_a_resumed_run_keeps_its_config_and_refuses_options_that_would_change_it(coordinator):
+    stored = RunConfig.from_mapping({"emotions": EMOTIONS, "num-server-rounds": 2, "run-name": "r1"}).to_mapping()
+    coordinator.store.create_run("r1", stored)
+    res = _train(coordinator, "--resume", "r1", "--rounds", "3", "--set", "round-timeout=99", "--strategy", "fair",
+                 "--set", "lr=0.01", "--run-name", "r2")
+    assert res.exit_code == 2, res.output
+    for named in ("strategy 'fedavg' -> 'fair'", "lr 0.003 -> 0.01", "run-name 'r1' -> 'r2'", "stored config"):
+        assert named in res.output
+    assert "round-timeout 600" not in res.output and coordinator.configs == []  # nothing submitted
+    # operational keys change and are stored; a value equal to the stored one (an experiment
+    # file given again) is no change
+    res = _train(coordinator, "--resume", "r1", "--rounds", "3", "--set", "round_timeout=99", "--min-devices", "2",
+                 "--set", "min-train-devices=2", "--strategy", "fedavg", "--set", "lr=3e-3")
+    assert res.exit_code == 0, res.output
+    (sent,) = coordinator.configs
+    assert sent["resume"] == "r1" and sent["strategy"] == "fedavg"
+    changed = {"num-server-rounds": 3, "round-timeout": 99.0, "min-devices": 2, "min-train-devices": 2}
+    assert {k: sent[k] for k in changed} == changed
+    assert {k: coordinator.store.get_run("r1").config[k] for k in changed} == changed
+    # the `resume` key is --resume's; a new run may not take a stored run's name
+    assert _train(coordinator, "--set", "resume='r1'").exit_code == 2
+    res = _train(coordinator, "--run-name", "r1")
+    assert res.exit_code == 2 and "stored already" in res.output and "--resume r1" in res.output
+    assert len(coordinator.configs) == 1
+
+
+def test_a_train_stopped_before_its_run_was_stored_leaves_nothing_and_offers_no_resume(coordinator):
+    runs = coordinator.paths.runs
+
+    def stop(reason, stored=False, logged=""):
+        def then(log_path, config):
+            if logged:
+                log_path.write_text(logged)
+            if stored:
+                coordinator.store.create_run(config["run-name"], config)
+            raise reason
+        return then
+
+    coordinator.then = stop(KeyboardInterrupt())  # Ctrl-C while the app is being submitted
+    res = _train(coordinator, "--run-name", "early")
+    assert res.exit_code == 130 and "stopped (Ctrl-C): the run was not stored" in res.output, res.output
+    assert "--resume" not in res.output and "run the same command again" in res.output
+    assert not (runs / "early").exists()
+    coordinator.then = stop(RuntimeError("flwr run could not submit the app: connection refused"))  # no SuperLink
+    res = _train(coordinator, "--run-name", "down")
+    assert res.exit_code == 1 and "could not submit" in res.output and "nothing to resume" in res.output
+    assert "--resume" not in res.output and not (runs / "down").exists()
+    # what the run said before it was stored stays, as the only trace of it
+    coordinator.then = stop(KeyboardInterrupt("SIGHUP"), logged="[run] ServerApp: ImportError\n")
+    res = _train(coordinator, "--run-name", "said")
+    assert res.exit_code == 130 and str(runs / "said" / "flower.log") in res.output
+    assert "--resume" not in res.output
+    # stopped after the ServerApp stored it: marked failed, kept, and resumable
+    coordinator.then = stop(KeyboardInterrupt("SIGTERM"), stored=True)
+    res = _train(coordinator, "--run-name", "late")
+    assert res.exit_code == 130 and "stopped (SIGTERM): the run is stopped on the devices" in res.output
+    assert "--resume late` continues it" in res.output
+    assert coordinator.store.get_run("late").status == "failed" and (runs / "late").is_dir()
+    with pytest.raises(KeyError):
+        coordinator.store.get_run("early")
 
 
 # --------------------------------------------------------------------------- TLS as a device sees it

@@ -153,3 +153,45 @@ def test_a_device_with_only_arousal_valence_labels_counts_as_labelled_for_an_av_
 def test_a_mistyped_store_url_is_a_clear_error(url):
     with pytest.raises(ConnectionError, match="not a database URL"):
         RunStore(url)
+
+
+def test_a_re_enrolled_name_keeps_its_revoked_enrolment_and_a_revoked_key_needs_force(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    store.enrol_device("phone-07", 123, "ecdsa-sha2-nistp384 KEY1", "SHA256:one", {"gender": "female"})
+    store.revoke_device("phone-07")
+    for name in ("phone-07", "phone-09"):  # a revoked key may have leaked: refused under any name
+        with pytest.raises(ValueError, match=r"\(SHA256:one\) was revoked on .*Z \(device 'phone-07'\).*--force"):
+            store.check_enrolable(name, "ecdsa-sha2-nistp384 KEY1")
+        with pytest.raises(ValueError, match="--force"):
+            store.enrol_device(name, 124, "ecdsa-sha2-nistp384 KEY1", "SHA256:one")
+    store.enrol_device("phone-07", 124, "ecdsa-sha2-nistp384 KEY2", "SHA256:two")  # a new key
+    (current,) = store.enrolled_devices()
+    assert (current.name, current.node_id, current.revoked_at) == ("phone-07", "124", None)
+    old, new = RunStore(store.url).enrolled_devices(include_superseded=True)  # kept, in a new connection too
+    assert new.id == current.id and old.superseded and not new.superseded
+    assert (old.device_name, old.node_id, old.fingerprint, old.groups) == ("phone-07", "123", "SHA256:one",
+                                                                           {"gender": "female"})
+    assert old.revoked_at is not None
+    with pytest.raises(ValueError, match="SHA256:one"):  # still known as revoked once its name moved on
+        store.check_enrolable("phone-10", "ecdsa-sha2-nistp384 KEY1")
+    store.revoke_device("phone-07")
+    store.enrol_device("phone-07", 125, "ecdsa-sha2-nistp384 KEY1", "SHA256:one", force=True)  # the operator is sure
+    assert [(d.device_name, d.node_id, d.revoked_at is None) for d in store.enrolled_devices(include_superseded=True)] \
+        == [("phone-07", "123", False), ("phone-07", "124", False), ("phone-07", "125", True)]
+    assert [(d.name, d.node_id) for d in store.enrolled_devices(include_revoked=False)] == [("phone-07", "125")]
+    with pytest.raises(KeyError):  # only the current enrolment can be revoked
+        store.revoke_device("phone-07~1")
+
+
+def test_registry_and_flower_times_become_one_utc_format():
+    import datetime as dt
+
+    from server.store import utc_iso
+
+    utc = dt.timezone.utc
+    assert utc_iso(dt.datetime(2026, 11, 23, 7, 4, 19, 403687, tzinfo=utc)) == "2026-11-23T07:04:19Z"
+    assert utc_iso(dt.datetime(2026, 11, 23, 7, 4, 19)) == "2026-11-23T07:04:19Z"  # SQLite: no zone, written UTC
+    assert utc_iso(dt.datetime(2026, 11, 23, 8, 4, 19, tzinfo=dt.timezone(dt.timedelta(hours=1)))) == \
+        "2026-11-23T07:04:19Z"
+    assert utc_iso("2026-11-23 07:04:19Z") == "2026-11-23T07:04:19Z"  # Flower's
+    assert utc_iso(None) == utc_iso("") == "" and utc_iso("N/A") == "N/A"
