@@ -331,13 +331,23 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
                                 f"(another `device start` on {paths.root}), or the SuperLink's TLS certificate is not "
                                 f"signed by {ca}.\nlast lines:\n{text[-1500:]}", activation=True)
         if code == 0:
-            # A SuperNode runs until signalled; one that stops by itself with success was told by
-            # the SuperLink that its key is no longer accepted (Flower answers an unenrolled node's
-            # heartbeat or pull with UNAUTHENTICATED, and the SuperNode stops "gracefully").
-            raise DeviceRefused(f"the SuperLink at {superlink} no longer accepts this device ({paths.root}): its key "
-                                f"was unenrolled (`fedaffect server unenrol`) or the coordinator's registry was "
-                                f"reset. Ask the operator to enrol it again (`fedaffect server enrol --public-key "
-                                f"{paths.public_key.name} ...`), then start the device again.")
+            # A SuperNode runs until signalled. One that stops by itself with success, with no
+            # error logged, was told by the SuperLink that its key is no longer accepted: Flower
+            # answers an unenrolled node (and one whose clock is far off the coordinator's: its
+            # signed requests look replayed) with UNAUTHENTICATED and the SuperNode stops
+            # "gracefully". After an error it logged (connection given up with --max-wait, an
+            # HTTP error it does not retry, TLS failing later), Flower also exits 0: that is a
+            # failure to restart from, not a refusal.
+            trouble = [line for line in tail if "ERROR" in line or "Giving up" in line]
+            if "terminated gracefully" in text and not trouble:
+                raise DeviceRefused(
+                    f"the SuperLink at {superlink} no longer accepts this device ({paths.root}): its key was "
+                    f"unenrolled (`fedaffect server unenrol`) or the coordinator's registry was reset. Ask the "
+                    f"operator to enrol it again (`fedaffect server enrol --public-key {paths.public_key.name} "
+                    f"...`), then start the device again. (The SuperLink also refuses a device whose clock is more "
+                    f"than 5 s ahead of the coordinator's or 5 min behind: check that both keep time with NTP.)")
+            raise RuntimeError(f"the SuperNode stopped after an error: {trouble[-1].strip() if trouble else text[-300:]}"
+                               f" (see {paths.logs / 'supernode.log'}); `device start` can be run again")
 
     def watch(line: str) -> None:
         if "SuperNode ID:" in line:  # Flower's line once the SuperLink has activated the node

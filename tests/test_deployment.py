@@ -355,6 +355,9 @@ def test_enrolled_groups_reach_the_devices_and_no_clip_data_is_sent(device_dirs,
     # the run store names it as the operator enrolled it: a device cannot pick its stored name
     stored = {d["device"] for d in store.device_metrics(store.get_run("dep").id)}
     assert "phone-07" in stored and "dev0" not in stored and {"dev1", "dev2"} <= stored
+    # the per-round counts follow each device under that one name (not one entry per name)
+    labelled = {r["coop_labelled"] for r in store.rounds(store.get_run("dep").id)}
+    assert len(labelled) == 1
 
     # What went over the wire (protobuf bytes of every message both ways) holds no audio,
     # no features, no file names or paths and no per-clip labels of any device.
@@ -448,20 +451,29 @@ def test_a_missing_device_is_waited_for_then_refused(device_dirs, tmp_path):
     assert store.get_run("dep").status == "failed"
 
 
-def test_a_run_stopped_on_the_superlink_is_stored_as_stopped_not_as_a_traceback(device_dirs, tmp_path):
-    """Flower ends a ServerApp whose run was stopped (train interrupted, flwr stop) by a signal."""
+@pytest.mark.parametrize("deployed", [True, False])
+def test_a_stopped_run_is_stored_as_stopped_not_as_a_traceback(device_dirs, tmp_path, deployed):
+    """Flower ends a ServerApp whose run was stopped (train interrupted, flwr stop) by a signal;
+    an in-process simulation is stopped by Ctrl-C, and has no `train --resume`."""
+    from server.app import PollingGrid
+
     cfg, grid = _federation(device_dirs, tmp_path)
     store = RunStore(cfg.store_url)
+    grid = PollingGrid(grid) if deployed else grid
 
     def stopped(*args, **kwargs):
-        raise SystemExit(0)
+        raise SystemExit(0) if deployed else KeyboardInterrupt
 
     grid.send_and_receive = stopped
-    with pytest.raises(SystemExit):
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
         _run(grid, cfg, store)
     run = store.get_run("dep")
-    assert run.status == "failed" and run.error.startswith("stopped (SystemExit)")
-    assert "Traceback" not in run.error and "--resume dep" in run.error
+    assert run.status == "failed" and "Traceback" not in run.error
+    if deployed:
+        assert run.error.startswith("stopped (SystemExit): the run was stopped on the SuperLink")
+        assert "--resume dep" in run.error
+    else:
+        assert run.error == "stopped (KeyboardInterrupt): interrupted"
 
 
 def test_train_resume_needs_a_known_run(tmp_path):
@@ -742,3 +754,35 @@ def test_a_superlink_address_without_a_port_is_an_option_error(tmp_path, superli
     res = CliRunner().invoke(cli, ["device", "start", "--data-dir", str(tmp_path / "dev"), "--superlink", superlink,
                                    "--ca", str(tmp_path / "ca.crt")])
     assert res.exit_code == 2 and "is not HOST:PORT" in res.output
+
+
+@pytest.mark.parametrize("output, refused", [
+    # what Flower's SuperNode prints when the SuperLink stops accepting its key (unenrolled)
+    (["INFO :      SuperNode ID: 42", "INFO :      SuperNode terminated gracefully."], True),
+    # it also exits 0 after giving up a lost connection (--max-wait) or an error it does not retry
+    (["INFO :      SuperNode ID: 42", "WARNING :   Giving up reconnection after 10.00 seconds and 5 tries.",
+      "INFO :      SuperNode terminated gracefully."], False),
+    (["ERROR :     Server error '500 Internal Server Error'", "INFO :      SuperNode terminated gracefully."], False),
+])
+def test_a_supernode_that_stops_by_itself_is_told_apart(tmp_path, monkeypatch, output, refused):
+    """Exit 3 (not restarted by systemd) only for a device the SuperLink no longer accepts;
+    a SuperNode that stopped after an error is a failure to restart from (exit 1)."""
+    import sys
+
+    import client.deployment as deployment
+
+    data_dir = tmp_path / "dev"
+    init_device(data_dir)
+    (data_dir / "manifest.csv").write_text("path,speaker\n")
+    script = "; ".join(f"print({line!r})" for line in output)
+    monkeypatch.setattr(deployment, "supernode_command", lambda *a, **k: [sys.executable, "-c", script])
+    monkeypatch.setattr(deployment, "check_certificate", lambda *a, **k: [])
+    monkeypatch.setattr(deployment, "probe_superlink", lambda *a, **k: "ok")
+    if refused:
+        with pytest.raises(deployment.DeviceRefused, match="no longer accepts this device"):
+            deployment.start_device(data_dir, "localhost:9999", tmp_path / "ca.crt")
+    else:
+        with pytest.raises(RuntimeError, match="stopped after an error") as err:
+            deployment.start_device(data_dir, "localhost:9999", tmp_path / "ca.crt")
+        assert not isinstance(err.value, deployment.DeviceRefused)
+
