@@ -982,8 +982,13 @@ class CoopState:
         return (self.data_dir / STORE_FILE).exists()
 
     def info(self) -> dict[str, Any]:
-        """Counts for the device's description (``n-pool``: clips without a label at the start)."""
-        return {"n-pool": int((~self.labelled0).sum())}
+        """Counts for the device's description: ``n-pool``, clips without a label at the start;
+        ``n-answered``, those of them its person (or the simulated raters) has answered, which
+        it trains on in every mode (a device whose only labels are answers is a training device)."""
+        out = {"n-pool": int((~self.labelled0).sum())}
+        if self.reads_store:
+            out["n-answered"] = int(self._counts()["answered"])
+        return out
 
     # -- the training set -------------------------------------------------------------
     def training_data(self, data: LocalData) -> LocalData:

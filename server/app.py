@@ -29,7 +29,6 @@ recorded; the round goes on with the others.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from shared_models.fairness import (
 )
 from shared_models.metrics import ccc_from_sums, classification_metrics
 from shared_models.models import build_model, load_record, to_record
-from shared_models.processes import shorten_object_pull_backoff
+from shared_models.processes import object_pulls_limited, shorten_object_pull_backoff
 from server.store import CONFUSION_KEY, RunStore, default_store_url
 from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
@@ -141,11 +140,12 @@ class PollingGrid(NodeSubset):
 
         The last pull starts after the deadline, so every reply that reached the SuperLink in
         time is returned. A reply's objects (its arrays) may still be on their way when the
-        reply is pulled; Flower's pull waits for them, for up to 2 hours by default, and a
-        device killed while uploading them held the round for the SuperLink's 180 s
-        push-session lifetime, whatever the round timeout. Here that wait ends
-        :data:`OBJECT_PULL_GRACE_S` after the deadline (:func:`bounded_object_pulls`): the
-        reply becomes an error reply and the round goes on.
+        reply is pulled; Flower's pull waits for them, and a device killed while uploading
+        them held the round for the SuperLink's 180 s push-session lifetime, whatever the
+        round timeout. Here each reply's wait ends :data:`OBJECT_PULL_GRACE_S` after the
+        deadline (:func:`shared_models.processes.object_pulls_limited`): the reply becomes an
+        error reply and the round goes on. Flower pulls the replies of one pull one after the
+        other, so k replies stalled in the same pull can hold it k times that long.
 
         Flower's own error replies (a node unavailable, a reply whose objects never came) name
         the ServerApp's node as their sender; they are returned as replies from the device the
@@ -158,7 +158,7 @@ class PollingGrid(NodeSubset):
         replies: list[Message] = []
         while True:
             began = time.monotonic()
-            with bounded_object_pulls(None if timeout is None else max(end - began, 0.0) + OBJECT_PULL_GRACE_S):
+            with object_pulls_limited(None if timeout is None else max(end - began, 0.0) + OBJECT_PULL_GRACE_S):
                 got = [_from_device(m, sent) for m in self._grid.pull_messages(pending)]
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -171,37 +171,6 @@ class PollingGrid(NodeSubset):
 #: Seconds a reply's objects may still be pulled after a round's deadline (see
 #: :meth:`PollingGrid.send_and_receive`).
 OBJECT_PULL_GRACE_S = 10.0
-
-
-@contextlib.contextmanager
-def bounded_object_pulls(max_s: float | None):
-    """Within the block, Flower's object pulls in this process give up after ``max_s``
-    seconds (Flower 1.41: ``max_time`` 7200 s); ``None`` leaves them as they are.
-
-    Raises
-    ------
-    RuntimeError
-        If this Flower release no longer has the ``max_time`` keyword.
-    """
-    if max_s is None:
-        yield
-        return
-    from flwr.supercore.inflatable import inflatable_utils
-
-    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
-    saved = []
-    for pull in pulls:
-        defaults = pull.__kwdefaults__ or {}
-        if "max_time" not in defaults:
-            raise RuntimeError(f"flwr {pull.__name__} has no max_time keyword any more: "
-                               "update server.app.bounded_object_pulls")
-        saved.append(defaults["max_time"])
-        defaults["max_time"] = max_s
-    try:
-        yield
-    finally:
-        for pull, value in zip(pulls, saved):
-            pull.__kwdefaults__["max_time"] = value
 
 
 def _from_device(reply: Message, sent: dict[str, Message]) -> Message:
@@ -387,7 +356,8 @@ class FailureWatch:
             return
         failed = [r for r in replies if r.has_error() and r.error.code in APP_ERRORS]
         if len(failed) < sent:
-            self.ever_ok, self.streak = self.ever_ok or len(failed) < len(replies), 0
+            # only a device that did the work shows the config can run: a dropped one says nothing
+            self.ever_ok, self.streak = self.ever_ok or any(not r.has_error() for r in replies), 0
             return
         self.streak += 1
         if self.streak >= self.limit or (not self.ever_ok and sent >= 2):
@@ -399,6 +369,22 @@ class FailureWatch:
                                + f": {listed}")
         log.warning("every device asked to %s round %d failed (%d in a row; the run fails at %d)",
                     self.what, server_round, self.streak, self.limit)
+
+
+def _failure_text(err: BaseException, name: str, deployed: bool) -> str:
+    """What the run store keeps of why run ``name`` ended: a stop is said in a line, anything
+    else is its traceback."""
+    from flwr.supercore.run import RunNotRunningException
+
+    if not isinstance(err, (KeyboardInterrupt, SystemExit, RunNotRunningException)):
+        return "".join(traceback.format_exception(err))
+    if deployed:
+        # Flower ends the ServerApp of a run stopped on the SuperLink (`fedaffect train`
+        # interrupted or timed out, `flwr stop`, the coordinator stopped) with a signal
+        return (f"stopped ({type(err).__name__}): the run was stopped on the SuperLink (fedaffect train "
+                f"interrupted or timed out, flwr stop, or the coordinator stopped); `fedaffect train --resume "
+                f"{name}` continues it")
+    return f"stopped ({type(err).__name__}): interrupted"
 
 
 def _trained(reply: Message) -> bool:
@@ -645,6 +631,7 @@ def run_federation(
     its exchange is over. A resumed run first trains the round after the last stored one.
     """
     name = cfg.run_name or f"run-{int(time.time())}"
+    deployed = isinstance(grid, PollingGrid)  # a SuperLink's grid (main): `fedaffect train --resume` applies
     start_round, resumed = 0, None
     if cfg.resume:  # continue a stored run from its last valid checkpoint
         run, resumed = store.reopen_run(cfg.resume, cfg.to_mapping())
@@ -661,7 +648,7 @@ def run_federation(
         info = _describe(grid, cfg.round_timeout, enrolled)
         names = {n: str(d["name"]) for n, d in info.items()}
         train_ids = [n for n, d in info.items() if d["role"] == "train" and (
-            d["n-labelled"] > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
+            d["n-labelled"] + d.get("n-answered", 0) > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
         heldout_ids = [n for n, d in info.items() if d["role"] == "heldout" and d["n-clips"] > 0]
         if not train_ids:
             raise RuntimeError(f"no training device with labelled clips among {len(info)} devices")
@@ -736,14 +723,15 @@ def run_federation(
             new_arrays, agg = (strategy.aggregate_train(train_round, updates)
                                if any(not r.has_error() for r in updates) else (None, None))
             ok = [r for r in train_replies if not r.has_error()]
-            infos = [dict(r.content["device"]) for r in ok]
+            infos = [{**dict(r.content["device"]), "name": names.get(r.metadata.src_node_id, r.content["device"]["name"])}
+                     for r in ok]  # the names CoopTracker was built with (enrolled ones in deployment)
             outcome = {
                 "metrics": {
                     "train_loss": float(agg["train_loss"]) if agg and "train_loss" in agg else float("nan"),
                     "train_devices": len(ok),
                     "train_failures": len(train_msgs) - len(ok),
                 },
-                "devices": [{"device": names.get(r.metadata.src_node_id, d["name"]), "role": d["role"], "phase": "train",
+                "devices": [{"device": d["name"], "role": d["role"], "phase": "train",
                              "metrics": dict(r.content["metrics"])} for d, r in zip(infos, ok)],
                 "infos": infos,
                 "weights": _weight_rows(strategy),
@@ -805,14 +793,7 @@ def run_federation(
         store.finish_run(run.id, "completed", summary)
         return summary
     except BaseException as err:
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            # Flower stops a ServerApp whose run was stopped on the SuperLink (`fedaffect train`
-            # interrupted or timed out, `flwr stop`) with a signal: not a failure to debug
-            error = (f"stopped ({type(err).__name__}): the run was stopped on the SuperLink (fedaffect train "
-                     f"interrupted or timed out, or flwr stop); `fedaffect train --resume {name}` continues it")
-        else:
-            error = "".join(traceback.format_exception(err))
-        store.finish_run(run.id, "failed", error=error)
+        store.finish_run(run.id, "failed", error=_failure_text(err, name, deployed))
         raise
 
 

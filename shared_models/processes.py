@@ -7,6 +7,7 @@ Used by the coordinator (:mod:`server.superlink`, :mod:`server.deployment`) and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -23,7 +24,7 @@ from typing import Callable
 
 __all__ = ["BIN", "TAIL_LINES", "LOG_MAX_BYTES", "LOG_BACKUPS", "LogPump", "flower_environment", "free_port",
            "descendants", "terminate_tree", "run_foreground", "PULL_BACKOFF_S", "PULL_MAX_TIME_S",
-           "shorten_object_pull_backoff"]
+           "shorten_object_pull_backoff", "object_pulls_limited"]
 
 log = logging.getLogger("fedaffect.processes")
 
@@ -343,13 +344,53 @@ def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S, max_time_s: f
     RuntimeError
         If this Flower release no longer has the keyword defaults changed here.
     """
+    for defaults in _object_pull_defaults():
+        defaults["initial_backoff"] = initial_s
+        defaults["max_time"] = max_time_s
+
+
+def _object_pull_defaults() -> list[dict]:
+    """The keyword defaults of Flower's two object-pull functions (changed in place by
+    :func:`shorten_object_pull_backoff` and :func:`object_pulls_limited`).
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release no longer has the keywords changed here.
+    """
     from flwr.supercore.inflatable import inflatable_utils
 
+    out = []
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = pull.__kwdefaults__ or {}
         missing = [k for k in ("initial_backoff", "max_time") if k not in defaults]
         if missing:
             raise RuntimeError(f"flwr {pull.__name__} has no {' or '.join(missing)} keyword any more: "
-                               "update shared_models.processes.shorten_object_pull_backoff")
-        defaults["initial_backoff"] = initial_s
-        defaults["max_time"] = max_time_s
+                               "update shared_models.processes")
+        out.append(defaults)
+    return out
+
+
+@contextlib.contextmanager
+def object_pulls_limited(max_s: float | None):
+    """Within the block, each of this process's Flower object pulls (one message's objects)
+    gives up after ``max_s`` seconds, or sooner where the process's limit is lower
+    (:func:`shorten_object_pull_backoff`); ``None`` changes nothing. Restored after the block.
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release no longer has the ``max_time`` keyword.
+    """
+    if max_s is None:
+        yield
+        return
+    tables = _object_pull_defaults()
+    saved = [d["max_time"] for d in tables]
+    for d, value in zip(tables, saved):
+        d["max_time"] = max_s if value is None else min(value, max_s)
+    try:
+        yield
+    finally:
+        for d, value in zip(tables, saved):
+            d["max_time"] = value

@@ -708,6 +708,18 @@ def test_a_person_s_answers_train_in_every_mode_and_pseudo_labels_only_where_the
             store.answer(clip, "anger")
         store.add_pseudo(1, [{"clip": pool[3], "emotion": "sadness"}])
 
+    def described(mode):  # what the coordinator learns before choosing its training devices
+        cfg = RunConfig(mode=mode, emotions="anger,sadness", cache_dir=str(tmp_path / "cache"))
+        msg = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1,
+                      message_type=f"{MessageType.QUERY}.device_info")
+        context = Context(run_id=11, node_id=1, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
+                          run_config=cfg.to_mapping())
+        return dict(client_app(msg, context).content["device"])
+
+    # a device's answered clips count as its labels for the coordinator too, in every mode
+    # (one whose only labels are answers is still a training device of a supervised run)
+    assert described("supervised")["n-answered"] == 3 and described("cooperative")["n-answered"] == 3
+
     def trained_on(mode):
         cfg = RunConfig(mode=mode, emotions="anger,sadness", cache_dir=str(tmp_path / "cache"), local_epochs=1)
         msg = Message(RecordDict({"arrays": ArrayRecord(build_model(cfg.model, 2).state_dict()),

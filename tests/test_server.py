@@ -195,3 +195,25 @@ def test_registry_and_flower_times_become_one_utc_format():
         "2026-11-23T07:04:19Z"
     assert utc_iso("2026-11-23 07:04:19Z") == "2026-11-23T07:04:19Z"  # Flower's
     assert utc_iso(None) == utc_iso("") == "" and utc_iso("N/A") == "N/A"
+
+
+def test_a_dropped_device_does_not_count_as_proof_that_the_config_runs():
+    """Only a device that trained shows the run's config can run; a round where one device
+    dropped out and the others failed must leave the first-exchange fail-fast armed."""
+    from types import SimpleNamespace
+
+    from flwr.common.constant import ErrorCode
+
+    from server.app import FailureWatch
+
+    def reply(code=None):
+        error = None if code is None else SimpleNamespace(code=code, reason="RuntimeError: no such device: cuda")
+        return SimpleNamespace(has_error=lambda: error is not None, error=error)
+
+    watch = FailureWatch("train")
+    watch.check([reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)] * 2 + [reply(ErrorCode.NODE_UNAVAILABLE)], 3, 1)
+    with pytest.raises(RuntimeError, match="no such device: cuda"):
+        watch.check([reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)] * 3, 3, 2)
+    trained = FailureWatch("train")  # once a device trained, a failing round is not the config's fault
+    trained.check([reply(), reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)], 2, 1)
+    trained.check([reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)] * 2, 2, 2)

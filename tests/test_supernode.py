@@ -394,7 +394,7 @@ def test_a_service_log_is_rotated_by_size_and_keeps_the_newest_lines(tmp_path):
     assert numbers == list(range(numbers[0], 3000))
 
 
-def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_pulls():
+def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_pulls(monkeypatch):
     """A device killed while uploading its reply held the round for the SuperLink's 180 s
     push session, and Flower's error reply named the ServerApp's node ("node 1")."""
     from flwr.app import Error, Message, MessageType, Metadata, RecordDict
@@ -423,8 +423,13 @@ def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_p
 
     from flwr.supercore.task_identity import TaskIdentity  # messages need a run id (server/simulation.py)
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 17, 0, 1
+    from shared_models.processes import object_pulls_limited
+
+    for key, value in (("_run_id", 17), ("_node_id", 0), ("_task_id", 1)):  # metaclass properties' fields
+        monkeypatch.setattr(TaskIdentity, key, value, raising=False)
     default = pulls.pull_objects.__kwdefaults__["max_time"]
+    with object_pulls_limited(default + 1000):  # a looser bound never loosens the process's limit
+        assert pulls.pull_objects.__kwdefaults__["max_time"] == default
     sent = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
     replies = PollingGrid(_Grid(), poll_s=0.01).send_and_receive([sent], timeout=5)
     assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == "objects unavailable"
