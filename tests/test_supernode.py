@@ -7,6 +7,7 @@ them; these check the parts one by one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -233,6 +234,19 @@ def _waiting_forever(started: Path, *, tell: bool = False, ignore_term: bool = F
     return run
 
 
+@contextlib.contextmanager
+def _one_child(executor):
+    """Launch one forked child; yield its pid; SIGKILL it afterwards if the test left it."""
+    executor.launch(_spec())
+    (pid,) = executor.children
+    try:
+        yield pid
+    finally:
+        if executor.children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 @pytest.mark.parametrize("ignore_term", [False, True])
 def test_a_clientapp_that_never_gets_its_message_is_ended(tmp_path, ignore_term):
     """Bug: each run stopped on the coordinator left one forked ClientApp (~240 MB) per
@@ -241,24 +255,16 @@ def test_a_clientapp_that_never_gets_its_message_is_ended(tmp_path, ignore_term)
     started = tmp_path / "started"
     executor = ForkExecutor(_Fallback(), run=_waiting_forever(started, ignore_term=ignore_term))
     executor.input_limit_s, executor.kill_grace_s = 0, 0  # set after construction: ignored without the limit
-    executor.launch(_spec())
-    (pid,) = executor.children
-    try:
+    with _one_child(executor):
         _wait_for(started)  # its SIGTERM handling is in place
         _wait_reaped(executor)
-    finally:
-        if executor.children:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
 
 
 def test_a_clientapp_with_its_message_is_ended_only_past_the_task_limit(tmp_path):
     started = tmp_path / "started"
     executor = ForkExecutor(_Fallback(), run=_waiting_forever(started, tell=True))
     executor.input_limit_s = 0  # it said it has its message: this limit no longer applies
-    executor.launch(_spec())
-    (pid,) = executor.children
-    try:
+    with _one_child(executor) as pid:
         _wait_for(started)  # written after task_input_received()
         for _ in range(3):
             executor.reconcile()
@@ -266,10 +272,6 @@ def test_a_clientapp_with_its_message_is_ended_only_past_the_task_limit(tmp_path
         os.kill(pid, 0)  # still running
         executor.task_limit_s = 0
         _wait_reaped(executor)
-    finally:
-        if executor.children:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
 
 
 def test_the_clientapp_task_tells_the_executor_once_flower_has_its_message(monkeypatch):
