@@ -60,7 +60,8 @@ class DeviceRefused(RuntimeError):
     """The SuperLink refused this device (not enrolled, revoked, or TLS failed).
 
     ``activation`` is True when the SuperLink refused to activate the node, which Flower
-    also answers while a node with this key is still online (a restart within a minute)."""
+    also answers while a node with this key is still online (a restart within a minute of a
+    crash: a SuperNode stopped cleanly signs off at once)."""
 
     def __init__(self, message: str, activation: bool = False) -> None:
         super().__init__(message)
@@ -294,7 +295,8 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         the SuperNode stops by itself with success, which it does when the SuperLink stops
         accepting its key mid-session (unenrolled while running). A refused
         activation is retried for up to :data:`ACTIVATION_RETRY_S` (at most ``max_wait_s``)
-        first: the SuperLink refuses a device restarted within a minute the same way.
+        first: the SuperLink refuses a device restarted within a minute of a crash the same way
+        (one stopped cleanly signs off, and starts again at once).
     RuntimeError
         Another ``device start`` runs on this data directory.
     ValueError
@@ -363,7 +365,8 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     lock = _lock_data_dir(paths)  # one SuperNode per device: a second one is refused by its key anyway
     try:
-        # A device restarted within a minute is still "online" for the SuperLink, which refuses
+        # A device restarted within a minute of a crash (SIGKILL, power lost; a clean stop signs
+        # off) is still "online" for the SuperLink, which refuses
         # to activate it exactly as it refuses an unknown key: retry until that has expired.
         deadline = time.monotonic() + min(ACTIVATION_RETRY_S, max_wait_s or ACTIVATION_RETRY_S)
         while True:
