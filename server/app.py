@@ -29,6 +29,7 @@ recorded; the round goes on with the others.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from shared_models.fairness import (
 )
 from shared_models.metrics import ccc_from_sums, classification_metrics
 from shared_models.models import build_model, load_record, to_record
-from shared_models.processes import object_pulls_limited, shorten_object_pull_backoff
+from shared_models.processes import shorten_object_pull_backoff
 from server.store import CONFUSION_KEY, RunStore, default_store_url
 from client.cooperative import CoopTracker, round_settings
 from client.transfer import load_initial
@@ -142,10 +143,9 @@ class PollingGrid(NodeSubset):
         time is returned. A reply's objects (its arrays) may still be on their way when the
         reply is pulled; Flower's pull waits for them, and a device killed while uploading
         them held the round for the SuperLink's 180 s push-session lifetime, whatever the
-        round timeout. Here each reply's wait ends :data:`OBJECT_PULL_GRACE_S` after the
-        deadline (:func:`shared_models.processes.object_pulls_limited`): the reply becomes an
-        error reply and the round goes on. Flower pulls the replies of one pull one after the
-        other, so k replies stalled in the same pull can hold it k times that long.
+        round timeout. Here the wait ends :data:`OBJECT_PULL_GRACE_S` after the deadline
+        (:func:`reply_pulls_until`), however many replies are stalled: each becomes an error
+        reply and the round goes on.
 
         Flower's own error replies (a node unavailable, a reply whose objects never came) name
         the ServerApp's node as their sender; they are returned as replies from the device the
@@ -158,7 +158,7 @@ class PollingGrid(NodeSubset):
         replies: list[Message] = []
         while True:
             began = time.monotonic()
-            with object_pulls_limited(None if timeout is None else max(end - began, 0.0) + OBJECT_PULL_GRACE_S):
+            with (reply_pulls_until(end + OBJECT_PULL_GRACE_S) if timeout is not None else contextlib.nullcontext()):
                 got = [_from_device(m, sent) for m in self._grid.pull_messages(pending)]
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -171,6 +171,43 @@ class PollingGrid(NodeSubset):
 #: Seconds a reply's objects may still be pulled after a round's deadline (see
 #: :meth:`PollingGrid.send_and_receive`).
 OBJECT_PULL_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def reply_pulls_until(deadline: float):
+    """Within the block, the SuperLink grid's pulls of reply objects end by ``deadline``
+    (``time.monotonic()`` seconds), however many replies one pull holds.
+
+    Flower's ``HttpGrid.pull_messages`` inflates the replies of one pull one after the other,
+    each with its own ``max_time`` counted from its own start: k replies whose objects never
+    come (devices that lost power mid-upload) held a pull k times as long. Here each object
+    pull gets what is left until ``deadline`` (or the process's limit, if lower); a reply
+    whose objects are all there is pulled even past it (its first try succeeds).
+
+    Raises
+    ------
+    RuntimeError
+        If this Flower release's grid no longer pulls objects through ``pull_objects``.
+    """
+    from flwr.superlink.grid import http_grid
+
+    original = getattr(http_grid, "pull_objects", None)
+    if original is None:
+        raise RuntimeError("flwr.superlink.grid.http_grid has no pull_objects any more: update "
+                           "server.app.reply_pulls_until")
+    default = (original.__kwdefaults__ or {}).get("max_time")
+
+    def pull_objects(*args, **kwargs):
+        left = max(deadline - time.monotonic(), 0.0)
+        limit = kwargs.get("max_time", default)
+        kwargs["max_time"] = left if limit is None else min(limit, left)
+        return original(*args, **kwargs)
+
+    http_grid.pull_objects = pull_objects
+    try:
+        yield
+    finally:
+        http_grid.pull_objects = original
 
 
 def _from_device(reply: Message, sent: dict[str, Message]) -> Message:

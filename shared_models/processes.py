@@ -7,7 +7,6 @@ Used by the coordinator (:mod:`server.superlink`, :mod:`server.deployment`) and 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import logging.handlers
 import os
@@ -24,7 +23,7 @@ from typing import Callable
 
 __all__ = ["BIN", "TAIL_LINES", "LOG_MAX_BYTES", "LOG_BACKUPS", "LogPump", "flower_environment", "free_port",
            "descendants", "terminate_tree", "run_foreground", "PULL_BACKOFF_S", "PULL_MAX_TIME_S",
-           "shorten_object_pull_backoff", "object_pulls_limited"]
+           "shorten_object_pull_backoff"]
 
 log = logging.getLogger("fedaffect.processes")
 
@@ -351,7 +350,7 @@ def shorten_object_pull_backoff(initial_s: float = PULL_BACKOFF_S, max_time_s: f
 
 def _object_pull_defaults() -> list[dict]:
     """The keyword defaults of Flower's two object-pull functions (changed in place by
-    :func:`shorten_object_pull_backoff` and :func:`object_pulls_limited`).
+    :func:`shorten_object_pull_backoff`).
 
     Raises
     ------
@@ -370,27 +369,3 @@ def _object_pull_defaults() -> list[dict]:
         out.append(defaults)
     return out
 
-
-@contextlib.contextmanager
-def object_pulls_limited(max_s: float | None):
-    """Within the block, each of this process's Flower object pulls (one message's objects)
-    gives up after ``max_s`` seconds, or sooner where the process's limit is lower
-    (:func:`shorten_object_pull_backoff`); ``None`` changes nothing. Restored after the block.
-
-    Raises
-    ------
-    RuntimeError
-        If this Flower release no longer has the ``max_time`` keyword.
-    """
-    if max_s is None:
-        yield
-        return
-    tables = _object_pull_defaults()
-    saved = [d["max_time"] for d in tables]
-    for d, value in zip(tables, saved):
-        d["max_time"] = max_s if value is None else min(value, max_s)
-    try:
-        yield
-    finally:
-        for d, value in zip(tables, saved):
-            d["max_time"] = value

@@ -397,45 +397,49 @@ def test_a_service_log_is_rotated_by_size_and_keeps_the_newest_lines(tmp_path):
 
 
 def test_polling_grid_names_the_device_of_flowers_own_errors_and_bounds_object_pulls(monkeypatch):
-    """A device killed while uploading its reply held the round for the SuperLink's 180 s
-    push session, and Flower's error reply named the ServerApp's node ("node 1")."""
+    """Devices killed while uploading their replies held the round for the SuperLink's 180 s
+    push session each (Flower pulls a pull's replies one after the other), and Flower's error
+    reply named the ServerApp's node ("node 1")."""
     from flwr.app import Error, Message, MessageType, Metadata, RecordDict
     from flwr.common.constant import ErrorCode
-    from flwr.supercore.inflatable import inflatable_utils as pulls
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.task_identity import TaskIdentity
 
     from server.app import OBJECT_PULL_GRACE_S
+
+    for key, value in (("_run_id", 17), ("_node_id", 0), ("_task_id", 1)):  # messages need a run id
+        monkeypatch.setattr(TaskIdentity, key, value, raising=False)
 
     def with_id(msg, message_id):
         msg.metadata.__dict__["_message_id"] = message_id  # what Flower's push does
         return msg
 
-    seen = []
+    limits = []
+
+    def flower_pull_objects(object_ids, pull_object_fn, *, max_time=7200):  # records what it was given
+        limits.append(max_time)
+        return {}
+
+    monkeypatch.setattr(http_grid, "pull_objects", flower_pull_objects)
 
     class _Grid:
         def push_messages(self, messages):
             return [with_id(m, f"id{m.metadata.dst_node_id}").metadata.message_id for m in messages]
 
         def pull_messages(self, ids):
-            seen.append(pulls.pull_objects.__kwdefaults__["max_time"])
+            for _ in range(2):  # two stalled replies' objects, pulled one after the other
+                http_grid.pull_objects(object_ids=["o"], pull_object_fn=None)
             # made by Flower in the ServerApp's process: its sender is the ServerApp's own node
             metadata = Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=1, reply_to_message_id="id7",
                                 group_id="", created_at=time.time(), ttl=0, message_type="system")
             return [Message(metadata=metadata, error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
                                                            reason="objects unavailable"))]
 
-    from flwr.supercore.task_identity import TaskIdentity  # messages need a run id (server/simulation.py)
-
-    from shared_models.processes import object_pulls_limited
-
-    for key, value in (("_run_id", 17), ("_node_id", 0), ("_task_id", 1)):  # metaclass properties' fields
-        monkeypatch.setattr(TaskIdentity, key, value, raising=False)
-    default = pulls.pull_objects.__kwdefaults__["max_time"]
-    with object_pulls_limited(default + 1000):  # a looser bound never loosens the process's limit
-        assert pulls.pull_objects.__kwdefaults__["max_time"] == default
     sent = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
     replies = PollingGrid(_Grid(), poll_s=0.01).send_and_receive([sent], timeout=5)
     assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == "objects unavailable"
     assert replies[0].metadata.src_node_id == 7 and replies[0].metadata.message_type == MessageType.TRAIN
-    assert OBJECT_PULL_GRACE_S < seen[0] <= 5 + OBJECT_PULL_GRACE_S  # the round's deadline, not 2 hours
-    assert pulls.pull_objects.__kwdefaults__["max_time"] == default  # restored after the pull
+    # both pulls end by the round's deadline + grace (not 2 hours, nor 2 x the deadline)
+    assert len(limits) == 2 and limits[1] <= limits[0] <= 5 + OBJECT_PULL_GRACE_S and limits[0] > OBJECT_PULL_GRACE_S
+    assert http_grid.pull_objects is flower_pull_objects  # restored after the pull
 
