@@ -61,7 +61,7 @@ class DeviceRefused(RuntimeError):
 
     ``activation`` is True when the SuperLink refused to activate the node, which Flower
     also answers while a node with this key is still online (a restart within a minute of a
-    crash: a SuperNode stopped cleanly signs off at once)."""
+    crash; a SuperNode stopped cleanly signs off, best effort)."""
 
     def __init__(self, message: str, activation: bool = False) -> None:
         super().__init__(message)
@@ -296,7 +296,7 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         accepting its key mid-session (unenrolled while running). A refused
         activation is retried for up to :data:`ACTIVATION_RETRY_S` (at most ``max_wait_s``)
         first: the SuperLink refuses a device restarted within a minute of a crash the same way
-        (one stopped cleanly signs off, and starts again at once).
+        (one stopped cleanly usually signs off and starts again at once).
     RuntimeError
         Another ``device start`` runs on this data directory.
     ValueError
@@ -365,8 +365,8 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     lock = _lock_data_dir(paths)  # one SuperNode per device: a second one is refused by its key anyway
     try:
-        # A device restarted within a minute of a crash (SIGKILL, power lost; a clean stop signs
-        # off) is still "online" for the SuperLink, which refuses
+        # A device restarted within a minute of a crash (SIGKILL, power lost; a clean stop
+        # usually signs off) is still "online" for the SuperLink, which refuses
         # to activate it exactly as it refuses an unknown key: retry until that has expired.
         deadline = time.monotonic() + min(ACTIVATION_RETRY_S, max_wait_s or ACTIVATION_RETRY_S)
         while True:
