@@ -609,10 +609,7 @@ def _resumed_values(previous: Run, overrides: dict[str, Any]) -> dict[str, Any]:
 def stored_run(state_dir: Path, name: str) -> Run | None:
     """The run ``name`` in a coordinator's run store, or None when it was never stored."""
     paths, cfg = _load(state_dir)
-    try:
-        return cfg.store(paths).get_run(name)
-    except KeyError:
-        return None
+    return cfg.store(paths).find_run(name)
 
 
 def _drop_unused_folder(folder: Path, store: RunStore, name: str) -> None:
@@ -620,10 +617,8 @@ def _drop_unused_folder(folder: Path, store: RunStore, name: str) -> None:
     submitted, or stopped before its ServerApp stored it), unless its log says something:
     then it stays, as the only trace of what happened."""
     try:
-        store.get_run(name)
-        return
-    except KeyError:
-        pass
+        if store.find_run(name) is not None:
+            return
     except Exception:  # noqa: BLE001 - a store that cannot say: keep the folder, raise what happened
         return
     log_file = folder / "flower.log"
@@ -690,11 +685,8 @@ def train(state_dir: Path, overrides: dict[str, Any] | None = None, *, resume: s
         defaults = {RunConfig.check_key(k): v for k, v in cfg.run_defaults.items()}
         values = {"emotions": cfg.emotions, **defaults, **named}
         name = values.get("run-name") or f"train-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        try:
-            store.get_run(name)
-        except KeyError:
-            pass
-        else:  # the ServerApp would refuse it after submission, and a stop would mark the stored run failed
+        if store.find_run(name) is not None:
+            # the ServerApp would refuse it after submission, and a stop would mark the stored run failed
             raise ConfigError(f"a run named {name!r} is stored already: continue it with --resume {name}, or give "
                               "the new run another --run-name")
     # A URL with a password stays out of the run config (Flower stores run configs): the

@@ -166,11 +166,7 @@ def run_ray(cfg: RunConfig, num_devices: int, *, timeout_s: float = 1800,
     if not cfg.run_name:
         cfg = cfg.replace(run_name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
     store = RunStore(cfg.store_url)
-    try:
-        store.get_run(cfg.run_name)
-    except KeyError:
-        pass
-    else:
+    if store.find_run(cfg.run_name) is not None:
         raise ValueError(f"a run named {cfg.run_name!r} exists already in {cfg.store_url}")
 
     log_path = Path(cfg.run_dir) / cfg.run_name / "flower-ray.log"

@@ -268,6 +268,13 @@ class RunStore:
                 raise KeyError(f"no run {ref!r} in {self._shown}")
             return run
 
+    def find_run(self, ref: str | int) -> Run | None:
+        """A run by name or numeric id, or None where :meth:`get_run` would raise KeyError."""
+        try:
+            return self.get_run(ref)
+        except KeyError:
+            return None
+
     def list_runs(self) -> list[Run]:
         """All runs, oldest first."""
         with self._session() as s:
