@@ -836,8 +836,18 @@ SYNTH_PROSODY: dict[str, _Prosody] = {
 SYNTH_JITTER = _Prosody(8, 18, 25, 30, 0, 0.0, 0.0)
 """Standard deviation of the per-utterance Gaussian jitter added to each prosody parameter."""
 
-SYNTH_VOICES = ("m1", "f1", "m2", "f2", "m3", "f3", "m4", "f4", "m5", "f5", "m6", "m7")
-"""espeak-ng English voice variants (``en+m1`` ...), genders alternating: m male, f female."""
+SYNTH_VOICES: dict[str, str] = {
+    **{v: "male" if v[0] == "m" else "female" for v in ("m1", "f1", "m2", "f2", "m3", "f3", "m4", "f4", "m5", "f5", "m6", "m7")},
+    # the variants espeak-ng ships with a declared gender, less the whispered, robotic and
+    # breathy ones; ordered so that the first 14, 20, 26 and 32 speakers are half female
+    **dict.fromkeys(("Alicia", "Andrea"), "female"),
+    **{v: g for pair in zip(("Andy", "Denis", "Diogo", "Henrique", "Lee", "Marco", "antonio", "michel", "miguel"),
+                            ("Annie", "anika", "aunty", "belinda", "grandma", "linda", "steph", "steph2", "steph3"))
+       for v, g in zip(pair, ("male", "female"))},
+    **dict.fromkeys(("sandro", "travis", "victor", "croak"), "male"),
+}
+"""espeak-ng voice variants (``en+m1``, ``en+Andrea`` ...) -> gender, in the order
+:func:`synth_prepare` takes them: the first 10 alternate male/female, 32 speakers are 16 + 16."""
 
 SYNTH_SENTENCES = (
     "The cloth is lying on the table.", "We will go there at seven o'clock.",
@@ -893,11 +903,11 @@ def _synth_clip(task: tuple, *, espeak: str, tmp: Path, source: Path, seed: int,
     wav = wav + noise * np.sqrt(np.mean(wav**2) / (np.mean(noise**2) * 10 ** (snr / 10)))
     wav *= 10 ** (rng.uniform(-6, 6) / 20)  # random recording level
     wav *= min(1.0, 0.99 / np.abs(wav).max())
-    rel = Path(f"synth-{voice}") / f"{emotion}-{k:03d}.wav"
+    speaker = f"synth-{voice.lower()}"
+    rel = Path(speaker) / f"{emotion}-{k:03d}.wav"
     (source / rel).parent.mkdir(parents=True, exist_ok=True)
     sf.write(source / rel, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-    gender = "male" if voice.startswith("m") else "female"
-    return Record(rel.as_posix(), f"synth-{voice}", gender, emotion, round(arousal, 3), round(valence, 3))
+    return Record(rel.as_posix(), speaker, SYNTH_VOICES[voice], emotion, round(arousal, 3), round(valence, 3))
 
 
 def synth_prepare(
@@ -912,8 +922,8 @@ def synth_prepare(
 ) -> PrepareResult:
     """Generate an expressive synthetic corpus with espeak-ng and write its manifest.
 
-    Each speaker is an espeak-ng English voice variant (:data:`SYNTH_VOICES`, genders
-    alternating, so 8 speakers = 4 male + 4 female). Each clip speaks one of
+    Each speaker is an espeak-ng voice variant speaking English (:data:`SYNTH_VOICES`, genders
+    alternating for the first 10, so 8 speakers = 4 male + 4 female; 32 = 16 + 16). Each clip speaks one of
     :data:`SYNTH_SENTENCES` with its emotion's base prosody (:data:`SYNTH_PROSODY`: pitch,
     rate, amplitude, SSML pitch range, word gap) plus seeded Gaussian jitter
     (:data:`SYNTH_JITTER`) large enough for the classes to overlap; white or pink noise is
@@ -929,7 +939,7 @@ def synth_prepare(
     out : path
         Manifest CSV to write (absolute paths).
     n_speakers : int, default 8
-        1 to 12.
+        1 to ``len(SYNTH_VOICES)`` (36).
     clips_per_emotion : int, default 12
         Clips per speaker and emotion.
     emotions : sequence of str
@@ -979,7 +989,8 @@ def synth_prepare(
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         raise RuntimeError("synth: espeak-ng not found on PATH; install it with `apt-get install espeak-ng`")
-    tasks = [(i, SYNTH_VOICES[i], e, k) for i in range(n_speakers) for e in emotions for k in range(clips_per_emotion)]
+    voices = list(SYNTH_VOICES)
+    tasks = [(i, voices[i], e, k) for i in range(n_speakers) for e in emotions for k in range(clips_per_emotion)]
     source.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedaffect-synth-") as tmp, ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
         def one(task: tuple) -> Record:

@@ -19,6 +19,7 @@ from client.corpora import (
     emodb_prepare,
     hedgewars_prepare,
     prepare,
+    median_f0,
     ravdess_prepare,
     synth_prepare,
     tess_prepare,
@@ -323,6 +324,22 @@ def test_synth_corpus(tmp_path):
     assert again.n_clips == first.n_clips and Path(df.loc[0, "path"]).stat().st_mtime_ns == stamp
     other = read_manifest(synth_prepare(tmp_path / "a", tmp_path / "a3.csv", **{**kw, "seed": 4}).manifest)
     assert not np.allclose(other["arousal"], df["arousal"])
+
+
+@needs_espeak
+def test_synth_many_speakers_are_distinct_voices_of_the_declared_gender(tmp_path):
+    # the fairness benchmark needs many speakers per gender; a variant whose declared gender
+    # does not match its voice would put a low voice in the female group
+    result = synth_prepare(tmp_path / "s", tmp_path / "s.csv", n_speakers=32, clips_per_emotion=1, emotions=("neutral",))
+    df = read_manifest(result.manifest)
+    genders = df.groupby("speaker")["gender"].first()
+    assert result.n_speakers == 32 and genders.value_counts().to_dict() == {"female": 16, "male": 16}
+    f0 = {spk: median_f0(g["path"]) for spk, g in df.groupby("speaker")}
+    female = [f0[s] for s in genders.index[genders == "female"]]
+    male = [f0[s] for s in genders.index[genders == "male"]]
+    assert min(female) > max(male), (sorted(female), sorted(male))
+    with pytest.raises(ValueError, match=r"n_speakers must be in 1..36"):
+        synth_prepare(tmp_path / "t", tmp_path / "t.csv", n_speakers=37)
 
 
 def test_synth_without_espeak_says_how_to_install(tmp_path, monkeypatch):
