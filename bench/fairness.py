@@ -72,6 +72,7 @@ from common import DATA, corpus_manifest, quiet_flower, save
 
 from client.app import load_device
 from server.simulation import simulate
+from server.store import RunStore, default_store_url
 from shared_models.config import RunConfig
 from shared_models.fairness import FAIREG_SCALE, faireg_group_keys, faireg_params, label_stats, pool_label_stats
 from shared_models.federation import HELDOUT, TRAIN, plan_federation, speaker_folds
@@ -123,6 +124,39 @@ def scenario_manifest(src: Path, scenario: str, *, folds: int, fold: int, seed: 
     write_manifest(df, path)
     return path, note
 
+
+
+def final_group_uar(cfg: RunConfig) -> dict[str, float]:
+    """Held-out UAR per gender at the run's last round, from the run store (group -> UAR)."""
+    store = RunStore(cfg.store_url or default_store_url(cfg.run_dir))
+    rows = [r for r in store.group_metrics(store.get_run(cfg.run_name).id)
+            if r["attribute"] == "gender" and r["metric"] == "uar"]
+    last = max((r["round"] for r in rows), default=None)
+    return {r["group"]: r["value"] for r in rows if r["round"] == last}
+
+
+def paired(rows: list[dict], corpus: str, scenario: str, strategy: str) -> str | None:
+    """Fold-paired change of ``strategy`` against FedAvg (FaiReg off): the largest gender gap
+    and the minority's UAR, with standard errors over the folds; None without both runs."""
+    pick = {r["strategy"]: r for r in rows if (r["corpus"], r["scenario"], r["faireg"]) == (corpus, scenario, "off")}
+    if "fedavg" not in pick or strategy not in pick:
+        return None
+    a, b = (np.asarray(pick[k]["gap_uar/gender:folds"], float) for k in ("fedavg", strategy))
+    if a.size < 2 or a.size != b.size:
+        return None
+    d = b - a
+
+    def se(x: np.ndarray) -> float:
+        return float(np.std(x, ddof=1) / np.sqrt(x.size))
+
+    text = (f"{corpus} {scenario}: {strategy} - FedAvg, paired over {a.size} folds: gap {d.mean():+.3f} "
+            f"(s.e. {se(d):.3f}; a halving would be {-a.mean() / 2:+.3f}), folds at or under half of "
+            f"FedAvg's gap {int((b <= a / 2).sum())}/{a.size}")
+    groups = [k.split("=")[1].split(":")[0] for k in pick["fedavg"] if k.startswith("uar/gender=")]
+    if {"female", "male"} <= set(groups):
+        fa, ma = (np.asarray(pick["fedavg"][f"uar/gender={g}:folds"], float) for g in ("female", "male"))
+        text += f"; FedAvg female - male UAR {np.mean(fa - ma):+.3f} (s.e. {se(fa - ma):.3f})"
+    return text
 
 
 def _final(summary: dict, key: str) -> float:
@@ -267,7 +301,7 @@ def main() -> None:
     for corpus in args.corpora.split(","):
         src = bench_manifest(corpus, args.synth_speakers)
         for scenario, strategy, faireg in runs_wanted(args):
-            per_fold, preds = [], []
+            per_fold, preds, group_uar = [], [], []
             t0 = time.perf_counter()
             for fold in folds:
                 manifest, note = scenario_manifest(
@@ -283,6 +317,7 @@ def main() -> None:
                                 seed=args.seed, run_dir="runs/bench",
                                 run_name=f"fair-{corpus}-{scenario}-{strategy}-{faireg}-f{fold}-{stamp}")
                 per_fold.append(simulate(cfg, all_folds=False, progress=False))
+                group_uar.append(final_group_uar(cfg))
                 if scenario in ("balanced", "bias") and "bias" in args.scenarios.split(","):
                     preds.append(heldout_arousal(cfg))
                     mine = ccc(preds[-1]["label"], preds[-1]["y"])  # the devices' CCC, recomputed here
@@ -299,6 +334,8 @@ def main() -> None:
                 vals = [_final(s, key) for s in per_fold]
                 row[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
                 row[key + ":folds"] = vals
+            for g in sorted({g for u in group_uar for g in u}):
+                row[f"uar/gender={g}:folds"] = [u.get(g, float("nan")) for u in group_uar]
             rows.append(row)
             print(f"{corpus:9s} {scenario:8s} {strategy:7s} faireg={faireg:3s}  UAR {row['uar']:.3f} "
                   f"worst {row['worst_uar/gender']:.3f} gap {row['gap_uar/gender']:.3f} | CCC-A "
@@ -351,6 +388,11 @@ def main() -> None:
                 verdicts.append(f"(a) {corpus} {scenario}: {other['strategy']}/FedAvg UAR gap "
                                 f"{other['gap_uar/gender']:.3f}/{f['gap_uar/gender']:.3f}, mean UAR {d_uar:+.1f} points"
                                 + (f": {'met' if met else 'MISSED'}" if other["strategy"] == "fair" else ""))
+        for scenario in args.scenarios.split(","):
+            for strategy in sorted({r["strategy"] for r in rows} - {"fedavg"}):
+                line = paired(rows, corpus, scenario, strategy)
+                if line:
+                    verdicts.append(line)
     for v in verdicts:
         print(v)
     print("results:", save("fairness" + (f"-{args.tag}" if args.tag else ""),
