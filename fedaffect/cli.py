@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,7 +53,23 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of the CLI: clips skipped (``SkippedClipsWarning``, a message
+    for the user: how many, why, which) as one line without Python's file:line and source;
+    every other warning as Python shows it."""
+    from shared_models.audio import SkippedClipsWarning
+
+    if issubclass(category, SkippedClipsWarning):
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def _setup_logging(verbose: bool) -> None:
+    warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
     logging.getLogger("fedaffect").setLevel(logging.INFO if verbose else logging.WARNING)
     import flwr.common.logger as flwr_logger
@@ -91,8 +108,6 @@ def data_prepare(
     skipped clip with its reason is written to OUT's name + ``.skipped.csv``. The output is
     checked to be writable before the corpus is scanned.
     """
-    import warnings
-
     _setup_logging(False)
     from client.corpora import CORPORA, prepare
     from shared_models.audio import SkippedClipsWarning
@@ -250,6 +265,9 @@ def simulate(
     label_fraction: Optional[float] = typer.Option(None, help="share of each device's clips that keep their labels"
                                                    + _default("label-fraction")),
     init: Optional[Path] = typer.Option(None, help="start from this checkpoint (`fedaffect pretrain`)"),
+    resume: Optional[str] = typer.Option(None, help="continue this stored run (one fold) from its last valid "
+                                         "checkpoint, with its stored config: only --rounds and where its files "
+                                         "are (--manifest, --run-dir) may change"),
     run_dir: Optional[Path] = typer.Option(None, help="folder for the run store, checkpoints and reports"),
     store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
     engine: str = typer.Option("inprocess", help="inprocess (fast, serial) or ray (Flower Simulation Engine)"),
@@ -268,10 +286,17 @@ def simulate(
         "num-devices": num_devices, "dirichlet-alpha": alpha, "folds": folds, "fold": fold,
         "num-server-rounds": rounds, "local-epochs": local_epochs, "lr": lr, "strategy": strategy, "seed": seed,
         "run-dir": str(run_dir) if run_dir else None, "store-url": store_url,
-        "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None,
+        "mode": mode, "label-fraction": label_fraction, "init": str(init) if init else None, "resume": resume,
     }
     cfg, named = _build_config(config, options, set_)
     one_fold = "fold" in named  # named anywhere: option, file or --set
+    if cfg.resume:  # the stored run is one fold: it continues alone, with its stored config
+        from server.simulation import resumed_config
+
+        try:
+            cfg, one_fold = resumed_config(named), True
+        except ValueError as err:
+            _fail(str(err))
     if not cfg.manifest:
         _fail("no manifest: pass --manifest MANIFEST.csv (from `fedaffect data prepare`)")
     from shared_models.config import RunConfig
@@ -291,6 +316,13 @@ def simulate(
     from shared_models.manifest import ManifestError
 
     n_folds = cfg.folds if (not one_fold and cfg.folds > 1) else 1
+    if not cfg.run_name:  # named here, so that the resume hint can name the run stopped
+        import time
+        import uuid
+
+        cfg = cfg.replace(run_name=f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+    # the runs this command stores, as server.simulation.simulate names them
+    names = [f"{cfg.run_name}-fold{f}" for f in range(n_folds)] if n_folds > 1 else [cfg.run_name]
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     with progress:
@@ -306,8 +338,17 @@ def simulate(
             summary = run_simulation(cfg, engine=engine, all_folds=not one_fold, on_round=on_round)
         except KeyboardInterrupt:
             progress.stop()
-            console.print(f"[yellow]interrupted[/]: the run is stored as failed with the rounds it finished "
-                          f"(`fedaffect runs --run-dir {cfg.run_dir}`, `fedaffect report RUN`)")
+            store = RunStore(cfg.store_url or default_store_url(cfg.run_dir))
+            stopped = [n for n in names if (r := store.find_run(n)) is not None and r.status == "failed"]
+            where = f"--run-dir {cfg.run_dir}" if not cfg.store_url else f"--store-url {store.shown_url}"
+            if stopped:
+                console.print(f"[yellow]interrupted[/]: run {escape(stopped[-1])} is stored as failed with the "
+                              f"rounds it finished (`fedaffect report {escape(stopped[-1])} {escape(where)}`); "
+                              f"`fedaffect simulate {escape(where)} --resume {escape(stopped[-1])}` continues it",
+                              soft_wrap=True)
+            else:
+                console.print(f"[yellow]interrupted[/] with no run half-way: nothing to resume (`fedaffect runs "
+                              f"{escape(where)}` lists the runs stored)", soft_wrap=True)
             raise typer.Exit(130)
         except (ValueError, FileNotFoundError, ManifestError) as err:
             progress.stop()

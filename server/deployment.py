@@ -55,7 +55,7 @@ from typing import Any, Callable
 import tomli_w
 from sqlalchemy.engine import make_url
 
-from shared_models.config import ConfigError, RunConfig
+from shared_models.config import ConfigError, RunConfig, resumed_values
 from shared_models.security import (
     CertificateError, check_certificate, check_device_name, fingerprint, make_ca, make_server_certificate,
     read_device_public_key, write_certificate, write_private, write_private_key,
@@ -585,25 +585,16 @@ _COORDINATOR_KEYS = ("run-dir", "store-url", "manifest")
 
 
 def _resumed_values(previous: Run, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The run config of a resumed run: its stored config, with the :data:`RESUME_KEYS` of
-    ``overrides`` (named keys, hyphenated).
+    """The run config of a resumed run: :func:`shared_models.config.resumed_values` with the
+    :data:`RESUME_KEYS` (the coordinator's own keys ignored).
 
     Raises
     ------
     ConfigError
-        Naming every other key of ``overrides`` whose value differs from the stored one
-        (the same value is accepted: an experiment file given again).
+        Naming every other key of ``overrides`` whose value differs from the stored one.
     """
-    stored = RunConfig.from_mapping(previous.config).to_mapping()
-    stored["run-name"] = previous.name
-    changed = [f"{key} {stored[key]!r} -> {RunConfig.typed(key, value)!r}" for key, value in overrides.items()
-               if key not in (*RESUME_KEYS, *_COORDINATOR_KEYS) and RunConfig.typed(key, value) != stored[key]]
-    if changed:
-        them = "it" if len(changed) == 1 else "them"
-        raise ConfigError(f"run {previous.name!r} is resumed with its stored config: {', '.join(changed)} would "
-                          f"change what it trains. Drop {them}, or train with {them} in a new run (without --resume); "
-                          f"a resumed run may change only {', '.join(RESUME_KEYS)} (--rounds, --min-devices, --set)")
-    return {**previous.config, **{k: v for k, v in overrides.items() if k in RESUME_KEYS}, "resume": previous.name}
+    return resumed_values(previous.config, previous.name, overrides, RESUME_KEYS, ignored=_COORDINATOR_KEYS,
+                          command="train", how=" (--rounds, --min-devices, --set)")
 
 
 def stored_run(state_dir: Path, name: str) -> Run | None:

@@ -14,7 +14,8 @@
   ``fair``), beside what FedAvg's example counts would have given (dashed);
 * ``labels.png`` (cooperative learning: mode other than ``supervised`` or label fraction
   below 1): the learning curve, held-out UAR (CCC of arousal for task ``av``) against the
-  human labels spent so far (initial labels + rater answers), with the pseudo-labels in force;
+  human labels spent so far (initial labels + rater answers), with the pseudo-labels in force
+  (modes ``self-labelling`` and ``cooperative``);
 * ``confusion.png`` (tasks ``emotion`` and ``both``): the confusion matrix of the final
   round's evaluation, rows the true class and columns the predicted one, each row normalised
   to the share of that class's clips (colour) with the clip counts written in the cells. It
@@ -41,7 +42,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.store import CONFUSION_KEY, RunStore  # noqa: E402
 
-__all__ = ["write_report", "confusion_rates", "final_confusion", "CONFUSION_KEY"]
+__all__ = ["write_report", "confusion_rates", "final_confusion", "metric_label", "CONFUSION_KEY"]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -57,11 +58,32 @@ def _cell(key: str, value: float) -> str:
     return f"{value:.1f}" if key.endswith(("_s", "seconds")) else f"{value:.4f}"
 
 
+#: How a metric key reads on a figure (axis labels, legends).
+METRIC_LABELS = {"uar": "UAR", "wa": "WA", "macro_f1": "macro-F1", "ccc_arousal": "CCC arousal",
+                 "ccc_valence": "CCC valence"}
+
+#: How a gap key's measure reads (``gap_<measure>/<attribute>``, :mod:`shared_models.fairness`).
+GAP_LABELS = {"uar": "UAR gap", "ccc_arousal": "CCC arousal gap", "ccc_valence": "CCC valence gap",
+              "ea": "Equal Accuracy gap", "sp": "Statistical Parity gap",
+              "ea_arousal": "Equal Accuracy gap (arousal)", "sp_arousal": "Statistical Parity gap (arousal)",
+              "ea_valence": "Equal Accuracy gap (valence)", "sp_valence": "Statistical Parity gap (valence)"}
+
+
+def metric_label(key: str) -> str:
+    """A figure's name for a metric or gap key: ``ccc_arousal`` -> ``CCC arousal``,
+    ``gap_sp/gender`` -> ``Statistical Parity gap, gender``; an unknown key as it is."""
+    if key.startswith("gap_") and "/" in key:
+        measure, attribute = key[len("gap_"):].split("/", 1)
+        return f"{GAP_LABELS.get(measure, 'gap_' + measure)}, {attribute}"
+    return METRIC_LABELS.get(key, key)
+
+
 def _plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list[int], list[float]]]) -> Path | None:
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    many = len(curves) > 4  # a legend that long would cover the curves: beside them instead
+    fig, ax = plt.subplots(figsize=(8.4 if many else 6.4, 4.0), dpi=110)
     for label, (x, y) in curves.items():
         ax.plot(x, y, marker="o", markersize=3, label=label)
     ax.set_xlabel("round")
@@ -69,7 +91,7 @@ def _plot(path: Path, title: str, ylabel: str, curves: dict[str, tuple[list[int]
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -84,7 +106,7 @@ def _fairness_figures(store: RunStore, run, rounds: list[dict[str, Any]], out: P
     keys += sorted({k for r in rounds for k in r if k.startswith(("gap_ea/", "gap_sp/", "gap_ea_arousal/",
                                                                     "gap_sp_arousal/"))})
     gap = _plot(out / "gap.png", f"{run.name}: group gaps", "largest gap (max - min over groups)",
-                {k: _series(rounds, k) for k in keys})
+                {metric_label(k): _series(rounds, k) for k in keys})
     weights: dict[str, tuple[list[int], list[float]]] = {}
     for row in store.group_metrics(run.id):
         if row["metric"] in ("agg_weight", "count_weight"):
@@ -114,8 +136,9 @@ def _fairness_figures(store: RunStore, run, rounds: list[dict[str, Any]], out: P
     return [gap, figure]
 
 
-def _labels_figure(run, rounds: list[dict[str, Any]], out: Path) -> Path | None:
-    """``labels.png``: held-out UAR against human labels spent (cooperative learning runs)."""
+def _labels_figure(run, rounds: list[dict[str, Any]], out: Path, evaluated: str = "held-out devices") -> Path | None:
+    """``labels.png``: held-out UAR against human labels spent (cooperative learning runs);
+    the pseudo-labels in force on a second axis in the modes that pseudo-label."""
     if run.config.get("mode", "supervised") == "supervised" and run.config.get("label-fraction", 1.0) >= 1:
         return None
     metric = "ccc_arousal" if run.config.get("task") == "av" else "uar"
@@ -124,17 +147,24 @@ def _labels_figure(run, rounds: list[dict[str, Any]], out: Path) -> Path | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"held-out {metric.upper()}")
+    mode = run.config.get("mode", "supervised")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+            label=f"{metric_label(metric)} ({evaluated}); rounds marked")
     for x, y, _, r in pts:
         ax.annotate(str(r), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("human labels spent (initial labels + rater answers)")
-    ax.set_ylabel(metric)
-    twin = ax.twinx()
-    twin.plot([p[0] for p in pts], [p[2] for p in pts], color="grey", linestyle="--", label="pseudo-labels in force")
-    twin.set_ylabel("pseudo-labels")
-    ax.set_title(f"{run.name}: learning curve ({run.config.get('mode', 'supervised')})")
+    ax.set_ylabel(metric_label(metric))
+    lines = ax.get_legend_handles_labels()[0]
+    if mode in ("self-labelling", "cooperative"):  # the modes that pseudo-label
+        twin = ax.twinx()
+        twin.plot([p[0] for p in pts], [p[2] for p in pts], color="grey", linestyle="--",
+                  label="pseudo-labels in force")
+        twin.set_ylabel("pseudo-labels in force (clips)")
+        twin.set_ylim(bottom=0, top=max(max(p[2] for p in pts) * 1.1, 1))  # a count: never below 0
+        twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+        lines += twin.get_legend_handles_labels()[0]
+    ax.set_title(f"{run.name}: learning curve ({mode})")
     ax.grid(alpha=0.3)
-    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
     path = out / "labels.png"
@@ -271,9 +301,10 @@ def write_report(store: RunStore, run_ref: str | int, out_dir: str | Path) -> Pa
             x, y = curves.setdefault(f"{row['attribute']}={row['group']}", ([], []))
             x.append(row["round"])
             y.append(row["value"])
-    figures.append(_plot(out / "groups.png", f"{run.name}: {group_metric.upper()} per group", group_metric, curves))
+    figures.append(_plot(out / "groups.png", f"{run.name}: {metric_label(group_metric)} per group ({evaluated})",
+                         metric_label(group_metric), curves))
     figures += _fairness_figures(store, run, rounds, out, group_metric)
-    figures.append(_labels_figure(run, rounds, out))
+    figures.append(_labels_figure(run, rounds, out, evaluated))
     confusion_note = ""
     if task in ("emotion", "both"):  # task av has no categories
         found = final_confusion(rounds)

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.common.constant import ErrorCode
 
-from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig
+from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig, resumed_values
 from shared_models.features import extract_features
 from shared_models.federation import emotion_classes, plan_federation
 from shared_models.manifest import read_manifest
@@ -41,11 +41,20 @@ from shared_models.training import compute_device
 from server.app import FINAL_METRICS, run_federation
 from server.store import CONFUSION_KEY, RunStore, default_store_url
 
-__all__ = ["InProcessGrid", "simulate", "prepare_run", "combine_folds", "mean_rounds", "ENGINES"]
+__all__ = ["InProcessGrid", "simulate", "prepare_run", "resumed_config", "combine_folds", "mean_rounds", "ENGINES",
+           "RESUME_KEYS"]
 
 log = logging.getLogger("fedaffect.simulation")
 
 ENGINES = ("inprocess", "ray")
+
+#: Run-config keys a resumed simulation may change (``fedaffect simulate --resume RUN``): how
+#: many rounds it trains in all, the waits and device minimums, and where its files are (a
+#: moved manifest, run folder or cache). Every other key stays as stored: the run's rounds
+#: and checkpoint were trained with them (another fold or seed would even train on speakers
+#: the stored rounds held out).
+RESUME_KEYS = ("num-server-rounds", "round-timeout", "min-devices", "min-train-devices",
+               "manifest", "run-dir", "store-url", "cache-dir")
 
 
 class InProcessGrid(Grid):
@@ -221,6 +230,46 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     return cfg, len(plans)
 
 
+def resumed_config(named: dict[str, Any]) -> RunConfig:
+    """The config that continues the stored run ``named["resume"]``: the run's stored config
+    (its fold among them), with the :data:`RESUME_KEYS` of ``named``.
+
+    Parameters
+    ----------
+    named : dict
+        The run-config keys named for this simulation (hyphenated: experiment file, options,
+        ``--set``), ``resume`` among them; ``store-url`` or ``run-dir`` say where the run is.
+
+    Returns
+    -------
+    RunConfig
+        With ``resume`` and ``run-name`` the stored run's name.
+
+    Raises
+    ------
+    ValueError
+        If there is no run store there or no such run in it, or if ``named`` gives a key
+        other than :data:`RESUME_KEYS` a value that differs from the stored one (each such
+        key named, with both values; the same value is accepted: a command given again).
+    """
+    from pathlib import Path
+
+    url = named.get("store-url") or ""
+    if not url:
+        run_dir = Path(str(named.get("run-dir") or RunConfig.run_dir)).expanduser().resolve()
+        if not (run_dir / "fedaffect.db").is_file():
+            raise ValueError(f"cannot resume {named['resume']!r}: no run store in {run_dir} (no fedaffect.db); "
+                             "pass the --run-dir of the run, or --store-url")
+        url = default_store_url(run_dir)
+    store = RunStore(url)
+    previous = store.find_run(named["resume"])
+    if previous is None:
+        raise ValueError(f"cannot resume {named['resume']!r}: no such run in {store.shown_url} "
+                         "(`fedaffect runs` lists them)")
+    values = resumed_values(previous.config, previous.name, named, RESUME_KEYS)  # ConfigError is a ValueError
+    return RunConfig.from_mapping({**values, "store-url": url, "run-name": previous.name})
+
+
 def _run_inprocess(cfg: RunConfig, num_devices: int, on_round=None) -> dict[str, Any]:
     node_configs = [{"partition-id": i, "num-partitions": num_devices} for i in range(num_devices)]
     run_id = int(uuid.uuid4().int % 2**31) + 1
@@ -273,12 +322,16 @@ def simulate(
     Raises
     ------
     ValueError
-        For an unknown engine or an invalid setup.
+        For an unknown engine, ``resume`` with every fold of several (the stored run is one
+        fold), or an invalid setup.
     RuntimeError
         If a run fails (the run is marked failed in the store).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    if cfg.resume and all_folds and cfg.folds > 1:  # each fold would continue the one stored run
+        raise ValueError(f"resume {cfg.resume!r} continues one stored run, one fold: simulate it alone "
+                         "(all_folds=False, with the run's stored config: resumed_config)")
     cfg, _ = prepare_run(cfg, progress=progress)
     base = cfg.run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     folds = range(cfg.folds) if (all_folds and cfg.folds > 1) else [cfg.fold]

@@ -16,9 +16,9 @@ import difflib
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-__all__ = ["ConfigError", "RunConfig", "load_config_file", "STRATEGIES", "PARTITIONS", "TASKS"]
+__all__ = ["ConfigError", "RunConfig", "load_config_file", "resumed_values", "STRATEGIES", "PARTITIONS", "TASKS"]
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "fair")
 PARTITIONS = ("speaker", "iid", "dirichlet")
@@ -177,7 +177,8 @@ class RunConfig:
         waits up to ``round_timeout`` seconds for them); 0 starts with whoever is there.
     resume : str
         Name of a stored run to continue from its last valid checkpoint
-        (``fedaffect train --resume RUN``); rounds stored after that checkpoint are re-run.
+        (``fedaffect train --resume RUN``, ``fedaffect simulate --resume RUN``); rounds stored
+        after that checkpoint are re-run.
     store_url, run_dir, cache_dir, run_name : str
         Run store (SQLAlchemy URL; empty = SQLite file in ``run_dir``), folder for
         checkpoints and reports, feature cache folder, and a unique name for the run.
@@ -476,6 +477,32 @@ def _coerce(want: type, value: Any) -> Any:
     if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return value
+
+
+def resumed_values(stored: Mapping[str, Any], name: str, named: Mapping[str, Any], may_change: Sequence[str],
+                   *, ignored: Sequence[str] = (), command: str = "simulate", how: str = "") -> dict[str, Any]:
+    """The run config that continues the stored run ``name``: its ``stored`` config with the
+    ``may_change`` keys of ``named`` (the keys named for the resumed command, hyphenated), and
+    ``resume`` = ``name``. Shared by ``simulate --resume`` and deployment's ``train --resume``.
+
+    Raises
+    ------
+    ConfigError
+        Naming every other key of ``named`` (but ``ignored`` and ``resume``) whose value
+        differs from the stored one, with both values (the same value is accepted: a command
+        or experiment file given again): the run's rounds and checkpoint were trained with it.
+    """
+    before = RunConfig.from_mapping(stored).to_mapping()
+    before["run-name"] = name
+    skip = {*may_change, *ignored, "resume"}
+    changed = [f"{key} {before[key]!r} -> {RunConfig.typed(key, value)!r}" for key, value in named.items()
+               if key not in skip and RunConfig.typed(key, value) != before[key]]
+    if changed:
+        them = "it" if len(changed) == 1 else "them"
+        raise ConfigError(f"run {name!r} is resumed with its stored config: {', '.join(changed)} would change what "
+                          f"it trains. Drop {them}, or {command} with {them} in a new run (without --resume); a "
+                          f"resumed run may change only {', '.join(may_change)}{how}")
+    return {**stored, **{k: v for k, v in named.items() if k in may_change}, "resume": name}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -106,3 +106,36 @@ def test_a_simulated_run_stores_its_pooled_confusion_counts_and_the_report_draws
     assert np.trace(counts) / counts.sum() == pytest.approx(rounds[-1]["wa"])  # WA = accuracy of these counts
     page = write_report(store, run.name, tmp_path / "report")
     assert 'src="confusion.png"' in page.read_text()
+
+
+def test_report_figures_name_metrics_and_gaps_readably_and_count_pseudo_labels_from_zero(tmp_path, monkeypatch):
+    """Legends and axes said ``gap_sp/gender``, ``ccc_arousal`` and ``held-out CCC_AROUSAL``; the
+    pseudo-label axis of labels.png ran below 0 (no pseudo-labels yet) and was drawn in mode
+    ``active``, which never pseudo-labels."""
+    from server.report import metric_label
+
+    assert metric_label("gap_sp/gender") == "Statistical Parity gap, gender"
+    assert metric_label("gap_ea_arousal/age_group") == "Equal Accuracy gap (arousal), age_group"
+    assert metric_label("ccc_arousal") == "CCC arousal" and metric_label("n") == "n"
+    drawn = []
+    close = report.plt.close
+    monkeypatch.setattr(report.plt, "close", lambda fig=None: (drawn.append(fig), close(fig)))
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    held_out = [{"device": "dev-09", "role": "heldout", "phase": "evaluate", "metrics": {"num-examples": 22}}]
+    for mode, task in (("active", "av"), ("cooperative", "emotion")):
+        run = store.create_run(mode, {"model": "egemaps-mlp", "task": task, "mode": mode, "label-fraction": 0.1,
+                                      "emotions": EMOTIONS}, engine="inprocess")
+        for r in range(3):
+            store.add_round(run.id, r, {"uar": 0.3, "ccc_arousal": 0.1 * r, "coop_human_labels": 10.0 + r,
+                                        "coop_pseudo_total": 0.0, "gap_sp/gender": 0.1, "gap_uar/gender": 0.2},
+                            held_out)
+        drawn.clear()
+        write_report(store, mode, tmp_path / mode)
+        (labels,) = [f for f in drawn if f is not None and "learning curve" in f.axes[0].get_title()]
+        (gaps,) = [f for f in drawn if f is not None and "group gaps" in f.axes[0].get_title()]
+        legend = [t.get_text() for t in gaps.axes[0].get_legend().get_texts()]
+        assert "Statistical Parity gap, gender" in legend and not any("gap_" in t for t in legend)
+        if mode == "active":
+            assert len(labels.axes) == 1 and labels.axes[0].get_ylabel() == "CCC arousal"
+        else:
+            assert labels.axes[0].get_ylabel() == "UAR" and labels.axes[1].get_ylim()[0] == 0

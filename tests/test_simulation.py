@@ -300,3 +300,48 @@ def test_final_table_shows_delta_with_epsilon_and_every_trained_dimension_per_gr
     assert "dp_epsilon (delta 1e-05)" in text and "no privacy guarantee" in text
     assert "ccc_valence gender=female" in text and "ccc_valence gender=male" in text
     assert "speaker=s1" not in text and "uar gender" not in text
+
+
+def test_a_resumed_simulation_continues_its_one_fold_with_its_stored_config(tone_manifest, tmp_path):
+    """Resuming with the original command (every fold) must continue the stored run alone:
+    each fold resuming the one run gave a '2 folds' summary of one run, std 0, and stored the
+    last fold's number in a run trained on another fold's speakers."""
+    runs, out = tmp_path / "runs", tmp_path / "summary.json"
+    base = ["simulate", "--manifest", str(tone_manifest), "--folds", "2", "--run-dir", str(runs), "--no-report",
+            "--set", f"cache-dir='{tmp_path / 'c'}'"]
+    res = CliRunner().invoke(cli, base + ["--rounds", "1", "--set", "run-name=exp"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, base + ["--rounds", "2", "--set", "resume=exp-fold0", "--summary-json", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(out.read_text())
+    assert summary["runs"] == ["exp-fold0"] and len(summary["final"]["uar"]["folds"]) == 1
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    store = RunStore(f"sqlite:///{runs / 'fedaffect.db'}")
+    assert store.get_run("exp-fold0").config["fold"] == 0 and len(store.rounds(store.get_run("exp-fold1").id)) == 2
+    # the option, with a key that would change what the run trains: refused, by name
+    res = CliRunner().invoke(cli, base + ["--resume", "exp-fold1", "--seed", "3"])
+    assert res.exit_code == 2 and "seed 0 -> 3" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, base + ["--resume", "exp-fold7"])
+    assert res.exit_code == 2 and "no such run" in res.output and "Traceback" not in res.output
+    with pytest.raises(ValueError, match="one stored run, one fold"):
+        simulate(RunConfig(manifest=str(tone_manifest), folds=2, resume="exp-fold1", run_dir=str(runs)))
+
+
+def test_cli_simulate_names_skipped_clips_in_one_line_without_python_source(tone_manifest, tmp_path):
+    """A silent clip in a manifest is skipped with a warning for the user, not Python's
+    ``file.py:329: SkippedClipsWarning`` and the line of source that raised it."""
+    import pandas as pd
+    import soundfile as sf
+
+    df = pd.read_csv(tone_manifest)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    df.loc[0, "path"] = str(silent)
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    res = CliRunner().invoke(cli, ["simulate", "--manifest", str(manifest), "--folds", "1", "--rounds", "1",
+                                   "--run-dir", str(tmp_path / "runs"), "--no-report",
+                                   "--set", f"cache-dir='{tmp_path / 'c'}'"])
+    assert res.exit_code == 0, res.output
+    assert "warning: skipped 1 of 24 clips" in res.output and "1 silent" in res.output
+    assert "SkippedClipsWarning" not in res.output and "skipped.warn(" not in res.output
