@@ -18,15 +18,17 @@ to a round's wall time (``coop_overhead`` = step seconds / (round seconds - step
     python bench/cooperative.py --corpus synth --folds 4 --rounds 20
     python bench/cooperative.py --corpus synth --rounds 6 --fractions 0.1,1.0 --coop-fractions 0.1 --tag small
     python bench/cooperative.py --corpus synth --init runs/pretrained/hedgewars-egemaps-mlp.pt --tag transfer
+    python bench/cooperative.py --corpus synth --folds 4 --run-folds 4 --init other-voices --set pseudo-max-share=0.4
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import tomllib
 
 import numpy as np
-from common import corpus_manifest, quiet_flower, save
+from common import DATA, ROOT, corpus_manifest, quiet_flower, save
 
 from server.simulation import simulate
 from shared_models.config import RunConfig
@@ -40,7 +42,8 @@ def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
                     **({} if args.pseudo_per_class is None else {"pseudo_per_class": args.pseudo_per_class}),
                     **({} if args.pseudo_knn is None else {"pseudo_knn": args.pseudo_knn}),
                     init=args.init, freeze_rounds=args.freeze_rounds, seed=args.seed, run_dir="runs/bench",
-                    run_name=f"c-{args.corpus}-{mode}-{fraction:g}-f{fold}-{time.time_ns() % 10**10}")
+                    run_name=f"c-{args.corpus}-{mode}-{fraction:g}-f{fold}-{time.time_ns() % 10**10}",
+                    **overrides(args.set))
     t0 = time.perf_counter()
     summary = simulate(cfg, all_folds=False, progress=False)
     seconds = time.perf_counter() - t0
@@ -69,6 +72,49 @@ def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
     }
 
 
+OTHER_VOICES = "other-voices"
+
+
+def other_voices_checkpoint(corpus_manifest_path, model: str) -> str:
+    """``--init other-voices``: a model pre-trained on the synth voices that no synth corpus of at
+    most 12 voices has (the last 24 of the 36), made once and reused.
+
+    The source is as close to the target as transfer gets (the same generator, other voices):
+    the setting of a federation that starts from a model trained on a large in-domain corpus.
+    """
+    from client.corpora import SYNTH_VOICES, synth_prepare
+    from client.transfer import pretrain
+    from shared_models.manifest import read_manifest, write_manifest
+
+    target = set(read_manifest(corpus_manifest_path)["speaker"])
+    full = read_manifest(synth_prepare(DATA / "synth36", DATA / "synth36.csv", n_speakers=len(SYNTH_VOICES)).manifest)
+    source = full[full["speaker"].isin({f"synth-{v.lower()}" for v in list(SYNTH_VOICES)[12:]})]
+    if target & set(source["speaker"]):  # only corpora of at most 12 voices leave the last 24 unheard
+        raise SystemExit(f"--init {OTHER_VOICES}: the corpus has voices beyond the first 12 of SYNTH_VOICES")
+    name = f"synth-other{source['speaker'].nunique()}"
+    out = ROOT / "runs" / "pretrained" / f"{name}-{model}.pt"
+    if not out.exists():
+        write_manifest(source, DATA / f"{name}.csv")
+        print(f"pre-training {model} on {source['speaker'].nunique()} other synth voices -> {out}", flush=True)
+        pretrain(DATA / f"{name}.csv", model, out)
+    return str(out)
+
+
+def overrides(items: list[str]) -> dict:
+    """``["pseudo-end=0.99", ...]`` -> run-config keys and TOML-read values (``--set``)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[RunConfig.check_key(key.strip()).replace("-", "_")] = RunConfig.typed(key.strip(), value)
+    return out
+
+
 def mean(values) -> float:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
     return float(np.mean(vals)) if vals else float("nan")
@@ -90,13 +136,18 @@ def main() -> None:
     p.add_argument("--query-total", type=int, default=8)
     p.add_argument("--pseudo-per-class", type=int, default=None, help="default: the run config's")
     p.add_argument("--pseudo-knn", type=int, default=None, help="default: the run config's")
-    p.add_argument("--init", default="", help="start every run from this checkpoint (fedaffect pretrain)")
+    p.add_argument("--init", default="", help="start every run from this checkpoint (fedaffect pretrain); "
+                   f"'{OTHER_VOICES}': pre-train on the synth voices the corpus lacks (made once)")
     p.add_argument("--freeze-rounds", type=int, default=0, help="rounds that train only the heads (with --init)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run-config key of every run, e.g. --set pseudo-end=0.99 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args()
     quiet_flower()
     manifest = corpus_manifest(args.corpus)
+    if args.init == OTHER_VOICES:
+        args.init = other_voices_checkpoint(manifest, args.model)
     folds = range(args.run_folds or args.folds)
     settings = [("supervised", float(f)) for f in args.fractions.split(",")]
     settings += [(m, float(f)) for m in args.modes.split(",") if m for f in args.coop_fractions.split(",")]

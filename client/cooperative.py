@@ -190,7 +190,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
     dict
         ``coop-mode``, ``pseudo-threshold`` (this round's, :func:`threshold_schedule`),
         ``pseudo-max-std``, ``pseudo-per-class``, ``pseudo-keep``, ``pseudo-recheck``,
-        ``pseudo-global-view``, ``pseudo-knn``, ``pseudo-align``,
+        ``pseudo-global-view``, ``pseudo-knn``, ``pseudo-align``, ``pseudo-max-share``,
         ``pseudo-views``, ``view-noise``, ``uncertainty``, ``av-max-std``, ``upsample``,
         ``query-per-round``, ``query-total``, ``pool-sample``, ``rater-reliability``, ``agreement-min``,
         ``agreement-max``, ``max-raters`` and ``freeze`` (1 while ``server_round <=
@@ -207,6 +207,7 @@ def round_settings(cfg, server_round: int) -> dict[str, Any]:
         "pseudo-global-view": int(cfg.pseudo_global_view),
         "pseudo-knn": int(cfg.pseudo_knn),
         "pseudo-align": int(cfg.pseudo_align),
+        "pseudo-max-share": float(cfg.pseudo_max_share),
         "pseudo-views": int(cfg.pseudo_views),
         "view-noise": float(cfg.view_noise),
         "uncertainty": cfg.uncertainty,
@@ -1270,6 +1271,10 @@ class CoopState:
                 queued = self.store.queued_clips()  # a clip waiting for its human is not machine-labelled
             free = np.array([c not in active and c not in queued for c in clips], dtype=bool) & full
             items = self._select(sel_probs, sel_av, free, clips, settings, task, data, pool_idx)
+            share = float(settings.get("pseudo-max-share", 1.0))
+            if share < 1.0:  # curriculum: only the most confident part of the pool at once
+                room = max(0, int(share * np.count_nonzero(~self.labelled0)) - len(active))
+                items = sorted(items, key=lambda it: -it["confidence"])[:room]
             step["added"] = self.store.add_pseudo(server_round, items)
             if self.simulated:
                 step["added_correct"] = sum(self._correct(it) for it in items)

@@ -214,7 +214,9 @@ def test_oracle_asks_the_most_reliable_first_and_raises_agreement_with_uncertain
 # -- the device's step with a model whose mind we change -------------------------------------
 def _coop_state(tmp_path, mode="self-labelling", n=6, align=0):
     # no distribution alignment unless asked: these models call the whole pool one class
-    cfg = RunConfig(mode=mode, task="emotion", pseudo_per_class=0, query_per_round=2, query_total=3, pseudo_align=align)
+    # no cap on the pseudo-labelled share of the pool either, unless a test sets one
+    cfg = RunConfig(mode=mode, task="emotion", pseudo_per_class=0, query_per_round=2, query_total=3, pseudo_align=align,
+                    pseudo_max_share=1.0)
     rng = np.random.default_rng(0)
     data = LocalData([rng.standard_normal(88).astype(np.float32) for _ in range(n)],
                      np.array([0, 1] + [-1] * (n - 2)), np.full((n, 2), np.nan))
@@ -285,6 +287,25 @@ def test_a_pseudo_label_needs_the_nearest_human_labels_with_pseudo_knn(tmp_path,
     for r in (1, 2):  # the second round reuses the device's clip vectors
         report = state.after_training(_biased(model_cls), data, {**round_cfg, "server-round": r}, r)
         assert report["added"] == (added if r == 1 else 0)
+
+
+@pytest.mark.parametrize("share, added", [(1.0, 8), (0.5, 4), (0.0, 0)])
+def test_pseudo_max_share_keeps_only_the_most_confident_part_of_the_pool(tmp_path, share, added):
+    # 8 pool clips the model is sure of, some surer than others: a share of the pool caps the
+    # pseudo-labels held at once, the most confident first, and a full cap adds none later
+    cfg, data, state = _coop_state(tmp_path / f"s{share}", n=10)
+    model = _biased(0)
+    with torch.no_grad():
+        model.emotion.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    round_cfg = {**round_settings(cfg, 1), "pseudo-threshold": 0.9, "pseudo-max-share": share}
+    assert state.after_training(model, data, round_cfg, 1)["added"] == added
+    held = DeviceStore(tmp_path / f"s{share}" / "dev").active_pseudo()
+    everything = _coop_state(tmp_path / "all", n=10)[2]
+    everything.after_training(model, data, {**round_cfg, "pseudo-max-share": 1.0}, 1)
+    conf = {c: p["confidence"] for c, p in DeviceStore(tmp_path / "all" / "dev").active_pseudo().items()}
+    assert len(set(conf.values())) == 8  # distinct confidences: the order is not a tie-break
+    assert set(held) == set(sorted(conf, key=conf.get, reverse=True)[:added])
+    assert state.after_training(model, data, {**round_cfg, "server-round": 2}, 2)["added"] == 0
 
 
 def test_could_pass_by_hand():
@@ -535,7 +556,8 @@ def test_av_to_label_scale_inverts_the_group_normalisation():
 def test_faireg_av_pseudo_labels_are_stored_on_the_label_scale_and_normalised_once(tmp_path):
     from shared_models.fairness import FaiRegParams, faireg_group_keys, normalise_data
 
-    cfg = RunConfig(mode="self-labelling", task="av", pseudo_per_class=0, faireg="on", protected="gender")
+    cfg = RunConfig(mode="self-labelling", task="av", pseudo_per_class=0, pseudo_max_share=1.0, faireg="on",
+                    protected="gender")
     n = 6
     rng = np.random.default_rng(0)
     gender = np.array(["female", "male"] * (n // 2))
