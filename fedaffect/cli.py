@@ -450,7 +450,7 @@ def demo(
                   "2 speakers held out")
     simulate(manifest=manifest, model=model, task="both", partition="speaker", num_devices=None, alpha=None,
              folds=4, fold=0, rounds=rounds, local_epochs=None, lr=None, strategy=None, seed=None,
-             mode=None, label_fraction=None, init=None,
+             mode=None, label_fraction=None, init=None, resume=None,
              run_dir=run_dir, store_url=None, engine="inprocess", config=None, set_=[],
              summary_json=run_dir / "demo-summary.json", report=True, verbose=False)
 
