@@ -316,13 +316,11 @@ def simulate(
     from shared_models.manifest import ManifestError
 
     n_folds = cfg.folds if (not one_fold and cfg.folds > 1) else 1
-    if not cfg.run_name:  # named here, so that the resume hint can name the run stopped
-        import time
-        import uuid
+    from server.simulation import run_names
 
-        cfg = cfg.replace(run_name=f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
-    # the runs this command stores, as server.simulation.simulate names them
-    names = [f"{cfg.run_name}-fold{f}" for f in range(n_folds)] if n_folds > 1 else [cfg.run_name]
+    if not cfg.run_name:  # named here, once for every fold, so that the resume hint can name the run stopped
+        cfg = cfg.replace(run_name=run_names(cfg, all_folds=False)[0])
+    names = run_names(cfg, all_folds=not one_fold)  # the runs this command stores
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     with progress:

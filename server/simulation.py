@@ -41,7 +41,7 @@ from shared_models.training import compute_device
 from server.app import FINAL_METRICS, run_federation
 from server.store import CONFUSION_KEY, RunStore, default_store_url
 
-__all__ = ["InProcessGrid", "simulate", "prepare_run", "resumed_config", "combine_folds", "mean_rounds", "ENGINES",
+__all__ = ["InProcessGrid", "simulate", "prepare_run", "run_names", "resumed_config", "combine_folds", "mean_rounds", "ENGINES",
            "RESUME_KEYS"]
 
 log = logging.getLogger("fedaffect.simulation")
@@ -270,6 +270,16 @@ def resumed_config(named: dict[str, Any]) -> RunConfig:
     return RunConfig.from_mapping({**values, "store-url": url, "run-name": previous.name})
 
 
+def run_names(cfg: RunConfig, all_folds: bool = True) -> list[str]:
+    """The names of the runs :func:`simulate` stores for ``cfg``, one per fold it runs:
+    ``<run-name>-fold<k>`` for every fold of several, else ``<run-name>``; without a run name,
+    ``sim-<local time>-<4 hex>``, a new one per call (name the run once to get the same names)."""
+    base = cfg.run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    if all_folds and cfg.folds > 1:
+        return [f"{base}-fold{fold}" for fold in range(cfg.folds)]
+    return [base]
+
+
 def _run_inprocess(cfg: RunConfig, num_devices: int, on_round=None) -> dict[str, Any]:
     node_configs = [{"partition-id": i, "num-partitions": num_devices} for i in range(num_devices)]
     run_id = int(uuid.uuid4().int % 2**31) + 1
@@ -333,11 +343,11 @@ def simulate(
         raise ValueError(f"resume {cfg.resume!r} continues one stored run, one fold: simulate it alone "
                          "(all_folds=False, with the run's stored config: resumed_config)")
     cfg, _ = prepare_run(cfg, progress=progress)
-    base = cfg.run_name or f"sim-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     folds = range(cfg.folds) if (all_folds and cfg.folds > 1) else [cfg.fold]
+    names = run_names(cfg, all_folds)
     summaries = []
-    for fold in folds:
-        fold_cfg = cfg.replace(fold=fold, run_name=f"{base}-fold{fold}" if len(folds) > 1 else base)
+    for fold, name in zip(folds, names):
+        fold_cfg = cfg.replace(fold=fold, run_name=name)
         fold_cfg, num_devices = prepare_run(fold_cfg, extract=False)
         log.info("fold %d: %d devices, engine %s", fold, num_devices, engine)
         hook = (lambda r, m, f=fold: on_round(f, r, m)) if on_round else None
