@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import time
-import tomllib
 
 import numpy as np
 from common import DATA, ROOT, corpus_manifest, quiet_flower, save
 
 from server.simulation import simulate
-from shared_models.config import RunConfig
+from shared_models.config import RunConfig, parse_set
 
 
 def run_one(args, manifest, mode: str, fraction: float, fold: int) -> dict:
@@ -101,17 +100,11 @@ def other_voices_checkpoint(corpus_manifest_path, model: str) -> str:
 
 
 def overrides(items: list[str]) -> dict:
-    """``["pseudo-end=0.99", ...]`` -> run-config keys and TOML-read values (``--set``)."""
+    """``--set`` items (``["pseudo-end=0.99", ...]``) -> RunConfig keyword arguments."""
     out = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[RunConfig.check_key(key.strip()).replace("-", "_")] = RunConfig.typed(key.strip(), value)
+        key, value = parse_set(item)
+        out[key.replace("-", "_")] = RunConfig.typed(key, value)
     return out
 
 

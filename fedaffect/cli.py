@@ -151,20 +151,12 @@ def _config_values(config_file: Optional[Path], overrides: dict[str, Any], sets:
     ConfigError
         For a ``--set`` item that is not ``key=value``.
     """
-    from shared_models.config import ConfigError, RunConfig, load_config_file
+    from shared_models.config import RunConfig, load_config_file, parse_set
 
     values: dict[str, Any] = {RunConfig.check_key(k): v for k, v in
                               (load_config_file(config_file) if config_file else {}).items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            key = RunConfig.check_key(key.strip())
-        except ConfigError as err:
-            raise ConfigError(f"--set {item}: {err}") from None
-        values[key] = _parse_value(raw.strip())
+    values.update(parse_set(item) for item in sets)
     return values
 
 
@@ -177,15 +169,6 @@ def _build_config(config_file: Optional[Path], overrides: dict[str, Any], sets: 
         return RunConfig.from_mapping(values), values
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
-
-
-def _parse_value(raw: str) -> Any:
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def _evaluated_on(summary: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ConfigError", "RunConfig", "load_config_file", "resumed_values", "STRATEGIES", "PARTITIONS", "TASKS"]
+__all__ = ["ConfigError", "RunConfig", "load_config_file", "parse_set", "resumed_values", "STRATEGIES", "PARTITIONS", "TASKS"]
 
 STRATEGIES = ("fedavg", "fedprox", "qfedavg", "fair")
 PARTITIONS = ("speaker", "iid", "dirichlet")
@@ -512,6 +512,29 @@ def resumed_values(stored: Mapping[str, Any], name: str, named: Mapping[str, Any
                           f"it trains. Drop {them}, or {command} with {them} in a new run (without --resume); a "
                           f"resumed run may change only {', '.join(may_change)}{how}")
     return {**stored, **{k: v for k, v in named.items() if k in may_change}, "resume": name}
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """One ``--set key=value`` item: the hyphenated run-config key and the value read as a TOML
+    value (``3``, ``0.5``, ``true``, ``'text'``), or as text when it is not one
+    (``--set rater-reliability=0.9,0.8``).
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=``, or an unknown key (named, with the closest known key).
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        key = RunConfig.check_key(key.strip())
+    except ConfigError as err:
+        raise ConfigError(f"--set {item}: {err}") from None
+    try:
+        return key, tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw.strip()
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
