@@ -68,6 +68,28 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _PYTHON_SHOWWARNING = warnings.showwarning
 
 
+def call_command(command, **given: Any) -> Any:
+    """Call a command function of this CLI from Python (``demo`` runs ``simulate``): the
+    parameters not given take their declared defaults. Called directly, a Typer function would
+    get its ``typer.Option(...)`` objects as values for them, and an option added later would
+    break every such call.
+
+    Raises
+    ------
+    TypeError
+        For a parameter the command does not have.
+    """
+    import inspect
+
+    params = inspect.signature(command).parameters
+    unknown = set(given) - set(params)
+    if unknown:
+        raise TypeError(f"{command.__name__} has no parameter {', '.join(sorted(unknown))}")
+    defaults = {name: p.default.default if isinstance(p.default, typer.models.ParameterInfo) else p.default
+                for name, p in params.items() if name not in given}
+    return command(**given, **defaults)
+
+
 def _setup_logging(verbose: bool) -> None:
     warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
@@ -429,11 +451,9 @@ def demo(
     console.print(f"    {result.n_clips} clips, {result.n_speakers} speakers")
     console.print(f"[bold]2/2[/] federated simulation: one device per speaker, {rounds} rounds, "
                   "2 speakers held out")
-    simulate(manifest=manifest, model=model, task="both", partition="speaker", num_devices=None, alpha=None,
-             folds=4, fold=0, rounds=rounds, local_epochs=None, lr=None, strategy=None, seed=None,
-             mode=None, label_fraction=None, init=None, resume=None,
-             run_dir=run_dir, store_url=None, engine="inprocess", config=None, set_=[],
-             summary_json=run_dir / "demo-summary.json", report=True, verbose=False)
+    call_command(simulate, manifest=manifest, model=model, task="both", partition="speaker", folds=4, fold=0,
+                 rounds=rounds, run_dir=run_dir, engine="inprocess", summary_json=run_dir / "demo-summary.json",
+                 report=True, verbose=False)
 
 
 @app.command()

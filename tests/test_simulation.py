@@ -345,3 +345,20 @@ def test_cli_simulate_names_skipped_clips_in_one_line_without_python_source(tone
     assert res.exit_code == 0, res.output
     assert "warning: skipped 1 of 24 clips" in res.output and "1 silent" in res.output
     assert "SkippedClipsWarning" not in res.output and "skipped.warn(" not in res.output
+
+
+def test_a_command_called_from_python_gets_its_declared_defaults_not_typer_option_objects():
+    # demo calls simulate this way: an option added to simulate later must not leak in as a
+    # typer.Option object (it did: the demo failed with "config key 'resume': expected str")
+    import typer
+
+    from fedaffect.cli import call_command
+
+    def command(manifest: str = typer.Option(...), rounds: int = typer.Option(10), sets: list[str] = typer.Option([]),
+                plain: str = "x") -> dict:
+        return {"manifest": manifest, "rounds": rounds, "sets": sets, "plain": plain}
+
+    assert call_command(command, manifest="m.csv") == {"manifest": "m.csv", "rounds": 10, "sets": [], "plain": "x"}
+    assert call_command(command, manifest="m.csv", rounds=3)["rounds"] == 3
+    with pytest.raises(TypeError, match="has no parameter round$"):
+        call_command(command, manifest="m.csv", round=3)
