@@ -837,14 +837,14 @@ SYNTH_JITTER = _Prosody(8, 18, 25, 30, 0, 0.0, 0.0)
 """Standard deviation of the per-utterance Gaussian jitter added to each prosody parameter."""
 
 SYNTH_VOICES: dict[str, str] = {
-    **{v: "male" if v[0] == "m" else "female" for v in ("m1", "f1", "m2", "f2", "m3", "f3", "m4", "f4", "m5", "f5", "m6", "m7")},
     # the variants espeak-ng ships with a declared gender, less the whispered, robotic and
     # breathy ones; ordered so that the first 14, 20, 26 and 32 speakers are half female
-    **dict.fromkeys(("Alicia", "Andrea"), "female"),
-    **{v: g for pair in zip(("Andy", "Denis", "Diogo", "Henrique", "Lee", "Marco", "antonio", "michel", "miguel"),
-                            ("Annie", "anika", "aunty", "belinda", "grandma", "linda", "steph", "steph2", "steph3"))
-       for v, g in zip(pair, ("male", "female"))},
-    **dict.fromkeys(("sandro", "travis", "victor", "croak"), "male"),
+    "m1": "male", "f1": "female", "m2": "male", "f2": "female", "m3": "male", "f3": "female",
+    "m4": "male", "f4": "female", "m5": "male", "f5": "female", "m6": "male", "m7": "male",
+    "Alicia": "female", "Andrea": "female", "Andy": "male", "Annie": "female", "Denis": "male", "anika": "female",
+    "Diogo": "male", "aunty": "female", "Henrique": "male", "belinda": "female", "Lee": "male", "grandma": "female",
+    "Marco": "male", "linda": "female", "antonio": "male", "steph": "female", "michel": "male", "steph2": "female",
+    "miguel": "male", "steph3": "female", "sandro": "male", "travis": "male", "victor": "male", "croak": "male",
 }
 """espeak-ng voice variants (``en+m1``, ``en+Andrea`` ...) -> gender, in the order
 :func:`synth_prepare` takes them: the first 10 alternate male/female, 32 speakers are 16 + 16."""
