@@ -1504,10 +1504,15 @@ class CoopTracker:
     def __init__(self, infos: Iterable[Mapping[str, Any]]) -> None:
         self.last: dict[str, dict[str, Any]] = {}
         for d in infos:
-            n, lab = int(d.get("n-clips", 0)), int(d.get("n-labelled", 0))
-            self.last[str(d["name"])] = {"n_clips": n, "labelled": lab, "human_labels": lab, "pseudo_total": 0,
-                                         "pseudo_correct": 0, "pseudo_checked": 0, "pool": int(d.get("n-pool", 0)),
-                                         "rater_answers_total": 0, "queries_total": 0}
+            self.add(d)
+
+    def add(self, info: Mapping[str, Any]) -> None:
+        """Count a training device from its description (``name``, ``n-clips``,
+        ``n-labelled``, ``n-pool``) until it reports; one already counted is kept."""
+        n, lab = int(info.get("n-clips", 0)), int(info.get("n-labelled", 0))
+        self.last.setdefault(str(info["name"]), {
+            "n_clips": n, "labelled": lab, "human_labels": lab, "pseudo_total": 0, "pseudo_correct": 0,
+            "pseudo_checked": 0, "pool": int(info.get("n-pool", 0)), "rater_answers_total": 0, "queries_total": 0})
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Each device's last report (saved with every checkpoint, so a resumed run keeps

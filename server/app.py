@@ -105,6 +105,11 @@ class NodeSubset(Grid):
         connected = set(self._grid.get_node_ids())
         return [i for i in self._ids if i in connected]
 
+    def include(self, node_id: int) -> None:
+        """Add ``node_id`` to the subset (a device that joined a running run)."""
+        if self._ids is not None and node_id not in self._ids:
+            self._ids.append(node_id)
+
     def push_messages(self, messages):  # noqa: D102 - delegated
         return self._grid.push_messages(messages)
 
@@ -303,31 +308,109 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
 
 
-def _describe(grid: Grid, timeout: float, enrolled: dict[int, str] | None = None) -> dict[int, dict[str, Any]]:
-    """Ask every connected node for its description; returns {node_id: info}.
+def _describe_message(node_id: int) -> Message:
+    """The ``query.device_info`` message that asks node ``node_id`` to describe itself."""
+    return Message(RecordDict({"config": ConfigRecord()}), node_id, f"{MessageType.QUERY}.device_info")
+
+
+def _description(reply: Message, node: int, enrolled: dict[int, str]) -> dict[str, Any] | None:
+    """The ``device`` record of a ``query.device_info`` reply from ``node``, None (logged) for
+    an error reply. An enrolled device's ``name`` is the one the operator enrolled it under."""
+    if reply.has_error():
+        log.warning("device %s could not describe itself: %s", enrolled.get(node, f"node {node}"), reply.error.reason)
+        return None
+    info = dict(reply.content["device"])
+    if node in enrolled and info.get("name") != enrolled[node]:
+        log.info("node %s calls itself %r; its metrics are stored under its enrolled name %r", node,
+                 info.get("name"), enrolled[node])
+        info["name"] = enrolled[node]
+    return info
+
+
+def _describe(grid: Grid, node_ids: Iterable[int], timeout: float,
+              enrolled: dict[int, str] | None = None) -> dict[int, dict[str, Any]]:
+    """Ask the nodes ``node_ids`` for their description; returns {node_id: info}.
 
     ``enrolled`` maps node ids to the names the operator enrolled them under (the device
     registry); an enrolled device's ``name`` is that one, whatever the device calls itself
     (its ``device init --name``, by default its data directory's name): names in the run
     store are the operator's, unique, and cannot be claimed by another device."""
     enrolled = enrolled or {}
-    messages = [
-        Message(RecordDict({"config": ConfigRecord()}), node_id, f"{MessageType.QUERY}.device_info")
-        for node_id in grid.get_node_ids()
-    ]
     info = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in grid.send_and_receive([_describe_message(n) for n in node_ids], timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("device %s could not describe itself: %s", enrolled.get(node, f"node {node}"),
-                        reply.error.reason)
-            continue
-        info[node] = dict(reply.content["device"])
-        if node in enrolled and info[node].get("name") != enrolled[node]:
-            log.info("node %s calls itself %r; its metrics are stored under its enrolled name %r", node,
-                     info[node].get("name"), enrolled[node])
-            info[node]["name"] = enrolled[node]
+        if (d := _description(reply, node, enrolled)) is not None:
+            info[node] = d
     return info
+
+
+#: Flower's error codes for a message that never reached its device or whose reply was lost.
+_UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
+
+
+class LateDevices:
+    """Devices that connect after a run began join it (deployment).
+
+    A SuperNode started after the run's device census, or restarted after a crash and let
+    back in by the SuperLink only once its old heartbeat expired (up to 2 heartbeat
+    intervals, 60 s by default), would otherwise sit idle until the next run. Each call of
+    :meth:`poll` asks every newly connected node to describe itself without waiting (the
+    question waits at the SuperLink until the device pulls it) and returns the
+    descriptions that came since the last call; the run adds those devices from its next
+    round on. A node that went away before answering is asked again when it is back. In
+    simulation the nodes never change and :meth:`poll` returns nothing.
+
+    Parameters
+    ----------
+    grid : Grid
+    known : iterable of int
+        Node ids the run has asked already (its census).
+    enrolled : dict, optional
+        ``{node_id: name}`` of the enrolled devices (their names in the run store).
+    """
+
+    def __init__(self, grid: Grid, known: Iterable[int], enrolled: dict[int, str] | None = None) -> None:
+        self.grid, self.known, self.enrolled = grid, set(known), enrolled or {}
+        self.asked: dict[str, int] = {}  # message id -> node id, questions not answered yet
+
+    def poll(self) -> dict[int, dict[str, Any]]:
+        """Ask the nodes that connected since the last call; return the descriptions
+        ``{node_id: info}`` that came since (may be empty). Does not wait for replies."""
+        connected = set(self.grid.get_node_ids())
+        for mid, node in list(self.asked.items()):
+            if node not in connected:  # gone before answering: ask again when it is back
+                del self.asked[mid]
+                self.known.discard(node)
+        if new := sorted(connected - self.known):
+            ids = self.grid.push_messages([_describe_message(n) for n in new])
+            self.asked.update({mid: n for mid, n in zip(ids, new) if mid})
+            self.known.update(new)
+        got: dict[int, dict[str, Any]] = {}
+        if self.asked:
+            with reply_pulls_until(time.monotonic() + OBJECT_PULL_GRACE_S):
+                replies = list(self.grid.pull_messages(list(self.asked)))
+            for reply in replies:
+                node = self.asked.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error() and reply.error.code in _UNDELIVERED:  # not the device's answer
+                    self.known.discard(node)  # ask again once it is connected
+                elif (d := _description(reply, node, self.enrolled)) is not None:
+                    got[node] = d
+        return got
+
+
+def _use(info: dict[str, Any], mode: str) -> str | None:
+    """What a run does with a device, from its description: ``"train"`` (a training device
+    with labelled clips, or with an unlabelled pool in a mode that learns from it),
+    ``"heldout"`` (a held-out device with clips: it only evaluates), or None (nothing)."""
+    if info.get("role") == "train" and (
+            info.get("n-labelled", 0) + info.get("n-answered", 0) > 0
+            or (mode != "supervised" and info.get("n-pool", 0) > 0)):
+        return "train"
+    if info.get("role") == "heldout" and info.get("n-clips", 0) > 0:
+        return "heldout"
+    return None
 
 
 def _left_out(replies: list[Message], messages: list[Message], names: dict[int, str], timeout: float) -> list[str]:
@@ -682,14 +765,15 @@ def run_federation(
                     if str(d.node_id).isdigit()}  # deployment's device registry (none in simulation)
         _wait_for_devices(grid, cfg.min_devices, cfg.round_timeout, expected=enrolled)
         grid = EnrolmentGrid.from_registry(grid, store)
-        info = _describe(grid, cfg.round_timeout, enrolled)
+        census = list(grid.get_node_ids())
+        info = _describe(grid, census, cfg.round_timeout, enrolled)
+        late = LateDevices(grid, census, enrolled)  # devices that connect later join from the next round
         names = {n: str(d["name"]) for n, d in info.items()}
-        train_ids = [n for n, d in info.items() if d["role"] == "train" and (
-            d["n-labelled"] + d.get("n-answered", 0) > 0 or (cfg.mode != "supervised" and d.get("n-pool", 0) > 0))]
-        heldout_ids = [n for n, d in info.items() if d["role"] == "heldout" and d["n-clips"] > 0]
+        train_ids = [n for n, d in info.items() if _use(d, cfg.mode) == "train"]
+        heldout_ids = [n for n, d in info.items() if _use(d, cfg.mode) == "heldout"]
         if not train_ids:
             raise RuntimeError(f"no training device with labelled clips among {len(info)} devices")
-        eval_ids = heldout_ids or train_ids
+        eval_ids = heldout_ids or train_ids  # the list itself: devices that join later are evaluated too
         log.info(
             "run %s: %d training devices, %d held-out devices (%s)",
             name, len(train_ids), len(heldout_ids), "held-out evaluation" if heldout_ids else "in-sample evaluation",
@@ -721,12 +805,33 @@ def run_federation(
         in_sample = not heldout_ids
         watch = {"train": FailureWatch("train"), "evaluate": FailureWatch("evaluate")}
 
+        def admit_late_devices(from_round: int) -> None:
+            """Add the devices that connected since the census (:class:`LateDevices`): training
+            devices train from ``from_round`` on; held-out devices evaluate, when the run
+            evaluates on held-out devices (an in-sample run keeps its population)."""
+            for node, d in late.poll().items():
+                use = _use(d, cfg.mode)
+                if use == "train":
+                    train_ids.append(node)
+                    train_grid.include(node)
+                    coop.add(d)
+                elif use == "heldout" and not in_sample:
+                    heldout_ids.append(node)
+                else:
+                    log.info("device %s connected during the run; nothing for it to do in this run (role %s, "
+                             "%s labelled clips)", d.get("name"), d.get("role"), d.get("n-labelled"))
+                    continue
+                names[node] = str(d["name"])
+                log.info("device %s joined the run at round %d (%s)", names[node], from_round,
+                         "training" if use == "train" else "held-out evaluation")
+
         def phase(eval_round: int | None, train_round: int | None, arrays: ArrayRecord):
             """One exchange with the devices: the global model ``arrays`` goes out once for the
             evaluation of ``eval_round`` and the training of ``train_round`` (either may be None).
             Returns (evaluation or None, train outcome or None, aggregated arrays or None)."""
             train_msgs: list[Message] = []
             if train_round is not None:
+                admit_late_devices(train_round)
                 train_config = ConfigRecord({
                     "local-epochs": cfg.local_epochs, "lr": cfg.lr, **round_extra, **round_settings(cfg, train_round),
                     # in-sample evaluation rides on the train message: the device evaluates the
