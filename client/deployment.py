@@ -351,10 +351,21 @@ def start_device(data_dir: Path, superlink: str, ca: Path, *, port: int | None =
             raise RuntimeError(f"the SuperNode stopped after an error: {trouble[-1].strip() if trouble else text[-300:]}"
                                f" (see {paths.logs / 'supernode.log'}); `device start` can be run again")
 
+    state = {"online": False, "lost": False}  # accepted by the SuperLink; lost it since
+
     def watch(line: str) -> None:
         if "SuperNode ID:" in line:  # Flower's line once the SuperLink has activated the node
+            state["online"] = True
             log.info("online: the SuperLink at %s accepted this device (node %s); it trains when a run asks it",
                      superlink, line.rsplit(":", 1)[-1].strip())
+        elif "Connection attempt failed" in line and state["online"] and not state["lost"]:  # Flower retries
+            state["lost"] = True
+            log.warning("lost the SuperLink at %s; the SuperNode keeps trying (after a coordinator restart, "
+                        "devices are back within about a minute)", superlink)
+        elif "Connection successful after" in line and state["lost"]:
+            state["lost"] = False
+            log.info("online again: reconnected to the SuperLink at %s (%s)", superlink,
+                     line.split("Connection successful", 1)[1].strip().rstrip("."))
         if echo is not None:
             echo(line)
 
