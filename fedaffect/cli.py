@@ -393,7 +393,8 @@ def runs(
     run_dir: Path = typer.Option(Path("runs"), help="folder of the default run store"),
     store_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the run store"),
 ) -> None:
-    """List stored runs with their status and final UAR / CCC."""
+    """List stored runs with their status and final UAR / CCC (a failed or running run's:
+    those of its last stored round)."""
     from server.store import RunStore
 
     try:
@@ -407,9 +408,10 @@ def runs(
         table.add_column(c, no_wrap=c == "name", min_width=max((len(r.name) for r in listed), default=4)
                          if c == "name" else None)
     for run in listed:
-        final = (run.summary or {}).get("final", {})
+        rounds = store.rounds(run.id)
+        final = (run.summary or {}).get("final") or (rounds[-1] if rounds else {})
         table.add_row(str(run.id), run.name, run.status, str(run.config.get("model")),
-                      str(max(len(store.rounds(run.id)) - 1, 0)), _fmt(final.get("uar")),
+                      str(max(len(rounds) - 1, 0)), _fmt(final.get("uar")),
                       _fmt(final.get("ccc_arousal")), _fmt(final.get("ccc_valence")))
     out.print(table)
 

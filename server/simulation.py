@@ -33,6 +33,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.common.constant import ErrorCode
 
 from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig, resumed_values
+from shared_models.fairness import UNKNOWN_GROUP, faireg_group_keys
 from shared_models.features import extract_features
 from shared_models.federation import emotion_classes, plan_federation
 from shared_models.manifest import read_manifest
@@ -212,6 +213,13 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
                     "no privacy guarantee (epsilon is infinite)", cfg.dp)
     if cfg.faireg == "on" and cfg.task == "emotion":
         raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
+    if cfg.faireg == "on" and cfg.faireg_reference:  # checked again on the training devices' statistics
+        rated = manifest[manifest["arousal"].notna()]
+        known = set(faireg_group_keys({a: np.array([str(v) or UNKNOWN_GROUP for v in rated[a].fillna("")])
+                                       for a in cfg.protected_list}, cfg.protected_list, len(rated)))
+        if cfg.faireg_reference not in known:
+            raise ValueError(f"faireg-reference {cfg.faireg_reference!r} is not a group with arousal/valence labels "
+                             f"in the manifest; known: {', '.join(sorted(known)) or 'none'}")
     if cfg.init and extract:  # transfer learning: a wrong checkpoint fails before any run starts
         from client.transfer import check_initial
 

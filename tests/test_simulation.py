@@ -57,6 +57,43 @@ def test_a_failing_device_does_not_stop_the_round(tone_manifest, tmp_path):
     assert math.isfinite(last["uar"])
 
 
+def test_a_device_that_connects_during_a_run_joins_it(tone_manifest, tmp_path):
+    """A SuperNode that connects after the run's census (started late, or let back in by the
+    SuperLink only once a crash's stale heartbeat expired) trains from the next round on,
+    its cooperative counts included, instead of sitting idle until the next run."""
+    from client.app import app as client_app
+    from flwr.supercore.task_identity import TaskIdentity
+
+    cfg, n = prepare_run(RunConfig(manifest=str(tone_manifest), folds=1, num_server_rounds=3, run_name="late",
+                                   run_dir=str(tmp_path), cache_dir=str(tmp_path / "cache")), progress=False)
+
+    class LateGrid(InProcessGrid):
+        """Partition 1's node connects once round 1's training is over."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.late = next(i for i, c in self._contexts.items() if c.node_config["partition-id"] == 1)
+            self.connected = False
+
+        def get_node_ids(self):
+            return [i for i in super().get_node_ids() if self.connected or i != self.late]
+
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            self.connected |= any(r.metadata.message_type == "train" for r in replies)
+            return replies
+
+    nodes = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    store = RunStore(cfg.store_url)
+    summary = run_federation(LateGrid(client_app, nodes, cfg.to_mapping(), 7), cfg, store)
+    assert [(r["train_devices"], r["train_failures"]) for r in summary["rounds"][1:]] == [(n - 1, 0), (n, 0), (n, 0)]
+    rows = store.device_metrics(store.get_run("late").id)
+    trained = {d["device"] for d in rows if d["phase"] == "train" and d["round"] == 1}
+    assert len(trained) == n - 1 and len({d["device"] for d in rows if d["phase"] == "train"}) == n
+    assert summary["rounds"][-1]["coop_labelled"] == sum(1 for _ in open(tone_manifest)) - 1  # every device counted
+
+
 def test_a_round_where_every_device_fails_fails_the_run(tone_manifest, tmp_path):
     """One failing device is tolerated; all of them failing (a config no device can run) must
     not go on to a run stored as completed with nothing trained."""
@@ -271,6 +308,8 @@ def test_fedprox_devices_apply_the_servers_proximal_mu(tone_manifest, tmp_path):
 
 @pytest.mark.parametrize("changes,match", [
     ({"emotions": "anger,sadness,surprise"}, r"\['surprise'\] have no clip"),  # UAR would skip the class
+    ({"faireg": "on", "task": "av", "faireg_reference": "Female"},  # the run would be stored, then fail
+     r"faireg-reference 'Female' is not a group .* known: female, male"),
     pytest.param({"compute_device": "cuda"}, "torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -362,3 +401,16 @@ def test_a_command_called_from_python_gets_its_declared_defaults_not_typer_optio
     assert call_command(command, manifest="m.csv", rounds=3)["rounds"] == 3
     with pytest.raises(TypeError, match="has no parameter round$"):
         call_command(command, manifest="m.csv", round=3)
+
+
+def test_runs_lists_a_failed_runs_last_stored_round(tmp_path):
+    """A run that failed after some rounds has no summary; `fedaffect runs` shows where it got to."""
+    store = RunStore(f"sqlite:///{tmp_path / 'fedaffect.db'}")
+    run = store.create_run("cut-short", {"model": "egemaps-mlp"}, "inprocess")
+    for r, uar in enumerate((0.25, 0.4375)):
+        store.add_round(run.id, r, {"uar": uar}, [], [])
+    store.finish_run(run.id, "failed", error="every device failed to train round 2")
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["runs", "--store-url", store.url])
+    assert res.exit_code == 0, res.output
+    (row,) = [line for line in res.output.splitlines() if "cut-short" in line]
+    assert "failed" in row and "0.438" in row and "0.250" not in row
