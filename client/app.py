@@ -70,7 +70,7 @@ from shared_models.models import build_model, clippable_update, frontend_for, lo
 from shared_models.training import LocalData, compute_device, evaluate_local, train_local
 from client.cooperative import attach as attach_cooperative, faireg_of, label_split
 
-__all__ = ["app", "Device", "load_device", "device_statistics", "dp_clipping_mod", "private_errors_mod"]
+__all__ = ["app", "Device", "load_device", "group_column", "device_statistics", "dp_clipping_mod", "private_errors_mod"]
 
 log = logging.getLogger("fedaffect.client")
 
@@ -231,7 +231,7 @@ def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Devi
         x=x,
         emotion=np.array([index.get(e, -1) for e in table["emotion"]], dtype=np.int64),
         av=table[["arousal", "valence"]].to_numpy(dtype=np.float32),
-        groups={a: _group_column(table, a, node_config) for a in cfg.protected_list},
+        groups={a: group_column(table, a, node_config) for a in cfg.protected_list},
     )
     device = Device(name, role, partition_id, data, emotions, skipped.total, task=cfg.task)
     device.coop = attach_cooperative(device, cfg, table, node_config)  # may hide labels (label-fraction)
@@ -239,9 +239,13 @@ def load_device(run_config: dict[str, Any], node_config: dict[str, Any]) -> Devi
     return device
 
 
-def _group_column(table, attribute: str, node_config: dict[str, Any]) -> np.ndarray:
+def group_column(table, attribute: str, node_config: dict[str, Any]) -> np.ndarray:
     """A protected attribute per clip: the manifest's value, else the device's enrolled
-    value (node config ``group:<attribute>``), else ``unknown``."""
+    value (node config ``group:<attribute>``), else ``unknown`` (:data:`UNKNOWN_GROUP`).
+
+    Returns
+    -------
+    np.ndarray of str, shape (N,) for a table of N clips."""
     values = table[attribute].astype(str) if attribute in table else np.full(len(table), "", dtype=object)
     fallback = str(node_config.get(f"group:{attribute}", "")) or UNKNOWN_GROUP
     return np.array([v if v else fallback for v in values], dtype=object)

@@ -33,7 +33,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.common.constant import ErrorCode
 
 from shared_models.config import MODEL_SIMULATION_THREADS, RunConfig, resumed_values
-from shared_models.fairness import UNKNOWN_GROUP, faireg_group_keys
+from shared_models.fairness import faireg_group_keys
 from shared_models.features import extract_features
 from shared_models.federation import emotion_classes, plan_federation
 from shared_models.manifest import read_manifest
@@ -214,9 +214,11 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, extract: bool = True) 
     if cfg.faireg == "on" and cfg.task == "emotion":
         raise ValueError("faireg normalises arousal/valence labels: use task 'av' or 'both' with faireg = 'on'")
     if cfg.faireg == "on" and cfg.faireg_reference:  # checked again on the training devices' statistics
+        from client.app import group_column  # the devices' rule: an empty value is the group "unknown"
+
         rated = manifest[manifest["arousal"].notna()]
-        known = set(faireg_group_keys({a: np.array([str(v) or UNKNOWN_GROUP for v in rated[a].fillna("")])
-                                       for a in cfg.protected_list}, cfg.protected_list, len(rated)))
+        known = set(faireg_group_keys({a: group_column(rated, a, {}) for a in cfg.protected_list},
+                                      cfg.protected_list, len(rated)))
         if cfg.faireg_reference not in known:
             raise ValueError(f"faireg-reference {cfg.faireg_reference!r} is not a group with arousal/valence labels "
                              f"in the manifest; known: {', '.join(sorted(known)) or 'none'}")
